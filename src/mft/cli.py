@@ -1,0 +1,56 @@
+"""The `mft` command. Each subcommand lives next to the code it drives and registers itself here.
+
+A command module exposes `register(subparsers)`; it adds its parser(s) and sets `func` (called with the
+parsed namespace, returns an exit code). Heavy imports (torch, transformers) stay inside `func` so that
+`mft --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mft.errors import MftError
+
+# Order = order in `mft --help`: the pipeline's order.
+COMMAND_MODULES = [
+    "mft.train.cli",  # train
+    "mft.masking.cli",  # apply, masks
+    "mft.eval.cli",  # eval, report
+    "mft.demo",  # demo
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mft", description=__doc__.splitlines()[0])
+    from mft import __version__
+
+    parser.add_argument("--version", action="version", version=f"mft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MftError as exc:
+        print(f"mft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

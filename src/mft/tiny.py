@@ -1,0 +1,74 @@
+"""Tiny models and tokenizers built locally, with no downloads: for the demo, the tests and the benchmarks.
+
+Every family the mask layer must support is here, shaped like its real counterpart (same module names,
+same fused projections) but a few hundred kilobytes in size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# The families the mask layer is tested on, and the module layout each one has.
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "olmo2", "gpt_neox")
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: str | None = None):
+    """Train a byte-level BPE tokenizer on `texts` in a few seconds and wrap it for `transformers`.
+
+    The special tokens are LLaMA-2's (`<s>`, `</s>`, `<unk>`) plus `<pad>`; the `tulu` chat template is
+    attached by default, as in the published MFT runs.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if chat_template is None:
+        from mft.chat_templates import TULU
+
+        chat_template = TULU
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, **SPECIAL_TOKENS)
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 512, num_layers: int = 4, hidden: int = 32, **overrides):
+    """A `transformers` config of `family` with `num_layers` decoder layers of width `hidden`."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_attention_heads=4, intermediate_size=2 * hidden + 8,
+                  num_hidden_layers=num_layers, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=3, tie_word_embeddings=False)
+    per_family = {
+        "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+        "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+        "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+        "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=hidden // 4)),
+        "phi3": ("Phi3Config", dict(num_key_value_heads=2)),
+        "olmo2": ("Olmo2Config", dict(num_key_value_heads=2)),
+        "gpt_neox": ("GPTNeoXConfig", dict()),
+    }
+    if family not in per_family:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    cls_name, extra = per_family[family]
+    return getattr(transformers, cls_name)(**{**common, **extra, **overrides})
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=None, **config_kwargs):
+    """A randomly initialised causal LM of `family` (deterministic for a given `seed`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
