@@ -1,4 +1,6 @@
-"""The `mft` command. Each subcommand lives next to the code it drives and registers itself here.
+"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, demo).
+
+Each subcommand lives next to the code it drives and registers itself here.
 
 A command module exposes `register(subparsers)`; it adds its parser(s) and sets `func` (called with the
 parsed namespace, returns an exit code). Heavy imports (torch, transformers) stay inside `func` so that

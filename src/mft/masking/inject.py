@@ -1,0 +1,120 @@
+"""Model-level operations: inject mask layers, read their masks, bake them into the weights, undo.
+
+    targets = inject_masks(model, MaskConfig(masked_layers=[4, 5, 6, 7]))   # only scores train now
+    ...train...
+    masks = extract_masks(model)          # {module name: bool tensor}
+    bake_masks(model)                     # plain model again, masked weights exactly zero
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mft.errors import MftError
+from mft.masking.config import MaskConfig
+from mft.masking.layer import MaskedLinear
+from mft.masking.select import Target, select_targets
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
+    """{full module name: MaskedLinear}, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLinear)}
+
+
+def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, freeze: bool = True) -> list[Target]:
+    """Replace the selected linears by `MaskedLinear`s sharing their parameters; initialise the scores.
+
+    With `freeze` (the MFT setting) every parameter but the scores stops requiring gradients. Scores are
+    drawn from a generator seeded with `seed` (default: from torch's global RNG), module by module in
+    model order, so the same seed gives the same scores on every rank and device.
+    """
+    if masked_modules(model):
+        raise MftError("the model already has mask layers; remove_masks() or bake_masks() first")
+    targets = select_targets(model, cfg)
+    generator = torch.Generator()
+    generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
+    for t in targets:
+        linear = model.get_submodule(t.name)
+        layer = MaskedLinear(linear, t.kind, cfg.subnet_type, cfg.keep_ratio(t.kind), cfg.threshold(t.kind),
+                             cfg.score_dtype)
+        with _gathered(linear.weight, enabled=cfg.score_init == "magnitude"):
+            layer.init_scores(cfg.score_init, cfg.score_init_std, generator)
+        _set_submodule(model, t.name, layer)
+    if freeze:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".scores"))
+    return targets
+
+
+def _gathered(param: torch.Tensor, enabled: bool):
+    """Gather a ZeRO-3 partitioned parameter for reading; a no-op for ordinary tensors."""
+    if enabled and hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def refresh_masks(model: nn.Module, full_scores: Callable[[nn.Parameter], torch.Tensor] | None = None,
+                  managed: bool | None = None) -> None:
+    """Recompute every cached mask now, from `full_scores(param)` if given, else from the layer's scores.
+
+    A DeepSpeed loop passes `deepspeed.utils.safe_get_full_fp32_param` (a collective: all ranks call it in
+    the same order) so the mask comes from the fp32 master scores and is identical on every rank, and sets
+    `managed=True` so the layers never recompute masks on their own.
+    """
+    for layer in masked_modules(model).values():
+        if managed is not None:
+            layer.managed = managed
+        layer.refresh_mask(None if full_scores is None else full_scores(layer.scores))
+
+
+def extract_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The current masks, {module name: bool tensor on the CPU}."""
+    return {name: layer.mask.cpu() for name, layer in masked_modules(model).items()}
+
+
+def load_masks_into(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Pin given masks on the model's mask layers (e.g. to evaluate a mask file without baking it)."""
+    layers = masked_modules(model)
+    check_masks_match({n: tuple(m.scores_shape) for n, m in layers.items()}, masks, what="the model")
+    for name, mask in masks.items():
+        layers[name].set_mask(mask)
+
+
+def check_masks_match(shapes: dict[str, tuple], masks: dict[str, torch.Tensor], what: str) -> None:
+    """Raise a clear error unless every mask names a module of `shapes` with the same shape."""
+    for name, mask in masks.items():
+        if name not in shapes:
+            near = [n for n in shapes if n.endswith(name.split(".", 2)[-1])][:3]
+            raise MftError(f"the masks name module {name}, which {what} does not have"
+                           + (f" (similar: {', '.join(near)})" if near else "")
+                           + "; were these masks made for another model?")
+        if tuple(mask.shape) != tuple(shapes[name]):
+            raise MftError(f"mask for {name} has shape {tuple(mask.shape)} but {what} has "
+                           f"{tuple(shapes[name])} there; were these masks made for another model?")
+
+
+def bake_masks(model: nn.Module) -> nn.Module:
+    """Turn every mask layer back into its `nn.Linear`, masked weights set to exact zeros (in place)."""
+    for name, layer in masked_modules(model).items():
+        _set_submodule(model, name, layer.unwrap(bake=True))
+    return model
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Turn every mask layer back into its `nn.Linear`, weights untouched; scores are discarded."""
+    for name, layer in masked_modules(model).items():
+        _set_submodule(model, name, layer.unwrap(bake=False))
+    return model

@@ -1,0 +1,215 @@
+"""The mask layer: a linear layer whose frozen weight is multiplied by a binary mask learned through scores.
+
+`MaskedLinear` takes over an existing `nn.Linear`'s `weight` and `bias` Parameters (the same objects, never
+copies) and adds one trainable real-valued score per weight. Its forward pass computes
+`x @ (W * M(S)).T + b` with
+
+- **local** rule (published): per matrix, prune the `j = int((1 - keep_ratio) * n)` entries with the
+  smallest |S| and keep the rest. *Tie rule*: where several entries share the cut-off |S|, those with the
+  lowest row-major index are pruned first — exactly what a stable ascending sort of |S| gives. With
+  distinct |S| (the normal case for fp32 scores) the mask is bit-identical to the published sort.
+- **global** rule: `M = (S >= threshold)` on the raw signed scores.
+
+Gradient (straight-through, as published): the mask's gradient passes unchanged to |S|, so
+`dL/dS = (dL/dW_eff * W) * sign(S)`.
+
+The mask is cached and recomputed only when the scores change: after a `torch.optim` optimizer steps over
+them (a global step hook marks the mask stale), when they are modified in place outside `.data` (tracked
+through the tensor version counter), or on an explicit `refresh_mask()` — which is what a DeepSpeed loop
+calls after each step, because DeepSpeed updates parameters behind autograd's back. Recomputing on every
+micro-batch, as the original did, gives the same masks at a multiple of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def num_pruned(numel: int, keep_ratio: float) -> int:
+    """Entries the local rule prunes: the published `int((1 - k) * n)`, float arithmetic included."""
+    return int((1 - keep_ratio) * numel)
+
+
+@torch.no_grad()
+def local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Boolean mask keeping all but the `num_pruned` entries of smallest |scores| (tie rule: module doc).
+
+    One selection (`kthvalue`, linear time) instead of a full sort; ties at the cut-off are resolved by
+    index only when they straddle it.
+    """
+    magnitude = scores.detach().abs().flatten()
+    j = num_pruned(magnitude.numel(), keep_ratio)
+    if j <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    # kthvalue has no bf16/fp16 kernel on every device; a widening cast keeps every value and every tie.
+    if magnitude.dtype in (torch.bfloat16, torch.float16):
+        magnitude = magnitude.float()
+    cutoff = magnitude.kthvalue(j).values
+    prune = magnitude < cutoff
+    at_cutoff = magnitude == cutoff
+    still_needed = j - int(prune.sum())
+    if int(at_cutoff.sum()) == still_needed:  # no tie straddles the cut-off: prune everything <= cutoff
+        prune |= at_cutoff
+    else:  # ties straddle it: prune the first `still_needed` of them in row-major order
+        prune[at_cutoff.nonzero().squeeze(1)[:still_needed]] = True
+    return (~prune).view(scores.shape)
+
+
+@torch.no_grad()
+def global_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask `scores >= threshold` on the raw signed scores (published `subnet_type: global`)."""
+    return scores.detach() >= threshold
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W_eff = W * M, with the straight-through gradient dL/dS = (dL/dW_eff * W) * sign(S)."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask):
+        ctx.save_for_backward(weight, scores, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores, mask = ctx.saved_tensors
+        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            dtype = scores.dtype
+            grad_scores = (grad.to(dtype) * weight.to(dtype)) * scores.sign()
+        return grad_weight, grad_scores, None
+
+
+class MaskedLinear(nn.Module):
+    """An `nn.Linear` whose weight is masked by a binary mask derived from trainable `scores`.
+
+    State-dict keys are those of the linear it replaces (`weight`, `bias`) plus `scores`, so a masked
+    model's checkpoint reads like the original MFT's.
+    """
+
+    def __init__(self, linear: nn.Linear, kind: str, subnet_type: str = "local", keep_ratio: float = 0.9,
+                 threshold: float = 0.0, score_dtype: str | torch.dtype = "float32"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MaskedLinear wraps nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.kind, self.subnet_type = kind, subnet_type
+        self.keep_ratio, self.threshold = float(keep_ratio), float(threshold)
+        dtype = _DTYPES[score_dtype] if isinstance(score_dtype, str) else score_dtype
+        # Under DeepSpeed ZeRO-3 the weight may already be partitioned: its full shape is `ds_shape`.
+        shape = tuple(getattr(linear.weight, "ds_shape", linear.weight.shape))
+        self.scores = nn.Parameter(torch.zeros(shape, dtype=dtype, device=linear.weight.device))
+        self.scores._mft_module = weakref.ref(self)  # lets the optimizer step hook find this module
+        object.__setattr__(self, "_linear", linear)  # kept to restore it unchanged; not a submodule
+        self._mask: torch.Tensor | None = None
+        self._mask_key = None
+        self._generation = 0
+        # managed: only refresh_mask()/set_mask() change the mask (a DeepSpeed loop owns it, see module doc)
+        self.managed = False
+        self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
+
+    def extra_repr(self) -> str:
+        rule = f"keep_ratio={self.keep_ratio}" if self.subnet_type == "local" else f"threshold={self.threshold}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kind={self.kind}, {self.subnet_type}, {rule}, scores={str(self.scores.dtype).split('.')[-1]}")
+
+    # -- the mask ---------------------------------------------------------------------------------------
+    def compute_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask the rule gives for `scores` (default: this layer's own scores); no caching."""
+        scores = self.scores if scores is None else scores
+        if self.subnet_type == "local":
+            return local_mask(scores, self.keep_ratio)
+        return global_mask(scores, self.threshold)
+
+    def _key(self):
+        # The version counter survives DeepSpeed swapping `.data`; the generation counts optimizer steps.
+        return (self._generation, id(self.scores), self.scores._version)
+
+    def invalidate(self) -> None:
+        """Mark the cached mask stale; the next forward recomputes it."""
+        self._generation += 1
+
+    @torch.no_grad()
+    def refresh_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Recompute and cache the mask, from `scores` if given (e.g. DeepSpeed's full fp32 master copy)."""
+        mask = self.compute_mask(scores).to(self.weight.device)
+        if tuple(mask.shape) != tuple(self.scores_shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
+        self._mask, self._mask_key = mask, self._key()
+        self.mask_updates += 1
+        return mask
+
+    @property
+    def scores_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self.scores, "ds_shape", self.scores.shape))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The current mask (bool, weight-shaped), recomputed first if the scores changed."""
+        if self._mask is None or (not self.managed and self._mask_key != self._key()):
+            self.refresh_mask()
+        return self._mask
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Pin an externally computed mask (valid until the scores change)."""
+        if tuple(mask.shape) != self.scores_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
+        self._mask, self._mask_key = mask.to(dtype=torch.bool, device=self.weight.device), self._key()
+
+    # -- scores -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_scores(self, method: str = "normal", std: float = 0.02, generator: torch.Generator | None = None):
+        """`normal` (std 0.02: what the published runs ended up with), `kaiming_uniform` (a = sqrt 5, the
+        published module default) or `magnitude` (S = |W|, so the first mask is the L1 mask).
+
+        Random draws are made in fp32 on the CPU from `generator`, so they do not depend on the device.
+        """
+        if method == "magnitude":
+            values = self.weight.detach().abs()
+        else:
+            values = torch.empty(self.scores_shape, dtype=torch.float32)
+            if method == "normal":
+                nn.init.normal_(values, 0.0, std, generator=generator)
+            elif method == "kaiming_uniform":
+                nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+            else:
+                raise ValueError(f"unknown score init {method!r}; expected normal, kaiming_uniform or magnitude")
+        self.scores.copy_(values)
+        self.invalidate()
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _MaskedWeight.apply(self.weight, self.scores, self.mask)
+        return F.linear(x, weight, self.bias)
+
+    # -- back to a plain linear -------------------------------------------------------------------------
+    def unwrap(self, bake: bool) -> nn.Linear:
+        """The original `nn.Linear`, with masked weights set to exact zeros when `bake`."""
+        linear = self._linear
+        if bake:
+            with torch.no_grad():
+                linear.weight.masked_fill_(~self.mask, 0)
+        return linear
+
+
+def _invalidate_after_step(optimizer, args, kwargs) -> None:
+    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = getattr(p, "_mft_module", None)
+            module = ref() if ref is not None else None
+            if module is not None:
+                module.invalidate()
+
+
+register_optimizer_step_post_hook(_invalidate_after_step)

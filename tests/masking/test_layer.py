@@ -1,0 +1,224 @@
+"""The mask layer against the published definition: the sort-based mask, the STE gradient, the cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mft.masking.config import MaskConfig
+from mft.masking.inject import bake_masks, extract_masks, inject_masks, masked_modules, remove_masks
+from mft.masking.layer import MaskedLinear, global_mask, local_mask, num_pruned
+from mft.tiny import tiny_model
+
+
+def sort_reference(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """The published rule, literally: sort |S|, zero the first int((1 - k) * n), one the rest."""
+    flat = scores.abs().flatten()
+    _, idx = flat.sort(stable=True)
+    j = int((1 - keep_ratio) * flat.numel())
+    out = torch.ones_like(flat)
+    out[idx[:j]] = 0
+    return out.view(scores.shape).bool()
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (64, 32), (1, 1), (3, 1000), (257, 33)])
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1, 0.999, 1.0, 0.37])
+def test_local_mask_equals_sort_reference(shape, keep):
+    g = torch.Generator().manual_seed(hash((shape, keep)) % 2**31)
+    scores = torch.randn(shape, generator=g)
+    mask = local_mask(scores, keep)
+    assert torch.equal(mask, sort_reference(scores, keep))
+    assert int((~mask).sum()) == int((1 - keep) * scores.numel())
+
+
+def test_pruned_count_uses_published_float_arithmetic():
+    # (1 - 0.9) * 10 = 0.9999999999999998 -> int() = 0: the published code prunes nothing here.
+    assert num_pruned(10, 0.9) == 0
+    assert num_pruned(100, 0.9) == 9  # 9.999999999999998
+    assert num_pruned(4096 * 4096, 0.9) == int((1 - 0.9) * 4096 * 4096) == 1677721
+
+
+def test_ties_follow_the_stable_sort_rule():
+    # bf16 scores tie constantly: many entries share the cut-off value.
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(50, 40, generator=g) * 0.02).to(torch.bfloat16)
+    values, counts = scores.abs().flatten().unique(return_counts=True)
+    assert counts.max() > 1
+    for keep in (0.9, 0.75, 0.5):
+        assert torch.equal(local_mask(scores, keep), sort_reference(scores.float(), keep))
+    # All equal: the lowest row-major indices are pruned first (int((1 - 0.7) * 10) = 3 of them).
+    flat = local_mask(torch.ones(2, 5), 0.7).flatten()
+    assert flat.tolist() == [False, False, False, True, True, True, True, True, True, True]
+    # Signs do not matter, magnitudes do; -0.0 and 0.0 tie.
+    s = torch.tensor([[-0.0, 0.0, -3.0, 2.0, -1.0]])
+    assert local_mask(s, 0.6).tolist() == [[False, False, True, True, True]]
+
+
+def test_global_mask_is_signed_threshold():
+    s = torch.tensor([[-0.5, 0.0, 0.2, 0.7]])
+    assert global_mask(s, 0.0).tolist() == [[False, True, True, True]]
+    assert global_mask(s, 0.3).tolist() == [[False, False, False, True]]
+
+
+def _make_layer(keep=0.9, dtype=torch.float32, score_dtype="float32", bias=True):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 16, bias=bias).to(dtype)
+    layer = MaskedLinear(linear, "attn", "local", keep, score_dtype=score_dtype)
+    layer.init_scores("normal", generator=torch.Generator().manual_seed(1))
+    return linear, layer
+
+
+def test_wrapper_references_the_weight_never_copies_it():
+    linear, layer = _make_layer()
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert layer.weight.data_ptr() == linear.weight.data_ptr()
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "scores"}
+    assert layer.scores.shape == linear.weight.shape and layer.scores.dtype == torch.float32
+    assert layer.unwrap(bake=False) is linear
+
+
+def test_forward_is_linear_with_masked_weight():
+    linear, layer = _make_layer()
+    x = torch.randn(5, 24)
+    mask = sort_reference(layer.scores.detach(), 0.9)
+    assert torch.equal(layer(x), F.linear(x, linear.weight * mask, linear.bias))
+    _, full = _make_layer(keep=1.0)
+    assert torch.equal(full(x), F.linear(x, full.weight, full.bias))
+
+
+def test_gradient_is_the_published_straight_through_formula():
+    linear, layer = _make_layer()
+    layer.weight.requires_grad_(False)
+    x = torch.randn(6, 24)
+    target = torch.randn(6, 16)
+    F.mse_loss(layer(x), target).backward()
+
+    # dL/dW_eff, from a reference graph where W_eff is a leaf.
+    w_eff = (linear.weight * layer.mask).detach().requires_grad_()
+    F.mse_loss(F.linear(x, w_eff, linear.bias), target).backward()
+    expected = (w_eff.grad * linear.weight) * layer.scores.detach().sign()
+    assert torch.equal(layer.scores.grad, expected)
+
+    # ... and equal to the original implementation's autograd graph: M = GetSubnet(|S|), STE backward.
+    class GetSubnet(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, magnitude, k):
+            return sort_reference(magnitude, k).to(magnitude.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    s = layer.scores.detach().clone().requires_grad_()
+    F.mse_loss(F.linear(x, linear.weight * GetSubnet.apply(s.abs(), 0.9), linear.bias), target).backward()
+    assert torch.equal(layer.scores.grad, s.grad)
+    assert layer.weight.grad is None
+
+
+def test_fp32_scores_on_a_bf16_model():
+    _, layer = _make_layer(dtype=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.scores.dtype == torch.float32
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    assert layer.scores.grad.dtype == torch.float32
+    _, bf16 = _make_layer(dtype=torch.bfloat16, score_dtype="bfloat16")
+    assert bf16.scores.dtype == torch.bfloat16
+
+
+def test_score_initialisations():
+    linear, layer = _make_layer()
+    s = layer.scores.detach()
+    assert abs(s.std().item() - 0.02) < 0.004 and abs(s.mean().item()) < 0.005
+    layer.init_scores("kaiming_uniform", generator=torch.Generator().manual_seed(0))
+    bound = 1 / math.sqrt(24)
+    assert layer.scores.abs().max() <= bound and layer.scores.abs().max() > 0.9 * bound
+    layer.init_scores("magnitude")
+    assert torch.equal(layer.scores.detach(), linear.weight.detach().abs())
+    assert torch.equal(layer.mask, local_mask(linear.weight.detach(), 0.9))
+
+
+def _train(model, steps, accum, per_forward, fused, seed=0):
+    """A few AdamW steps with gradient accumulation; per_forward forces a recompute before every forward."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                            fused=fused, foreach=None if fused else True)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        for _ in range(accum):
+            if per_forward:
+                for layer in masked_modules(model).values():
+                    layer.invalidate()
+            x = torch.randint(0, 100, (2, 12), generator=g)
+            (model(x, labels=x).loss / accum).backward()
+        opt.step()
+        opt.zero_grad()
+        history.append({k: v.clone() for k, v in extract_masks(model).items()})
+    return history
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_masks_equal_per_forward_masks_across_steps(fused):
+    runs = {}
+    for per_forward in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model("llama", vocab_size=100)
+        inject_masks(model, MaskConfig(masked_layers=[1, 2]), seed=3)
+        runs[per_forward] = (model, _train(model, steps=4, accum=3, per_forward=per_forward, fused=fused))
+    (cached, hist_cached), (fresh, hist_fresh) = runs[False], runs[True]
+    changed = 0
+    for step_cached, step_fresh in zip(hist_cached, hist_fresh):
+        for name in step_cached:
+            assert torch.equal(step_cached[name], step_fresh[name])
+    for name in hist_cached[0]:
+        changed += int((hist_cached[0][name] != hist_cached[-1][name]).sum())
+    assert changed > 0, "the lr is large enough that the masks move; otherwise the test proves little"
+    for (n1, p1), (n2, p2) in zip(cached.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p1, p2), n1
+    # Cached: one computation at the start, then one per optimizer step (the last one at extract time).
+    layer = masked_modules(cached)["model.layers.1.self_attn.q_proj"]
+    assert layer.mask_updates == 1 + 4
+    assert masked_modules(fresh)["model.layers.1.self_attn.q_proj"].mask_updates > 4 * 3
+
+
+def test_mft_freezes_everything_but_scores_and_keeps_weights():
+    model = tiny_model("qwen2", vocab_size=100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_masks(model, MaskConfig(masked_layers=[0, 3], subnet_mode="mlp"), seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".scores") for n in trainable)
+    assert all(".mlp." in n and (".0." in n or ".3." in n) for n in trainable)
+    _train(model, steps=2, accum=1, per_forward=False, fused=True)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_bake_and_remove():
+    model = tiny_model("llama", vocab_size=100)
+    inject_masks(model, MaskConfig(masked_layers=[2], keep_ratio_attn=0.5, keep_ratio_mlp=0.8), seed=0)
+    masks = extract_masks(model)
+    x = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        masked_logits = model(x).logits
+    originals = {n: m.weight.detach().clone() for n, m in masked_modules(model).items()}
+    bake_masks(model)
+    assert not masked_modules(model)
+    assert all(".scores" not in k for k in model.state_dict())
+    for name, mask in masks.items():
+        w = model.get_submodule(name).weight
+        assert type(model.get_submodule(name)) is nn.Linear
+        assert torch.equal(w, originals[name] * mask)
+        assert bool((w[~mask] == 0).all()) and not torch.signbit(w[~mask]).any()  # exact +0.0
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, masked_logits, atol=1e-6)
+    assert abs(float(masks["model.layers.2.self_attn.q_proj"].float().mean()) - 0.5) < 1e-9
+
+    model2 = tiny_model("llama", vocab_size=100)
+    ref = {k: v.clone() for k, v in model2.state_dict().items()}
+    inject_masks(model2, MaskConfig(masked_layers=[2]), seed=0)
+    remove_masks(model2)
+    assert all(torch.equal(v, ref[k]) for k, v in model2.state_dict().items())
