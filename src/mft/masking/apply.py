@@ -1,0 +1,224 @@
+"""Where masks come from (learned, random, L1) and the streaming apply that bakes them into a checkpoint.
+
+Streaming apply, for safetensors checkpoints: each shard is copied byte for byte, then the byte ranges of
+the masked tensors are overwritten in place with `W` where the mask keeps and `0` where it prunes. One
+masked tensor is in memory at a time; every other tensor is bit-identical to the input by construction,
+header and dtypes included. Legacy `.bin` shards are converted to safetensors one shard at a time. The
+result is written to a temporary sibling folder and renamed into place at the very end, so an interrupted
+run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mft.errors import MftError
+from mft.masking.checkpoint import WEIGHT_SUFFIXES, INDEX_FILES, Checkpoint, model_skeleton, read_safetensors_header
+from mft.masking.config import MaskConfig
+from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
+from mft.masking.inject import check_masks_match
+from mft.masking.layer import global_mask, local_mask
+from mft.masking.select import Target, linear_kind, select_targets
+
+RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
+APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
+
+
+# -- where masks come from ---------------------------------------------------------------------------------
+def targets_of(checkpoint: Checkpoint, cfg: MaskConfig) -> list[Target]:
+    """The modules `cfg` selects in the checkpoint's architecture (built on the meta device, no memory)."""
+    return select_targets(model_skeleton(checkpoint.path), cfg)
+
+
+def random_masks(targets: list[Target], cfg: MaskConfig, seed: int = 42) -> MaskSet:
+    """Keep each weight independently with probability keep_ratio (published random baseline), seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {t.name: torch.rand(t.shape, generator=generator) < cfg.keep_ratio(t.kind) for t in targets}
+    return _mask_set(masks, targets, cfg, "random")
+
+
+def l1_masks(checkpoint: Checkpoint, targets: list[Target], cfg: MaskConfig) -> MaskSet:
+    """Prune the `int((1 - k) * n)` smallest |W| of each matrix (published L1 baseline), same tie rule."""
+    masks = {}
+    for t in tqdm(targets, desc="L1 masks", unit="matrix", leave=False):
+        key = checkpoint.weight_key(t.name)
+        masks[t.name] = local_mask(checkpoint.read([key])[key], cfg.keep_ratio(t.kind))
+    return _mask_set(masks, targets, cfg, "l1")
+
+
+def _mask_set(masks: dict, targets: list[Target], cfg: MaskConfig, source: str, base=None) -> MaskSet:
+    return MaskSet(masks, {t.name: t.kind for t in targets}, {t.name: cfg.keep_ratio(t.kind) for t in targets},
+                   source, cfg.to_dict(), base)
+
+
+def masks_from_scores_checkpoint(checkpoint: Checkpoint, overrides: dict | None = None) -> MaskSet:
+    """Learned masks from an original MFT checkpoint: weights with `<module>.scores` tensors, and the mask
+    settings (`sparsity_attn`, `sparsity_mlp`, `subnet_mode`, `subnet_type`, `masked_layers`, thresholds) in
+    its config.json. `overrides` (explicit command-line values) take precedence."""
+    score_keys = [k for k in checkpoint.keys if k.endswith(".scores")]
+    if not score_keys:
+        raise MftError(f"{checkpoint.path} has no `<module>.scores` tensors: it is neither an original MFT "
+                       f"checkpoint nor an mft run folder (which holds {DEFAULT_NAME})")
+    settings = {k: v for k, v in checkpoint.config().items() if k in _MASK_KEYS}
+    settings.update(overrides or {})
+    cfg = MaskConfig.from_dict(settings)
+    masks, kinds, ratios = {}, {}, {}
+    for key in tqdm(score_keys, desc="masks from scores", unit="matrix", leave=False):
+        name = key[: -len(".scores")]
+        kind = linear_kind(name) or "mlp"
+        scores = checkpoint.read([key])[key]
+        masks[name] = (local_mask(scores, cfg.keep_ratio(kind)) if cfg.subnet_type == "local"
+                       else global_mask(scores, cfg.threshold(kind)))
+        kinds[name], ratios[name] = kind, cfg.keep_ratio(kind)
+    return MaskSet(masks, kinds, ratios, "learned", cfg.to_dict(), None)
+
+
+_MASK_KEYS = {"sparsity_attn", "sparsity_mlp", "keep_ratio_attn", "keep_ratio_mlp", "subnet_mode", "subnet_type",
+              "masked_layers", "threshold_attn", "threshold_mlp"}
+
+
+def masks_from_mask_model(path: str, overrides: dict | None = None) -> tuple[MaskSet, str | None]:
+    """(masks, base model path or None) from `--mask_model_name_or_path`: an mft run folder (holds
+    masks.safetensors and mft_run.json) or an original MFT checkpoint (weights with scores; `overrides`
+    replace settings of its config.json)."""
+    folder = Path(path)
+    if (folder / DEFAULT_NAME).exists():
+        if overrides:
+            print(f"note: {path} holds finished masks; ignoring {', '.join(sorted(overrides))}", file=sys.stderr)
+        info = json.loads((folder / RUN_INFO).read_text()) if (folder / RUN_INFO).exists() else {}
+        mask_set = read_masks(folder / DEFAULT_NAME)
+        return mask_set, info.get("base_model") or mask_set.base_model
+    return masks_from_scores_checkpoint(Checkpoint(path), overrides), None
+
+
+# -- the streaming apply -----------------------------------------------------------------------------------
+def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[str, str]:
+    """{module: checkpoint key}; a clear error, before anything is written, if the masks do not fit."""
+    shapes = checkpoint.shapes()
+    keys = {name: checkpoint.weight_key(name) for name in mask_set.masks}
+    check_masks_match({name: shapes[key] for name, key in keys.items()}, mask_set.masks,
+                      what=f"the checkpoint {checkpoint.path}")
+    return keys
+
+
+def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, overwrite: bool = False,
+                save_masks: bool = False, save_masks_format: str = "safetensors", progress: bool = True) -> Path:
+    """Write `base` with `mask_set` baked in to `output_dir` (see the module doc). Returns the folder."""
+    output_dir = Path(output_dir)
+    _check_output(output_dir, overwrite)
+    checkpoint = Checkpoint(base)
+    keys = check_against_checkpoint(checkpoint, mask_set)
+    by_shard: dict[str, list[str]] = {}
+    for name, key in keys.items():
+        by_shard.setdefault(checkpoint.weight_map[key], []).append(name)
+
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
+        if checkpoint.format == "safetensors":
+            for shard in bar:
+                _apply_safetensors_shard(checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set)
+            for index in INDEX_FILES[:1]:
+                if (checkpoint.path / index).exists():
+                    shutil.copyfile(checkpoint.path / index, tmp / index)
+        else:
+            _apply_bin_shards(checkpoint, tmp, keys, mask_set, bar)
+        _copy_side_files(checkpoint.path, tmp)
+        info = {"base_model": str(base), "source": mask_set.source, "fingerprint": mask_set.fingerprint,
+                "modules": len(mask_set.masks), "summary": mask_set.summary()}
+        (tmp / APPLY_INFO).write_text(json.dumps(info, indent=1))
+        if save_masks:
+            _save_mask_file(tmp, mask_set, save_masks_format)
+        _move_into_place(tmp, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
+    shutil.copyfile(src, dst)
+    if not names:
+        return
+    header, data_start = read_safetensors_header(src)
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f, open(dst, "r+b") as out:
+        for name in names:
+            key = keys[name]
+            tensor = f.get_tensor(key)
+            tensor.masked_fill_(~mask_set.masks[name], 0)
+            out.seek(data_start + header[key]["data_offsets"][0])
+            out.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+
+def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: MaskSet, bar) -> None:
+    """Legacy pickled shards: load one (weights_only), mask, write it as a safetensors shard."""
+    from safetensors.torch import save_file
+
+    masked_key = {key: name for name, key in keys.items()}
+    n = len(checkpoint.shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(bar, start=1):
+        out_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors, seen = {}, set()
+        for key, t in checkpoint._load_bin(shard).items():
+            t = t.clone() if t.untyped_storage().data_ptr() in seen else t  # tied weights share storage
+            seen.add(t.untyped_storage().data_ptr())
+            if key in masked_key:
+                t = t.masked_fill(~mask_set.masks[masked_key[key]], 0)
+            tensors[key] = t.contiguous()
+            weight_map[key] = out_name
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(tmp / out_name), metadata={"format": "pt"})
+    if n > 1:
+        (tmp / INDEX_FILES[0]).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """config, generation config, tokenizer files, chat template...: every top-level file but weights,
+    weight indices, mask files and run bookkeeping."""
+    skip = set(INDEX_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt"}
+    for item in src.iterdir():
+        if item.is_file() and item.name not in skip and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, dst / item.name)
+
+
+def _save_mask_file(folder: Path, mask_set: MaskSet, fmt: str) -> Path:
+    if fmt == "pt":
+        return export_original(folder / "masks.pt", mask_set)
+    return write_masks(folder / DEFAULT_NAME, mask_set)
+
+
+def _check_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise MftError(f"output folder {output_dir} already exists and is not empty; pass --overwrite to "
+                       "replace it")
+
+
+def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists():
+        _check_output(output_dir, overwrite)
+        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output_dir)
+
+
+def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors") -> Path:
+    """`--only_save_masks`: the mask file alone, in `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return _save_mask_file(output_dir, mask_set, fmt)

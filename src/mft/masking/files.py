@@ -1,0 +1,227 @@
+"""Mask files: our compact `masks.safetensors`, the original's `masks.pt`, and dense masks.
+
+Our format (`format_version` 1) is a safetensors file with one tensor per masked module:
+
+    tensor  <module name>   uint8[ceil(n / 8)]  the mask, row-major, bit-packed: entry i is bit (i % 8)
+                                                 (least significant first) of byte i // 8; 1 = kept.
+                                                 Padding bits of the last byte are 0.
+    metadata (all strings)
+      format          "mft-masks"
+      format_version  "1"
+      modules         JSON {name: {"shape": [out, in], "kind": "attn"|"mlp", "keep_ratio": target,
+                                   "kept": number of ones}}
+      fingerprint     "sha256:<hex>" of the sorted lines "<name> <out>x<in>" (what the masks fit)
+      source          "learned" | "random" | "l1" | "imported"
+      mask_config     JSON of the MaskConfig that made them (optional)
+      base_model      the checkpoint they were made for (optional)
+
+One bit per entry: a 7B model's four masked layers take 100 MB instead of the original's 3.2 GB of floats.
+
+`read_masks()` also accepts the original's `masks.pt` (`{module name: dense float 0/1 tensor}`) and dense
+bool / uint8 / float tensors in `.pt`, `.bin` or `.safetensors` files. Pickle files are only ever read with
+`torch.load(weights_only=True)`: a file that carries code is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mft.errors import MftError
+
+FORMAT = "mft-masks"
+FORMAT_VERSION = "1"
+DEFAULT_NAME = "masks.safetensors"
+
+
+@dataclass
+class MaskSet:
+    """Masks by module name (bool tensors, CPU) plus what is known about them."""
+
+    masks: dict[str, torch.Tensor]
+    kinds: dict[str, str] = field(default_factory=dict)
+    keep_ratios: dict[str, float] = field(default_factory=dict)
+    source: str = "imported"
+    mask_config: dict | None = None
+    base_model: str | None = None
+    format: str = FORMAT  # what the file was: "mft-masks", "original-pt" or "dense"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(m.shape) for name, m in self.masks.items()}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.shapes)
+
+    def summary(self) -> list[dict]:
+        """Per module: name, shape, entries, kept, kept fraction (and target keep ratio when known)."""
+        rows = []
+        for name, m in self.masks.items():
+            kept = int(m.sum())
+            rows.append({"module": name, "shape": list(m.shape), "entries": m.numel(), "kept": kept,
+                         "kept_fraction": kept / m.numel(), "keep_ratio": self.keep_ratios.get(name)})
+        return rows
+
+
+def fingerprint(shapes: dict[str, tuple[int, ...]]) -> str:
+    lines = sorted(f"{name} {'x'.join(map(str, shape))}" for name, shape in shapes.items())
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8 tensor of ceil(n / 8) bytes (row-major, least significant bit first)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).view(shape)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+def write_masks(path: str | os.PathLike, mask_set: MaskSet) -> Path:
+    """Write `mask_set` in our format, atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    modules = {}
+    tensors = {}
+    for name, m in mask_set.masks.items():
+        if m.dtype != torch.bool:
+            raise TypeError(f"mask {name} must be a bool tensor, got {m.dtype}")
+        tensors[name] = pack_bits(m)
+        modules[name] = {"shape": list(m.shape), "kind": mask_set.kinds.get(name),
+                         "keep_ratio": mask_set.keep_ratios.get(name), "kept": int(m.sum())}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": json.dumps(modules),
+                "fingerprint": mask_set.fingerprint, "source": mask_set.source}
+    if mask_set.mask_config is not None:
+        metadata["mask_config"] = json.dumps(mask_set.mask_config)
+    if mask_set.base_model is not None:
+        metadata["base_model"] = str(mask_set.base_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_original(path: str | os.PathLike, mask_set: MaskSet, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the original code's `masks.pt`: `torch.save({module name: dense float 0/1 tensor})`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({name: m.to(dtype) for name, m in mask_set.masks.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+def read_masks(path: str | os.PathLike) -> MaskSet:
+    """Read any supported mask file (format detected from the content, not trusted from the name)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / DEFAULT_NAME, path / "masks.pt"]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise MftError(f"{path} is a folder without {DEFAULT_NAME} or masks.pt")
+        path = found
+    if not path.exists():
+        raise MftError(f"mask file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        raise MftError(f"{path} is empty or truncated ({path.stat().st_size} bytes); not a mask file")
+    # safetensors: an 8-byte little-endian header length, then the JSON header itself.
+    if head[8:9] == b"{":
+        return _read_safetensors(path)
+    return _read_pickle(path)  # torch.save zip archives and raw pickles alike
+
+
+def _read_safetensors(path: Path) -> MaskSet:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers and short files
+        raise MftError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from None
+    if metadata.get("format") != FORMAT:
+        return MaskSet(_dense_masks(tensors, path), format="dense")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MftError(f"{path} is mask format version {version}; this mft reads version {FORMAT_VERSION}. "
+                       "Upgrade mft to read it.")
+    try:
+        modules = json.loads(metadata["modules"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise MftError(f"{path}: mask metadata 'modules' is missing or not JSON ({exc})") from None
+    masks, kinds, ratios = {}, {}, {}
+    for name, info in modules.items():
+        shape = tuple(info["shape"])
+        packed = tensors.get(name)
+        n = int(np.prod(shape))
+        if packed is None or packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+            got = "missing" if packed is None else f"{packed.dtype} x {packed.numel()}"
+            raise MftError(f"{path}: module {name} should hold {(n + 7) // 8} packed bytes for shape {shape}, "
+                           f"found {got}; the file is corrupt")
+        masks[name] = unpack_bits(packed, shape)
+        if int(masks[name].sum()) != info.get("kept", int(masks[name].sum())):
+            raise MftError(f"{path}: module {name} has {int(masks[name].sum())} kept entries but its metadata "
+                           f"says {info['kept']}; the file is corrupt")
+        if info.get("kind"):
+            kinds[name] = info["kind"]
+        if info.get("keep_ratio") is not None:
+            ratios[name] = float(info["keep_ratio"])
+    mask_set = MaskSet(masks, kinds, ratios, metadata.get("source", "imported"),
+                       json.loads(metadata["mask_config"]) if "mask_config" in metadata else None,
+                       metadata.get("base_model"), FORMAT)
+    if "fingerprint" in metadata and metadata["fingerprint"] != mask_set.fingerprint:
+        raise MftError(f"{path}: the fingerprint in the metadata does not match the masks; the file is corrupt")
+    return mask_set
+
+
+def _read_pickle(path: Path) -> MaskSet:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise MftError(f"refusing to load {path}: it is a pickle holding more than tensors (code or arbitrary "
+                       f"objects), and mask files are only read with torch.load(weights_only=True). "
+                       f"Detail: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise MftError(f"{path} is not a readable torch file (corrupt or truncated?): {exc}") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise MftError(f"{path} holds {type(obj).__name__}, expected a dict {{module name: mask tensor}} "
+                       "(the original masks.pt layout)")
+    return MaskSet(_dense_masks(obj, path), format="original-pt")
+
+
+def _dense_masks(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Dense masks of any dtype -> bool, checking they are 0/1; keys may carry a `.weight` suffix."""
+    if not tensors:
+        raise MftError(f"{path} holds no tensors")
+    masks = {}
+    for key, t in tensors.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        if t.dtype != torch.bool:
+            if not bool(((t == 0) | (t == 1)).all()):
+                raise MftError(f"{path}: tensor {key} is not a 0/1 mask (dtype {t.dtype}, values such as "
+                               f"{t.flatten()[((t != 0) & (t != 1)).flatten()][:3].tolist()})")
+            t = t != 0
+        masks[name] = t.contiguous()
+    return masks
