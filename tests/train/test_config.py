@@ -185,7 +185,8 @@ def test_data_sources_forms(tmp_path, data_file):
     ([], r"no training data: set one of dataset_mixer, dataset_mixer_list, dataset_name or train_file"),
     (["--train_file=/data/missing.jsonl"], r"dataset file not found: /data/missing.jsonl"),
     (["--dataset_mixer={/data/gone.parquet: 10}"], r"dataset file not found: /data/gone.parquet"),
-    (["--train_file=./data.csv"], r"unsupported data file type '.csv' for ./data.csv; expected .json, .jsonl, .parquet"),
+    (["--train_file=./data.csv"], r"unsupported data file type '.csv' for ./data.csv; "
+                                  r"expected .json, .jsonl, .parquet"),
     (["--dataset_mixer={org/a: 2.5}"], r"the amount of 'org/a' is 2.5: above 1 it counts rows and must be a whole"),
     (["--dataset_mixer={org/a: -1}"], r"the amount of 'org/a' must be a row count \(> 1\) or a fraction"),
     (["--dataset_mixer_list=org/a 10 org/b"], r"dataset_mixer_list must alternate source and amount"),
@@ -217,7 +218,8 @@ def test_every_field_has_help():
     defaults = {name: default for name, _, default, _ in rows}
     assert (defaults["lora_rank"], defaults["lora_alpha"], defaults["lora_dropout"]) == (64, 16.0, 0.1)
     assert (defaults["learning_rate"], defaults["warmup_ratio"], defaults["seed"]) == (2e-5, 0.03, 42)
-    assert (defaults["chat_template_name"], defaults["reduce_loss"], defaults["clip_grad_norm"]) == ("tulu", "mean", -1.0)
+    assert defaults["chat_template_name"] == "tulu" and defaults["reduce_loss"] == "mean"
+    assert defaults["clip_grad_norm"] == -1.0
 
 
 # --- published configs --------------------------------------------------------------------------------
@@ -300,7 +302,8 @@ def test_output_dir_states(base, tmp_path):
     assert os.path.basename(marker) == FINISHED_MARKER == "run_complete.json"
     info = json.loads(Path(marker).read_text())
     assert info["global_step"] == 20 and info["finished_at"]
-    expected = f"{out} already holds a finished run (run_complete.json, {info['finished_at']}); pass --overwrite_output_dir"
+    expected = (f"{out} already holds a finished run (run_complete.json, {info['finished_at']}); "
+                "pass --overwrite_output_dir")
     with pytest.raises(MftError, match=re.escape(expected)):
         check_output_dir(cfg)
     assert check_output_dir(load_config(None, base + ["--overwrite_output_dir"])) == "overwrite"
