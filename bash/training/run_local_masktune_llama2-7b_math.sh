@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Mask fine-tuning of the LLaMA-2-7B math FFT model, then its mask_applied/ checkpoint. Settings: --help.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+mft_masktune llama2-7b math "$@"

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Mask fine-tuning of the LLaMA-3.1-8B math FFT model, then its mask_applied/ checkpoint. Settings: --help.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+mft_masktune llama3.1-8b math "$@"
