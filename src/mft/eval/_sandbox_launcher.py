@@ -1,0 +1,130 @@
+"""Run one untrusted Python program locked down; started by `mft.eval.sandbox`, never imported.
+
+    python -I -B _sandbox_launcher.py WORKDIR CPU_SECONDS MEMORY_BYTES MAX_PROCS PROGRAM
+
+Only the standard library is used, so nothing of the evaluator's state reaches the program. Each layer is
+applied where the OS allows it and skipped otherwise (the parent reports which were active):
+  1. resource limits: address space, CPU seconds, file size, process count, no core files;
+  2. new network and PID namespaces (root, or an unprivileged user namespace): no network; when the
+     program (PID 1 there) ends or is killed, the kernel kills everything it started;
+  3. as root: every capability dropped (also from the bounding set, so exec cannot regain them), which
+     makes the process-count limit apply and takes away root's power over other users' files and
+     processes (the program keeps uid 0, since the interpreter may live where only root can read);
+  4. Landlock: write access only below WORKDIR, no TCP, no signals to processes outside the sandbox;
+  5. without a network namespace or Landlock networking: Python's socket module is disabled in-process.
+The program's parent dies -> the program gets SIGKILL (PR_SET_PDEATHSIG), so killing this launcher's
+process group on a timeout takes the program down with it.
+"""
+
+import ctypes
+import os
+import resource
+import signal
+import struct
+import sys
+
+CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER = 0x40000000, 0x20000000, 0x10000000
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+SYS_LANDLOCK = {"create": 444, "add_rule": 445, "restrict": 446}  # x86_64 and the generic (arm64) table
+FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # EXECUTE, READ_FILE, READ_DIR
+FS_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1}  # all handled rights per ABI (no IOCTL_DEV)
+NO_SOCKETS = (
+    "import socket as _s\n"
+    "def _no_network(*a, **k):\n    raise OSError('network access is disabled in the sandbox')\n"
+    "_s.socket = _s.create_connection = _s.socketpair = _s.fromfd = _no_network\n"
+)
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_limits(cpu_seconds, memory_bytes, max_procs):
+    for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
+                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NPROC, max_procs),
+                         (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256)):
+        try:
+            resource.setrlimit(limit, (value, value))
+        except (ValueError, OSError):
+            pass
+
+
+def enter_namespaces():
+    """New net + PID namespaces; True when they exist."""
+    flags = CLONE_NEWNET | CLONE_NEWPID
+    if os.geteuid() == 0 and libc.unshare(flags) == 0:
+        return True
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | flags) != 0:
+        return False
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError:
+        return False
+    return True
+
+
+def drop_capabilities():
+    """Empty the bounding, inheritable, permitted and effective capability sets (root only)."""
+    if os.geteuid() != 0:
+        return
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last capability: harmless
+    header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    libc.capset(header, bytes(24))  # two empty (effective, permitted, inheritable) triples
+
+
+def landlock(workdir):
+    """Restrict writes to `workdir`, TCP and outside signals; returns whether networking was covered."""
+    abi = libc.syscall(SYS_LANDLOCK["create"], None, 0, 1)
+    if abi < 1:
+        return False
+    handled_fs = FS_ABI.get(abi, FS_ABI[3])
+    handled_net = 0b11 if abi >= 4 else 0  # BIND_TCP, CONNECT_TCP: no rule allows either
+    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets, signals
+    attr = struct.pack("QQQ", handled_fs, handled_net, scoped)[: 24 if abi >= 6 else 16 if abi >= 4 else 8]
+    ruleset = libc.syscall(SYS_LANDLOCK["create"], attr, len(attr), 0)
+    if ruleset < 0:
+        return False
+    for path, access in (("/", FS_READ), (workdir, handled_fs)):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = struct.pack("=Qi", access, fd)
+        libc.syscall(SYS_LANDLOCK["add_rule"], ruleset, 1, rule, 0)
+        os.close(fd)
+    ok = libc.syscall(SYS_LANDLOCK["restrict"], ruleset, 0) == 0
+    os.close(ruleset)
+    return ok and handled_net != 0
+
+
+def run_program(workdir, program, isolated_net):
+    """In the child: become the program (PID 1 of the new namespace when there is one)."""
+    drop_capabilities()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    net_blocked = landlock(workdir) or isolated_net
+    os.chdir(workdir)
+    argv = [sys.executable, "-I", "-B"]
+    if net_blocked:
+        argv.append(program)
+    else:
+        argv += ["-c", NO_SOCKETS + f"import runpy\nrunpy.run_path({program!r}, run_name='__main__')"]
+    os.execv(sys.executable, argv)
+
+
+def main():
+    workdir, cpu_seconds, memory_bytes, max_procs, program = sys.argv[1:6]
+    set_limits(int(cpu_seconds), int(memory_bytes), int(max_procs))
+    isolated_net = enter_namespaces()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_program(workdir, program, isolated_net)
+        finally:
+            os._exit(126)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+if __name__ == "__main__":
+    main()

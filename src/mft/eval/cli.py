@@ -1,0 +1,57 @@
+"""`mft eval` and `mft report`. Imports of torch, transformers and vLLM happen only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+EVAL_EXAMPLE = """example:
+  mft eval --model output/llama2_fft --task gsm8k --task minerva_math --output-dir results/fft
+  mft eval --model M --task '{"task_name": "gsm8k", "num_shots": 8}' --model-type hf --limit 20 \\
+      --data-dir ../shared/data --output-dir /tmp/smoke
+tasks: gsm8k, minerva_math (the 7 minerva_math_<subject> tasks), codex_humaneval, codex_humanevalplus, ifeval
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on GSM8K, MATH, HumanEval(+), IFEval (olmes protocol)",
+                              description="Evaluate a model with the authors' olmes protocol; writes the olmes "
+                              "output files. Finished tasks in --output-dir are reused.",
+                              epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (or hub id owner/name)")
+    p.add_argument("--task", dest="tasks", action="append", required=True, metavar="SPEC",
+                   help='task name or olmes JSON, e.g. \'{"task_name": "gsm8k", "num_shots": 8}\' (repeatable)')
+    p.add_argument("--output-dir", required=True, help="folder for metrics.json and the task-NNN-* files")
+    p.add_argument("--model-type", choices=["auto", "vllm", "hf"], default="auto",
+                   help="generation backend; auto = vllm if installed and a GPU is visible, else hf")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (hf backend)")
+    p.add_argument("--data-dir", default=None,
+                   help="local data: gsm8k/test.jsonl, math500/test.jsonl, humaneval/test.jsonl, "
+                   "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="model length (prompt + generation), 2048")
+    p.add_argument("--workers", type=int, default=None, help="scoring/sandbox processes (default: CPU count)")
+    p.set_defaults(func=run_eval_command)
+
+    r = subparsers.add_parser("report", help="compare result folders: markdown table and PNG bar chart",
+                              description="Read metrics.json files under each folder and compare the models.")
+    r.add_argument("dirs", nargs="+", metavar="DIR", help="result folders; the first one is the baseline")
+    r.add_argument("--labels", nargs="+", default=None, help="model names for the columns (default: folder names)")
+    r.add_argument("--output", default="report.png", help="where to write the bar chart (PNG)")
+    r.set_defaults(func=run_report_command)
+
+
+def run_eval_command(args) -> int:
+    from mft.eval.runner import run_eval
+
+    summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
+                       batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,
+                       workers=args.workers)
+    print("\n".join(summary["all_primary_scores"]))
+    return 0
+
+
+def run_report_command(args) -> int:
+    from mft.eval.report import run_report
+
+    print(run_report(args.dirs, args.output, args.labels))
+    return 0

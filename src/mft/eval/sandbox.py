@@ -1,0 +1,113 @@
+"""Run model-written programs safely: own process group, fresh folder, time/memory/process limits, no network.
+
+Each program runs through `_sandbox_launcher.py` (read its docstring for the layers). Here: a fresh
+temporary folder per program (the only place it may write), a wall-clock limit after which the whole
+process group is killed, and a pool of worker threads that each wait on one program at a time.
+
+A program passes only if it exits 0 *and* prints the completion token written after its last line,
+so `sys.exit(0)` or `os._exit(0)` before the tests is a failure, as in olmes ("ran to the end").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
+MEMORY_BYTES = 4 << 30
+MAX_PROCS = 32  # processes + threads one program may add to its uid's count
+
+
+@dataclass
+class RunResult:
+    passed: bool
+    status: str  # passed | failed | timeout
+    returncode: int | None
+    stderr_tail: str
+
+
+def _user_process_count() -> int:
+    """Processes and threads of our uid now: RLIMIT_NPROC counts all of them, so the limit is this + margin."""
+    uid, total = str(os.getuid()), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = dict(line.split(":", 1) for line in open(f"/proc/{entry.name}/status") if ":" in line)
+            if fields["Uid"].split()[0] == uid:
+                total += int(fields["Threads"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return total
+
+
+def _prepare_folder(program: str) -> tuple[Path, Path, Path]:
+    root = Path(tempfile.mkdtemp(prefix="mft-sandbox-"))
+    work = root / "work"
+    work.mkdir()
+    source = work / "program.py"
+    source.write_text(program, encoding="utf-8")
+    return root, work, source
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_program(program: str, timeout_s: float, memory_bytes: int = MEMORY_BYTES) -> RunResult:
+    """Run `program` (Python source) in a sandbox; passed = it ran to its end within `timeout_s`."""
+    token = secrets.token_hex(16)
+    program = f"{program}\n\n__import__('os').write(1, b'\\n{token}\\n')\n"
+    root, work, source = _prepare_folder(program)
+    max_procs = _user_process_count() + MAX_PROCS
+    argv = [sys.executable, "-I", "-B", str(LAUNCHER), str(work), str(int(timeout_s) + 1), str(memory_bytes),
+            str(max_procs), str(source)]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
+    timed_out = False
+    try:
+        with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
+            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            _kill_group(proc.pid)  # also after a normal exit: nothing it started may outlive it
+            proc.wait()
+            out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
+            completed = token.encode() in out.read()
+            err.seek(max(0, err.seek(0, os.SEEK_END) - 2000))
+            stderr_tail = err.read().decode("utf-8", "replace")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if timed_out:
+        return RunResult(False, "timeout", None, stderr_tail)
+    passed = proc.returncode == 0 and completed
+    return RunResult(passed, "passed" if passed else "failed", proc.returncode, stderr_tail)
+
+
+def run_programs(programs: list[str], timeout_s: float, workers: int | None = None, desc: str = "running code",
+                 memory_bytes: int = MEMORY_BYTES) -> list[RunResult]:
+    """Run each program in its own sandbox, `workers` at a time, in order, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from mft.eval.parallel import default_workers
+
+    workers = max(1, workers or default_workers())
+    results = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(programs), desc=desc, unit="prog") as bar:
+        for result in pool.map(lambda program: run_program(program, timeout_s, memory_bytes), programs):
+            results.append(result)
+            bar.update(1)
+    return results
