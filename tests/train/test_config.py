@@ -127,12 +127,14 @@ def test_bad_values_name_key_expectation_and_value(base, arg, message):
 def test_unsupported_published_keys(base):
     # harmless values are accepted and change nothing
     cfg = load_config(None, base + ["--push_to_hub=false", "--use_qlora=false", "--hf_entity=someone",
-                                    "--try_launch_beaker_eval_jobs=false"])
+                                    "--try_launch_beaker_eval_jobs=false", "--dataset_mixer_list_splits=[train]"])
     assert cfg == load_config(None, base)
     with pytest.raises(MftError, match=r"push_to_hub: True is not supported .*huggingface-cli upload"):
         load_config(None, base + ["--push_to_hub"])
     with pytest.raises(MftError, match=r"use_qlora: True is not supported .*QLoRA is not implemented"):
         load_config(None, base + ["--use_qlora=true"])
+    with pytest.raises(MftError, match=r"dataset_mixer_list_splits: \['test'\] is not supported .*only the train"):
+        load_config(None, base + ["--dataset_mixer_list_splits=[test]"])
 
 
 # --- method ------------------------------------------------------------------------------------------

@@ -315,6 +315,13 @@ UNSUPPORTED: dict[str, tuple[tuple | None, str]] = {
     "run_name": (None, ""),
     "config_name": ((None,), "a separate model config is not supported; put config.json in the model folder"),
     "additional_model_arguments": ((None, {}), "extra from_pretrained arguments are not supported"),
+    # later open-instruct versions
+    "dataset_mixer_list_splits": ((["train"], "train"), "only the train split of each source is read"),
+    "dataset_transform_fn": ((["sft_tulu_tokenize_and_truncate_v1", "sft_tulu_filter_v1"],),
+                             "tokenization is fixed: chat template, assistant-only labels, truncation, filter"),
+    "dataset_target_columns": (None, ""), "dataset_cache_mode": (None, ""), "dataset_config_hash": (None, ""),
+    "dataset_skip_cache": ((False,), "use overwrite_cache: true to tokenize again"),
+    "do_not_randomize_output_dir": (None, ""),
 }
 
 
