@@ -1,10 +1,14 @@
 """Run one untrusted Python program locked down; started by `mft.eval.sandbox`, never imported.
 
-    python -I -B _sandbox_launcher.py WORKDIR CPU_SECONDS MEMORY_BYTES MAX_PROCS PROGRAM
+    python -I -B _sandbox_launcher.py WORKDIR WALL_SECONDS MEMORY_BYTES MAX_PROCS PIDS_CGROUP|- PROGRAM
+
+Exit status: the program's (128 + signal when it was killed), or 124 when it ran out of time.
 
 Only the standard library is used, so nothing of the evaluator's state reaches the program. Each layer is
 applied where the OS allows it and skipped otherwise (the parent reports which were active):
-  1. resource limits: address space, CPU seconds, file size, process count, no core files;
+  1. resource limits: address space, CPU seconds, file size, process count, no core files; the kernel
+     never applies the process count to uid 0, so as root the parent also hands over a `pids` cgroup
+     with a maximum that this launcher joins before it starts the program;
   2. new network and PID namespaces (root, or an unprivileged user namespace): no network; when the
      program (PID 1 there) ends or is killed, the kernel kills everything it started;
   3. as root: every capability dropped (also from the bounding set, so exec cannot regain them), which
@@ -12,8 +16,10 @@ applied where the OS allows it and skipped otherwise (the parent reports which w
      processes (the program keeps uid 0, since the interpreter may live where only root can read);
   4. Landlock: write access only below WORKDIR, no TCP, no signals to processes outside the sandbox;
   5. without a network namespace or Landlock networking: Python's socket module is disabled in-process.
-The program's parent dies -> the program gets SIGKILL (PR_SET_PDEATHSIG), so killing this launcher's
-process group on a timeout takes the program down with it.
+The launcher enforces the wall-clock limit itself and returns only once the program and everything
+it started are gone (the end of a PID namespace's first process waits for all of them). The program
+runs in a session of its own, so it cannot signal the launcher through its process group; if the
+launcher dies anyway, the program gets SIGKILL (PR_SET_PDEATHSIG).
 """
 
 import ctypes
@@ -45,6 +51,16 @@ def set_limits(cpu_seconds, memory_bytes, max_procs):
             resource.setrlimit(limit, (value, value))
         except (ValueError, OSError):
             pass
+
+
+def join_cgroup(cgroup):
+    if cgroup == "-":
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass
 
 
 def enter_namespaces():
@@ -98,6 +114,7 @@ def landlock(workdir):
 
 def run_program(workdir, program, isolated_net):
     """In the child: become the program (PID 1 of the new namespace when there is one)."""
+    os.setsid()
     drop_capabilities()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -111,9 +128,18 @@ def run_program(workdir, program, isolated_net):
     os.execv(sys.executable, argv)
 
 
+def kill_program(pid):
+    for kill in (os.killpg, os.kill):  # its session's group (no PID namespace), then the program itself
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def main():
-    workdir, cpu_seconds, memory_bytes, max_procs, program = sys.argv[1:6]
-    set_limits(int(cpu_seconds), int(memory_bytes), int(max_procs))
+    workdir, wall_seconds, memory_bytes, max_procs, cgroup, program = sys.argv[1:7]
+    set_limits(int(float(wall_seconds)) + 1, int(memory_bytes), int(max_procs))
+    join_cgroup(cgroup)
     isolated_net = enter_namespaces()
     pid = os.fork()
     if pid == 0:
@@ -121,9 +147,19 @@ def main():
             run_program(workdir, program, isolated_net)
         finally:
             os._exit(126)
-    _, status = os.waitpid(pid, 0)
+    expired = []
+
+    def on_alarm(signum, frame):
+        expired.append(True)
+        kill_program(pid)
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(wall_seconds))
+    _, status = os.waitpid(pid, 0)  # retried after the alarm's handler (PEP 475)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    kill_program(pid)  # whatever it left behind, when there is no PID namespace to end it
     code = os.waitstatus_to_exitcode(status)
-    os._exit(code if code >= 0 else 128 - code)
+    os._exit(124 if expired else code if code >= 0 else 128 - code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def fewshot_file(name: str) -> Path:
     return Path(str(resources.files("mft") / "data" / "fewshot" / f"{name}.jsonl"))
 
 
+@functools.lru_cache(maxsize=16)
 def load_fewshot(name: str) -> list[dict]:
+    """Exemplars in file order (cached: every prompt of a task asks; callers must not modify them)."""
     path = fewshot_file(name)
     if not path.is_file():
         shipped = sorted(p.stem for p in fewshot_file("x").parent.glob("*.jsonl"))

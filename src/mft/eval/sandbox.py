@@ -1,8 +1,9 @@
 """Run model-written programs safely: own process group, fresh folder, time/memory/process limits, no network.
 
-Each program runs through `_sandbox_launcher.py` (read its docstring for the layers). Here: a fresh
-temporary folder per program (the only place it may write), a wall-clock limit after which the whole
-process group is killed, and a pool of worker threads that each wait on one program at a time.
+Each program runs through `_sandbox_launcher.py` (read its docstring for the layers and the wall-clock
+limit it enforces). Here: a fresh temporary folder per program (the only place it may write), a
+back-up time limit after which the launcher's whole process group is killed, and a pool of worker
+threads that each wait on one program at a time.
 
 A program passes only if it exits 0 *and* prints the completion token written after its last line,
 so `sys.exit(0)` or `os._exit(0)` before the tests is a failure, as in olmes ("ran to the end").
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,10 @@ from pathlib import Path
 LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
 MEMORY_BYTES = 4 << 30
 MAX_PROCS = 32  # processes + threads one program may add to its uid's count
+TIMEOUT_EXIT = 124  # the launcher's status for "ran out of time"
+BACKUP_GRACE_S = 10.0  # after the limit, how long the launcher gets to clean up before we kill it
+PIDS_MAX = 64  # processes + threads of one program, through a pids cgroup (as root)
+CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")  # cgroup v1 `pids` hierarchy, cgroup v2
 
 
 @dataclass
@@ -49,6 +55,40 @@ def _user_process_count() -> int:
     return total
 
 
+def _pids_cgroup_root() -> Path | None:
+    """A writable cgroup folder offering the `pids` controller (root only; RLIMIT_NPROC spares uid 0)."""
+    if os.geteuid() != 0:
+        return None
+    for root in map(Path, CGROUP_ROOTS):
+        control = root / "cgroup.subtree_control"
+        if (root / "cgroup.procs").is_file() and os.access(root, os.W_OK) and (
+                root.name == "pids" or (control.is_file() and "pids" in control.read_text().split())):
+            return root
+    return None
+
+
+def _make_pids_cgroup() -> Path | None:
+    root = _pids_cgroup_root()
+    if root is None:
+        return None
+    try:
+        path = Path(tempfile.mkdtemp(prefix="mft-sandbox-", dir=root))
+        (path / "pids.max").write_text(str(PIDS_MAX))
+        return path
+    except OSError:
+        return None
+
+
+def _remove_cgroup(path: Path | None) -> None:
+    for _ in range(100):  # empty once the launcher is reaped; removal can lag a moment
+        if path is None or not path.exists():
+            return
+        try:
+            path.rmdir()
+        except OSError:
+            time.sleep(0.02)
+
+
 def _prepare_folder(program: str) -> tuple[Path, Path, Path]:
     root = Path(tempfile.mkdtemp(prefix="mft-sandbox-"))
     work = root / "work"
@@ -71,8 +111,9 @@ def run_program(program: str, timeout_s: float, memory_bytes: int = MEMORY_BYTES
     program = f"{program}\n\n__import__('os').write(1, b'\\n{token}\\n')\n"
     root, work, source = _prepare_folder(program)
     max_procs = _user_process_count() + MAX_PROCS
-    argv = [sys.executable, "-I", "-B", str(LAUNCHER), str(work), str(int(timeout_s) + 1), str(memory_bytes),
-            str(max_procs), str(source)]
+    cgroup = _make_pids_cgroup()
+    argv = [sys.executable, "-I", "-B", str(LAUNCHER), str(work), str(timeout_s), str(memory_bytes),
+            str(max_procs), str(cgroup or "-"), str(source)]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     timed_out = False
     try:
@@ -80,17 +121,19 @@ def run_program(program: str, timeout_s: float, memory_bytes: int = MEMORY_BYTES
             proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=timeout_s + BACKUP_GRACE_S)
             except subprocess.TimeoutExpired:
                 timed_out = True
-            _kill_group(proc.pid)  # also after a normal exit: nothing it started may outlive it
+            _kill_group(proc.pid)  # a launcher that did not clean up in time
             proc.wait()
+            timed_out = timed_out or proc.returncode == TIMEOUT_EXIT
             out.seek(max(0, out.seek(0, os.SEEK_END) - 4096))
             completed = token.encode() in out.read()
             err.seek(max(0, err.seek(0, os.SEEK_END) - 2000))
             stderr_tail = err.read().decode("utf-8", "replace")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        _remove_cgroup(cgroup)
     if timed_out:
         return RunResult(False, "timeout", None, stderr_tail)
     passed = proc.returncode == 0 and completed

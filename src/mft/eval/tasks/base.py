@@ -35,11 +35,10 @@ class Task:
         self.num_shots = self.default_shots if self.num_shots is None else self.num_shots
         self.max_gen_toks = self.max_gen_toks or self.default_max_gen_toks
         self.fewshot_source = self.fewshot_source or self.default_fewshot
-        if self.num_shots < 0 or (self.num_shots and not self.fewshot_source):
-            raise MftError(f"{self.name}: num_shots must be 0..{self.max_shots()}, got {self.num_shots}")
-
-    def max_shots(self) -> int:
-        return len(data.load_fewshot(self.fewshot_source)) if self.fewshot_source else 0
+        available = len(data.load_fewshot(self.fewshot_source)) if self.fewshot_source else 0
+        if not 0 <= self.num_shots <= available:
+            raise MftError(f"{self.name}: num_shots {self.num_shots} > the {available} exemplars in "
+                           f"{self.fewshot_source or 'this 0-shot task'}; use at most {available}")
 
     # -- documents ---------------------------------------------------------------------------------
     def load_docs(self) -> list[dict]:
@@ -69,11 +68,7 @@ class Task:
     def exemplars(self) -> list[dict]:
         if not self.num_shots:
             return []
-        shots = data.load_fewshot(self.fewshot_source)
-        if self.num_shots > len(shots):
-            raise MftError(f"{self.name}: num_shots {self.num_shots} > the {len(shots)} exemplars in "
-                           f"{self.fewshot_source}; use at most {len(shots)}")
-        return shots[: self.num_shots]
+        return data.load_fewshot(self.fewshot_source)[: self.num_shots]
 
     def prompt(self, doc: dict) -> str:
         raise NotImplementedError

@@ -1,0 +1,42 @@
+"""Fixtures of the evaluation tests: the shared benchmark data and a tiny model saved to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file():
+        pytest.fail(f"the shared benchmark data is missing at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shared_data) -> Path:
+    """A tiny random Llama with a tokenizer trained on real GSM8K/MATH/code text, saved like a checkpoint."""
+    from mft.tiny import tiny_model, train_tokenizer
+
+    texts = [r["question"] + "\n" + r["answer"] for r in read_jsonl(shared_data / "gsm8k" / "test.jsonl")[:300]]
+    texts += [r["problem"] + "\n" + r["solution"] for r in read_jsonl(shared_data / "math500" / "test.jsonl")[:100]]
+    texts += ["def add(a, b):\n    return a + b\n\nclass A:\n    pass\n\nif x:\n    print(x)\n"] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=600)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama", vocab_size=len(tokenizer), hidden=64, num_layers=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,108 @@
+"""The sandbox against hostile programs: each one fails, the evaluator survives, nothing outside changes.
+
+Real processes, real temporary folders, a real TCP listener on the loopback address: nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mft.eval import sandbox
+from mft.eval.tasks.humaneval import HumanEval, HumanEvalPlus
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def sandbox_processes() -> list[str]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry.name}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "mft-sandbox-" in cmdline or "_sandbox_launcher" in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def count_processes() -> int:
+    return sum(1 for entry in os.scandir("/proc") if entry.name.isdigit())
+
+
+def test_a_correct_program_passes_and_a_wrong_one_fails():
+    ok, wrong = sandbox.run_programs(["def f():\n    return 1\n\nassert f() == 1\nprint('x' * 10000)",
+                                      "assert 1 == 2"], timeout_s=3, workers=2)
+    assert ok.passed and ok.status == "passed" and ok.returncode == 0
+    assert not wrong.passed and wrong.status == "failed" and "AssertionError" in wrong.stderr_tail
+
+
+def test_time_limits_are_the_protocol_ones():
+    assert HumanEval.timeout_s == 3.0 and HumanEvalPlus.timeout_s == 20.0
+
+
+@pytest.mark.slow
+def test_hostile_programs_fail_and_change_nothing_outside(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "keep.txt").write_text("precious")
+    (outside / "sub" / "data.bin").write_bytes(os.urandom(64))
+    before = snapshot(outside)
+    marker = Path(tempfile.gettempdir()) / f"mft-hostile-{os.getpid()}"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    port, me = listener.getsockname()[1], os.getpid()
+    hostile = {
+        "infinite loop": "while True:\n    pass",
+        "memory bomb": "blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 28))",
+        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "sys.exit(0) before the tests": "import sys\nsys.exit(0)\nassert False",
+        "os._exit(0)": "import os\nos._exit(0)",
+        "kill the evaluator": f"import os, signal\nos.kill({me}, signal.SIGKILL)",
+        "kill the evaluator's group": f"import os, signal\nos.killpg(os.getpgid({me}), signal.SIGKILL)",
+        "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)",
+        "delete outside": f"import shutil\nshutil.rmtree({str(outside)!r})",
+        "overwrite outside": f"open({str(outside / 'keep.txt')!r}, 'w').write('gone')",
+        "write a new file outside": f"open({str(marker)!r}, 'w').write('x')",
+        "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
+    }
+    baseline, peak, running = count_processes(), [0], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], count_processes())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = sandbox.run_programs(list(hostile.values()), timeout_s=3, workers=len(hostile))
+    finally:
+        running[0] = False
+        sampler.join()
+    assert peak[0] - baseline < 1000  # the fork bomb was capped (uncapped it reaches many thousands)
+    for (name, _), result in zip(hostile.items(), results):
+        assert not result.passed, name
+    statuses = dict(zip(hostile, (r.status for r in results)))
+    assert statuses["infinite loop"] == "timeout" and statuses["fork bomb"] == "timeout"
+    assert snapshot(outside) == before
+    assert not marker.exists()
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody connected
+    listener.close()
+    assert sandbox_processes() == []  # nothing it started outlives it
+    # ... and the evaluator is still here and still works.
+    assert sandbox.run_program("assert True", timeout_s=3).passed
