@@ -1,0 +1,57 @@
+"""`mft train CONFIG.yaml [--key=value ...]` and `scripts/finetune.py` (the same, for `accelerate launch`)."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: mft train [CONFIG.yaml] [--key=value ...]
+       accelerate launch [accelerate flags] scripts/finetune.py [CONFIG.yaml] [--key=value ...]
+
+Full fine-tuning, mask fine-tuning or LoRA, as the config says (subnet_mode set -> MFT, use_lora -> LoRA,
+else FFT; or method: fft|mft|lora). Any key of the YAML file can be overridden on the command line:
+--key=value, --key value or key=value; values are read as YAML. Re-running a command resumes an interrupted
+run from its newest checkpoint.
+
+keys:
+"""
+
+
+def register(sub) -> None:
+    # Only for `mft --help`: `mft train ...` is dispatched before argparse (its --key=value overrides are free
+    # form), see main() below and mft.cli.main.
+    sub.add_parser("train", help="FFT, MFT or LoRA from a YAML config, under accelerate launch", add_help=False)
+
+
+def usage() -> str:
+    from mft.train.config import field_help
+
+    lines = [USAGE]
+    for key, kind, default, text in field_help():
+        lines.append(f"  --{key}  ({kind.replace('typing.', '')}, default {default!r})\n      {text}")
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(config path or None, overrides): the config is a first argument that is not an option."""
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
+    from mft.errors import MftError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        from mft.train.config import load_config
+        from mft.train.loop import train
+
+        config, overrides = split_args(argv)
+        train(load_config(config, overrides))
+    except MftError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,464 @@
+"""The training job: FFT, MFT or LoRA on one device, DDP, or DeepSpeed ZeRO-2/3, under `accelerate launch`.
+
+    cfg = load_config("configs/train_configs/llama2_7b_math_local_masktune.yaml", ["--output_dir=out"])
+    train(cfg)
+
+One straight function, `train`, in the order things happen: check everything that can be checked without
+weights, load data and model, set the method up, prepare, resume, loop, save. What each method writes:
+
+- fft / lora: `output_dir` is a `from_pretrained` folder (safetensors shards + tokenizer); LoRA is merged.
+- mft: `output_dir` holds `masks.safetensors` (the mask the model uses at the end of training, bit for bit),
+  `mft_run.json` (base model, mask settings, per-rank mask digests) — no copy of the weights. Bake it with
+  `mft apply --mask_model_name_or_path OUTPUT_DIR --output_dir OUTPUT_DIR/mask_applied`.
+- all: `train_config.yaml` (resolved settings), `train_log.jsonl` (one line per logged step),
+  `checkpoints/step_N/` and, written last, `run_complete.json`.
+
+Checkpoints hold what is trained (MFT: the scores only, never the frozen weights), the optimizer, the
+scheduler, every RNG and the data position; re-running the same command resumes from the newest complete
+one and reproduces an uninterrupted run bit for bit.
+
+Under DeepSpeed the scores live in bf16 inside the model while the optimizer keeps fp32 master copies. The
+masks are computed from those fp32 masters (`safe_get_full_fp32_param`, identical on every rank) after
+every optimizer step, so bf16 ties never decide a mask and every rank holds the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mft.errors import MftError
+from mft.train.config import FINISHED_MARKER, TrainConfig, check_output_dir, mark_finished, validate_against_model
+
+logger = logging.getLogger("mft.train")
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+TRAIN_LOG = "train_log.jsonl"
+CONFIG_FILE = "train_config.yaml"
+
+
+# -- setup ---------------------------------------------------------------------------------------------------
+def _accelerator(cfg: TrainConfig):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without CUDA, processes talk over gloo (DeepSpeed on CPU otherwise gets the world size wrong).
+        backend = None if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.timeout)))
+    trackers = [t for t in cfg.report_to if t != "none"] if cfg.with_tracking else None
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=trackers or None,
+                       project_dir=cfg.output_dir, kwargs_handlers=handlers)
+
+
+def _deepspeed_config(accelerator) -> dict | None:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def _preflight(cfg: TrainConfig) -> str:
+    """Every check that needs no weights; returns check_output_dir's verdict."""
+    state = check_output_dir(cfg)
+    validate_against_model(cfg)
+    if cfg.resolved_method == "mft":
+        from mft.masking.checkpoint import model_skeleton, resolve_model_dir
+        from mft.masking.select import select_targets
+
+        select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+    return state
+
+
+def _load_model(cfg: TrainConfig, accelerator, ds_config):
+    from transformers import AutoModelForCausalLM
+
+    method = cfg.resolved_method
+    # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
+    dtype = torch.float32
+    if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
+        dtype = torch.bfloat16
+    attn = "sdpa"
+    if cfg.use_flash_attn:
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            logger.warning("use_flash_attn: flash-attn is not installed; using PyTorch SDPA attention")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, revision=cfg.model_revision, dtype=dtype,
+                                                 attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _setup_method(cfg: TrainConfig, model):
+    """Turn the loaded model into what is trained; returns (model, description)."""
+    method = cfg.resolved_method
+    if method == "mft":
+        from mft.masking.inject import inject_masks
+
+        targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed)
+        entries = sum(t.shape[0] * t.shape[1] for t in targets)
+        return model, f"MFT: {len(targets)} masked matrices, {entries:,} scores"
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return model, f"LoRA rank {cfg.lora_rank}: {trainable:,} trainable parameters"
+    return model, f"FFT: {sum(p.numel() for p in model.parameters()):,} parameters"
+
+
+def _optimizer(cfg: TrainConfig, model, ds_config):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if ds_config and "optimizer" in ds_config:  # the DeepSpeed file defines its own optimizer
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_optimizer or None)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def latest_checkpoint(output_dir: str) -> Path | None:
+    """The newest checkpoint that finished writing (has trainer_state.json)."""
+    root = Path(output_dir) / CHECKPOINTS
+    done = [p for p in root.glob("step_*") if (p / TRAINER_STATE).exists()] if root.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
+    path = Path(cfg.output_dir) / CHECKPOINTS / f"step_{state['completed_steps']}"
+    # DeepSpeed: leave the frozen weights out of the module state; plain: a save hook keeps trainables only.
+    accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if ds else {}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        if cfg.keep_last_n_checkpoints > 0:
+            done = sorted((p for p in path.parent.glob("step_*") if (p / TRAINER_STATE).exists()),
+                          key=lambda p: int(p.name.split("_")[1]))
+            for old in done[: -cfg.keep_last_n_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _trainable_only_hooks(accelerator, model) -> None:
+    """Without DeepSpeed, accelerate saves the whole state dict; keep what trains (e.g. MFT scores only)."""
+    def save_hook(models, weights, output_dir):
+        trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        for state in weights:
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+
+# -- logging -------------------------------------------------------------------------------------------------
+class MaskTracker:
+    """For MFT logs: the fraction of mask entries that changed since the last log, kept fraction per layer."""
+
+    def __init__(self, model):
+        from mft.masking.inject import masked_modules
+
+        self.layers = masked_modules(model)
+        self.previous = {name: layer.mask for name, layer in self.layers.items()}
+
+    def stats(self) -> dict:
+        import re
+
+        changed = total = 0
+        kept: dict[str, list[int]] = {}
+        for name, layer in self.layers.items():
+            mask = layer.mask
+            changed += int((mask != self.previous[name]).sum())
+            total += mask.numel()
+            index = re.search(r"\.(\d+)\.", name)
+            entry = kept.setdefault(index.group(1) if index else name, [0, 0])
+            entry[0] += int(mask.sum())
+            entry[1] += mask.numel()
+            self.previous[name] = mask
+        return {"mask_changed": changed / total, "kept_fraction": {k: v[0] / v[1] for k, v in kept.items()}}
+
+
+def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
+    from mft.masking.files import pack_bits
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(pack_bits(masks[name]).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rewind_log(path: Path, completed_steps: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= completed_steps]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# -- the job -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    model: torch.nn.Module  # the trained model as it is in memory (unwrapped; MFT: still with its mask layers)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the job `cfg` describes (see the module docstring)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from mft.masking.inject import extract_masks, refresh_masks
+    from mft.train.data import Collator, build_train_dataset, load_tokenizer
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
+    logging.getLogger("mft.train.data").setLevel(logging.INFO)
+    method = cfg.resolved_method
+    out_state = _preflight(cfg)
+    accelerator = _accelerator(cfg)
+    ds_config = _deepspeed_config(accelerator)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    if out_state == "overwrite" and main:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(str(out / CONFIG_FILE))
+    set_seed(cfg.seed)
+
+    # data
+    tokenizer, num_added = load_tokenizer(cfg)
+    dataset, _ = build_train_dataset(cfg, tokenizer, main_process_first=accelerator.local_main_process_first)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
+                                         sampler=EpochSampler(len(dataset), cfg.seed),
+                                         collate_fn=Collator(tokenizer.pad_token_id))
+
+    # model and method
+    model = _load_model(cfg, accelerator, ds_config)
+    if num_added:
+        if method != "fft":
+            raise MftError(f"the tokenizer of {cfg.tokenizer_name or cfg.model_name_or_path} has neither a pad nor "
+                           f"an EOS token, and {method} cannot grow the frozen embeddings; add a pad token when "
+                           "fine-tuning the base model")
+        model.resize_token_embeddings(len(tokenizer))
+    model, description = _setup_method(cfg, model)
+    if main:
+        logger.info(description)
+    optimizer = torch_optimizer = _optimizer(cfg, model, ds_config)
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ds = ds_config is not None
+    if not ds:
+        _trainable_only_hooks(accelerator, model)
+    unwrapped = accelerator.unwrap_model(model)
+    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    # Stepped once per optimizer step by this loop (not by accelerate, which would step it once per process).
+    # DeepSpeed keeps using this optimizer's param groups, so the schedule reaches it too.
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer=torch_optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    def refresh():  # DeepSpeed: masks from the fp32 master scores, the same on every rank
+        if method == "mft" and ds:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            refresh_masks(unwrapped, safe_get_full_fp32_param, managed=True)
+
+    # resume
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    checkpoint = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(cfg.output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if ds else {"strict": False}))
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
+        if skip_batches >= len(loader):
+            start_epoch, skip_batches = start_epoch + 1, 0
+        if main:
+            logger.info("resuming from %s (step %d)", checkpoint, completed_steps)
+            _rewind_log(out / TRAIN_LOG, completed_steps)
+    refresh()
+    tracker = MaskTracker(unwrapped) if method == "mft" else None
+    if cfg.with_tracking:
+        accelerator.init_trackers(cfg.exp_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                        for k, v in cfg.to_dict().items()})
+
+    # the loop
+    if main:
+        logger.info("%d optimizer steps (%d epochs x %d), %d processes x %d sequences x %d accumulation",
+                    max_steps, epochs, steps_per_epoch, accelerator.num_processes, cfg.per_device_train_batch_size,
+                    cfg.gradient_accumulation_steps)
+    bar = tqdm(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
+    model.train()
+    window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        batches_in_epoch = skip_batches
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = _loss(model, batch, cfg.reduce_loss)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            batches_in_epoch += 1
+            window_loss += loss.detach().float()
+            window_batches += 1
+            window_tokens += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            refresh()
+            completed_steps += 1
+            bar.update(1)
+            if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
+                loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
+                tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
+                record = {"step": completed_steps, "epoch": epoch, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens / (time.perf_counter() - window_start)}
+                if tracker is not None:
+                    record.update(tracker.stats())
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if main:
+                    with open(out / TRAIN_LOG, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                if cfg.with_tracking:
+                    accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
+                window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            save_now = (isinstance(cfg.checkpointing_steps, int) and completed_steps % cfg.checkpointing_steps == 0) \
+                or (cfg.checkpointing_steps == "epoch" and batches_in_epoch == len(loader))
+            if save_now:
+                _save_checkpoint(accelerator, cfg, {"completed_steps": completed_steps, "epoch": epoch,
+                                                    "batches_in_epoch": batches_in_epoch}, ds)
+            if completed_steps >= max_steps:
+                break
+        if completed_steps >= max_steps:
+            break
+    bar.close()
+
+    # outputs
+    base = cfg.model_name_or_path
+    info = {"method": method, "steps": completed_steps,
+            "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
+    if method == "mft":
+        _save_mft(accelerator, cfg, unwrapped, info, extract_masks)
+    else:
+        _save_model(accelerator, cfg, model, tokenizer, method)
+    accelerator.wait_for_everyone()
+    if cfg.with_tracking:
+        accelerator.end_training()
+    if main:
+        mark_finished(str(out), info)
+        logger.info("done: %s", out)
+        if method == "mft":
+            logger.info("bake the masks: mft apply --mask_model_name_or_path %s --output_dir %s", out,
+                        out / "mask_applied")
+    return TrainResult(out, completed_steps, accelerator.unwrap_model(model))
+
+
+def _loss(model, batch, reduce_loss: str):
+    if reduce_loss == "mean":
+        return model(**batch).loss
+    # "sum": summed over the label tokens of the micro-batch, as open-instruct's reduce_loss=sum
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
+    from accelerate.utils import gather_object
+
+    from mft.masking.apply import RUN_INFO
+    from mft.masking.files import DEFAULT_NAME, MaskSet, write_masks
+    from mft.masking.inject import masked_modules
+
+    masks = extract_masks(unwrapped)
+    digests = gather_object([_masks_digest(masks)])
+    if len(set(digests)) != 1:
+        raise MftError(f"the ranks hold different masks at the end of training (digests {digests}); this is a bug")
+    if accelerator.is_main_process:
+        layers = masked_modules(unwrapped)
+        mask_cfg = cfg.mask_config()
+        mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
+                           "learned", mask_cfg.to_dict(), info["base_model"])
+        write_masks(Path(cfg.output_dir) / DEFAULT_NAME, mask_set)
+        entries = sum(m.numel() for m in masks.values())
+        info.update({"mask_config": mask_cfg.to_dict(), "mask_digest_per_rank": digests,
+                     "fingerprint": mask_set.fingerprint,
+                     "kept_fraction": sum(int(m.sum()) for m in masks.values()) / entries})
+        (Path(cfg.output_dir) / RUN_INFO).write_text(json.dumps(info, indent=1))
+
+
+def _save_model(accelerator, cfg, model, tokenizer, method) -> None:
+    out = Path(cfg.output_dir)
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards onto the main process
+    unwrapped = accelerator.unwrap_model(model)
+    if method == "lora":
+        unwrapped, state_dict = _merged_lora(cfg, unwrapped, state_dict, accelerator)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def _merged_lora(cfg, peft_model, state_dict, accelerator):
+    """(merged plain model, its state dict). Under ZeRO-3 the live model is partitioned, so the main process
+    rebuilds it on the CPU from the gathered state dict and merges there."""
+    if accelerator.is_main_process and state_dict is not None and any(p.numel() == 0 for p in peft_model.parameters()):
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        peft_model = get_peft_model(base, peft_model.peft_config["default"])
+        peft_model.load_state_dict(state_dict)
+    merged = peft_model.merge_and_unload() if accelerator.is_main_process else peft_model
+    return merged, (merged.state_dict() if accelerator.is_main_process else None)

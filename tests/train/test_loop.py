@@ -1,0 +1,209 @@
+"""The training job on one CPU process: FFT, MFT and LoRA on a tiny model, outputs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mft.cli import main
+from mft.masking.files import read_masks
+from mft.masking.inject import masked_modules
+from mft.masking.layer import local_mask
+from mft.train.config import FINISHED_MARKER, load_config
+from mft.train.loop import CHECKPOINTS, TRAIN_LOG, TRAINER_STATE, latest_checkpoint, train
+
+
+def write_chat_data(path: Path, n: int = 48, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(1, 40), rng.randint(1, 40)
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} + {b} = {a + b}. #### {a + b}"}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, saved_model):
+    root = tmp_path_factory.mktemp("train")
+    return {"base": saved_model("llama"), "data": write_chat_data(root / "data.jsonl"), "root": root}
+
+
+def run(workspace, name, **overrides):
+    """train() in this process with a fresh accelerate state; returns the TrainResult."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    values = {"model_name_or_path": str(workspace["base"]), "train_file": str(workspace["data"]),
+              "output_dir": str(workspace["root"] / name), "max_seq_length": 64, "per_device_train_batch_size": 4,
+              "gradient_accumulation_steps": 2, "num_train_epochs": 3, "logging_steps": 1, "report_to": ["none"],
+              "dataset_local_cache_dir": str(workspace["root"] / "cache"), "seed": 1, **overrides}
+    try:
+        return train(load_config(None, [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                        for k, v in values.items()]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / TRAIN_LOG).read_text().splitlines()]
+
+
+def base_weights(workspace) -> dict[str, torch.Tensor]:
+    return load_file(str(workspace["base"] / "model.safetensors"))
+
+
+def test_fft_loss_falls_and_saves_a_model(workspace):
+    result = run(workspace, "fft", learning_rate=1e-2, warmup_ratio=0.0)
+    out = result.output_dir
+    curve = losses(out)
+    assert len(curve) == result.steps == 3 * 6  # 48 examples / 4 per batch / 2 accumulation, 3 epochs
+    assert sum(curve[-3:]) / 3 < 0.8 * sum(curve[:3]) / 3
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / FINISHED_MARKER).exists() and (out / "train_config.yaml").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    before = base_weights(workspace)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_mft_trains_only_scores_and_writes_masks_not_weights(workspace):
+    result = run(workspace, "mft", subnet_mode="both", masked_layers="1 2", learning_rate=0.05, warmup_ratio=0.0,
+                 checkpointing_steps=6)
+    out = result.output_dir
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3
+    # every weight bit-identical to the base checkpoint; the scores moved
+    before = base_weights(workspace)
+    state = result.model.state_dict()
+    assert {k for k in state if not k.endswith(".scores")} == set(before)
+    for key, w in before.items():
+        assert torch.equal(state[key], w), key
+    layers = masked_modules(result.model)
+    assert len(layers) == 14
+    # the run folder: masks + run info + config, no weights
+    names = {p.name for p in out.iterdir()}
+    assert {"masks.safetensors", "mft_run.json", "train_config.yaml", TRAIN_LOG, FINISHED_MARKER} <= names
+    assert not list(out.glob("model*.safetensors")) and not list(out.glob("*.bin"))
+    masks = read_masks(out / "masks.safetensors")
+    assert masks.source == "learned" and set(masks.masks) == set(layers)
+    for name, layer in layers.items():
+        assert torch.equal(masks.masks[name], layer.mask)
+        assert torch.equal(masks.masks[name], local_mask(layer.scores.detach(), 0.9))
+    info = json.loads((out / "mft_run.json").read_text())
+    assert info["base_model"] == str(workspace["base"].resolve()) and info["steps"] == 18
+    assert info["mask_config"]["masked_layers"] == [1, 2]
+    # MFT logs: changed fraction and kept fraction per layer
+    record = json.loads((out / TRAIN_LOG).read_text().splitlines()[0])
+    assert 0 < record["mask_changed"] <= 1 and set(record["kept_fraction"]) == {"1", "2"}
+    assert record["kept_fraction"]["1"] == pytest.approx(0.9, abs=0.002)
+    # checkpoints hold the scores, never the frozen weights
+    ckpt = latest_checkpoint(str(out))
+    assert ckpt.name == "step_18" and (ckpt / TRAINER_STATE).exists()
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(f"{n}.scores" for n in layers)
+    # the original launchers' apply step works on the run folder
+    assert main(["apply", "--mask_model_name_or_path", str(out), "--output_dir", str(out / "mask_applied"),
+                 "--quiet"]) == 0
+    applied = load_file(str(out / "mask_applied" / "model.safetensors"))
+    for name, mask in masks.masks.items():
+        assert torch.equal(applied[f"{name}.weight"], before[f"{name}.weight"] * mask)
+
+
+def test_lora_trains_and_merges(workspace):
+    result = run(workspace, "lora", use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=5e-3, warmup_ratio=0.0)
+    out = result.output_dir
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    before = base_weights(workspace)
+    assert keys == set(before)  # merged: a plain model, no lora_A / lora_B
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not torch.equal(merged.model.layers[1].self_attn.q_proj.weight,
+                           before["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(merged.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+
+def _train_command(workspace, out: Path) -> list[str]:
+    return [sys.executable, "-m", "mft", "train", f"--model_name_or_path={workspace['base']}",
+            f"--train_file={workspace['data']}", f"--output_dir={out}", "--max_seq_length=64",
+            "--per_device_train_batch_size=2", "--gradient_accumulation_steps=2", "--num_train_epochs=4",
+            "--subnet_mode=both", "--masked_layers=0-3", "--learning_rate=0.05", "--checkpointing_steps=10",
+            "--report_to=[none]", f"--dataset_local_cache_dir={workspace['root'] / 'cache'}", "--seed=3"]
+
+
+@pytest.mark.slow
+def test_killed_mft_run_resumes_bit_exactly(workspace, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(workspace, reference), check=True, env=env, capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(_train_command(workspace, resumed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = resumed / CHECKPOINTS / "step_20" / TRAINER_STATE
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (resumed / FINISHED_MARKER).exists() and not (resumed / "masks.safetensors").exists()
+
+    result = subprocess.run(_train_command(workspace, resumed), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from" in result.stderr
+    ref, res = read_masks(reference / "masks.safetensors"), read_masks(resumed / "masks.safetensors")
+    for name in ref.masks:
+        assert torch.equal(ref.masks[name], res.masks[name]), name
+    # the log was rewound to the checkpoint, so the resumed log equals the uninterrupted one in its steps
+    steps = [json.loads(line)["step"] for line in (resumed / TRAIN_LOG).read_text().splitlines()]
+    assert steps == list(range(1, 49))
+    assert losses(resumed) == pytest.approx(losses(reference), rel=1e-6)
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / CHECKPOINTS / f"step_{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / TRAINER_STATE).write_text("{}")
+    assert latest_checkpoint(str(tmp_path)).name == "step_10"
+    assert latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--masked_layers=3 4"], "masked_layers [4] out of range: {base} has 4 decoder layers, numbered 0 to 3"),
+    (["--masked_layers=[]", "--target_modules=[nothing]"], "no module matches the selection"),
+    (["--masked_layers=1", "--sparsity_attn=1.2"], "must be in (0, 1]"),
+])
+def test_bad_input_fails_before_loading_the_model(workspace, capsys, args, message):
+    out = workspace["root"] / "bad"
+    code = main(["train", f"--model_name_or_path={workspace['base']}", f"--train_file={workspace['data']}",
+                 f"--output_dir={out}", "--subnet_mode=both", "--report_to=[none]", *args])
+    assert code == 1
+    assert message.format(base=workspace["base"]) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_finished_run_is_not_overwritten(workspace, capsys):
+    out = workspace["root"] / "finished"
+    out.mkdir()
+    (out / FINISHED_MARKER).write_text(json.dumps({"finished_at": "2026-01-01"}))
+    args = ["train", f"--model_name_or_path={workspace['base']}", f"--train_file={workspace['data']}",
+            f"--output_dir={out}", "--report_to=[none]"]
+    assert main(args) == 1
+    assert "already holds a finished run" in capsys.readouterr().err
