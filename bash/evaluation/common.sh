@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Shared by bash/evaluation/<model>_<domain>.sh: the original scripts' model/output path logic, then one
+# `mft eval` run over the domain's tasks (or, with EVAL_HARNESS=olmes, the authors' per-task olmes calls).
+# `bash bash/evaluation/common.sh --help` prints the settings.
+set -euo pipefail
+
+MFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+MATH_SUBJECTS=(algebra counting_and_probability geometry intermediate_algebra number_theory prealgebra precalculus)
+
+mft_eval_usage() {
+    cat <<'EOF_USAGE'
+Usage: bash/evaluation/<model>_<domain>.sh MODEL [extra mft eval flags ...]
+  model: llama2-7b | llama3.1-8b    domain: math (GSM8K + MATH) | coding (HumanEval, HumanEval+) | if (IFEval)
+  MODEL, as in the original scripts:
+    a name containing "masktune"  evaluates output/MODEL/mask_applied  -> output/MODEL/mask_applied/eval_output
+    a name containing "fft"       evaluates output/MODEL               -> output/MODEL/eval_output
+    anything else is a model path or hub id                            -> output/MODEL/eval_output
+Environment:
+  OUTPUT_ROOT    where run folders live (default output)
+  EVAL_OUTPUT    results folder (default: as above)
+  MODEL_TYPE     vllm (default) | hf | auto
+  EVAL_HARNESS   mft (default) | olmes: run a real `olmes` per task, as the authors did, then
+                 scripts/get_math_score.py for MATH
+  MFT, OLMES, PYTHON   commands to use (default mft, olmes, python)
+  DRY_RUN=1      print the commands instead of running them
+Results: EVAL_OUTPUT/metrics.json and task-NNN-* files (mft), one folder per task (olmes); for math also
+EVAL_OUTPUT/math/<subject>/metrics.json and EVAL_OUTPUT/math/task_scores_flex.jsonl. Compare runs with
+  mft report output/fft_llama2-7b_math/eval_output output/masktune_llama2-7b_math/mask_applied/eval_output
+EOF_USAGE
+}
+
+mft_eval_run() {
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        local quoted
+        printf -v quoted '%q ' "$@"
+        echo "${quoted% }"
+    else
+        "$@"
+    fi
+}
+
+# mft_eval_paths NAME: sets MODEL_PATH and EVAL_OUTPUT the way the original scripts did.
+mft_eval_paths() {
+    local name="$1" root="${OUTPUT_ROOT:-output}"
+    if [[ "$name" == *masktune* ]]; then
+        MODEL_PATH="$root/$name/mask_applied"
+        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/mask_applied/eval_output}"
+    elif [[ "$name" == *fft* ]]; then
+        MODEL_PATH="$root/$name"
+        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/eval_output}"
+    else
+        MODEL_PATH="$name"
+        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/eval_output}"
+    fi
+}
+
+# mft_eval_tasks DOMAIN: the olmes task specs of a domain, one per line.
+mft_eval_tasks() {
+    case "$1" in
+        math)
+            echo '{"task_name": "gsm8k", "num_shots": 8}'
+            for subject in "${MATH_SUBJECTS[@]}"; do
+                echo "{\"task_name\": \"minerva_math_$subject\", \"num_shots\": 4}"
+            done ;;
+        coding)
+            echo '{"task_name": "codex_humaneval"}'
+            echo '{"task_name": "codex_humanevalplus"}' ;;
+        if) echo '{"task_name": "ifeval"}' ;;
+        *) echo "error: unknown domain '$1' (math, coding, if)" >&2; return 1 ;;
+    esac
+}
+
+# olmes writes one folder per call; MATH subjects go to math/<subject>, where get_math_score.py looks.
+mft_olmes_dir() {
+    local name
+    name="$(sed -n 's/.*"task_name": "\([^"]*\)".*/\1/p' <<<"$1")"
+    if [[ "$name" == minerva_math_* ]]; then
+        echo "$EVAL_OUTPUT/math/${name#minerva_math_}"
+    else
+        echo "$EVAL_OUTPUT/$name"
+    fi
+}
+
+mft_eval_main() { # mft_eval_main DOMAIN MODEL [extra flags...]
+    local domain="$1"
+    shift
+    if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+        mft_eval_usage
+        [[ $# -ge 1 ]] && return 0 || return 2
+    fi
+    local model="$1"
+    shift
+    mft_eval_paths "$model"
+    local -a specs
+    mapfile -t specs < <(mft_eval_tasks "$domain")
+    echo "[eval] $domain: $MODEL_PATH -> $EVAL_OUTPUT (${EVAL_HARNESS:-mft})" >&2
+    if [[ "${EVAL_HARNESS:-mft}" == olmes ]]; then
+        command -v "${OLMES:-olmes}" >/dev/null 2>&1 || [[ "${DRY_RUN:-0}" == 1 ]] \
+            || { echo "error: EVAL_HARNESS=olmes but '${OLMES:-olmes}' is not installed" >&2; return 1; }
+        for spec in "${specs[@]}"; do
+            mft_eval_run "${OLMES:-olmes}" --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
+                --task "$spec" --output-dir "$(mft_olmes_dir "$spec")" "$@"
+        done
+        if [[ "$domain" == math ]]; then
+            mft_eval_run "${PYTHON:-python}" "$MFT_ROOT/scripts/get_math_score.py" "$EVAL_OUTPUT"
+        fi
+    elif [[ "${EVAL_HARNESS:-mft}" == mft ]]; then
+        local -a task_args=()
+        for spec in "${specs[@]}"; do task_args+=(--task "$spec"); done
+        mft_eval_run "${MFT:-mft}" eval --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
+            "${task_args[@]}" --output-dir "$EVAL_OUTPUT" "$@"
+    else
+        echo "error: EVAL_HARNESS must be mft or olmes, got '${EVAL_HARNESS}'" >&2
+        return 1
+    fi
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    mft_eval_usage
+fi

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Evaluate a llama2-7b run on the if tasks with the authors' protocol: bash/evaluation/llama2-7b_if.sh MODEL
+# (see bash/evaluation/common.sh --help for the path logic and the settings).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+mft_eval_main if "$@"

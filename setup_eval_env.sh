@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Prepare the evaluation environment on a GPU machine: a virtual environment (or conda env) with vLLM and
+# this project's [vllm] extra (vLLM brings its own CUDA build of PyTorch), NLTK's punkt_tab data for the
+# IFEval checkers, and a final check that vLLM sees the GPUs and the code sandbox works. Safe to run
+# again: an existing environment is reused and brought up to date.
+# (The CPU test environment is bash/venv.sh's .venv/; this one is for the cluster.)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ENV_PATH="${MFT_EVAL_ENV:-$HOME/venvs/mft-eval}"
+USE_CONDA=0
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+VLLM_SPEC="${VLLM_SPEC:-}"
+CHECK=1
+
+usage() {
+    cat <<EOF_USAGE
+Usage: ./setup_eval_env.sh [--prefix PATH] [--conda] [--python PYTHON] [--vllm SPEC] [--no-check] [--help]
+
+  --prefix PATH     where the environment lives (default \$MFT_EVAL_ENV or ~/venvs/mft-eval)
+  --conda           create a conda environment at PATH instead of a venv (needs conda on PATH)
+  --python PYTHON   interpreter for a new venv (default python3.11 or python3)
+  --vllm SPEC       pin vLLM, e.g. "vllm==0.10.1" (default: what the [vllm] extra allows)
+  --no-check        skip the final GPU / sandbox check (e.g. on a login node without GPUs)
+  --help            this text
+
+Afterwards:
+  source PATH/bin/activate   (or: conda activate PATH)
+  bash/evaluation/llama2-7b_math.sh masktune_llama2-7b_math
+Keep vLLM's environment separate from the training one: vLLM pins its own torch version.
+EOF_USAGE
+}
+
+while (($#)); do
+    case "$1" in
+        --prefix) ENV_PATH="$2"; shift 2 ;;
+        --conda) USE_CONDA=1; shift ;;
+        --python) PYTHON="$2"; shift 2 ;;
+        --vllm) VLLM_SPEC="$2"; shift 2 ;;
+        --no-check) CHECK=0; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "[setup_eval_env] $*" >&2; }
+
+if ((USE_CONDA)); then
+    command -v conda >/dev/null 2>&1 || { echo "error: --conda given but conda is not on PATH" >&2; exit 1; }
+    [[ -x "$ENV_PATH/bin/python" ]] || { say "creating conda environment $ENV_PATH"; conda create -y -p "$ENV_PATH" python=3.11 pip; }
+else
+    [[ -x "$ENV_PATH/bin/python" ]] || { say "creating virtual environment $ENV_PATH with $PYTHON"; "$PYTHON" -m venv "$ENV_PATH"; }
+fi
+PY="$ENV_PATH/bin/python"
+
+say "installing mft[vllm] ${VLLM_SPEC:+with $VLLM_SPEC }into $ENV_PATH"
+"$PY" -m pip install -q --upgrade pip
+# shellcheck disable=SC2086
+"$PY" -m pip install -q -e "$ROOT[vllm]" $VLLM_SPEC
+
+say "writing NLTK's punkt_tab data for the IFEval checkers (no download)"
+"$PY" -c "from mft.eval.punkt_data import ensure_punkt; print(ensure_punkt())"
+
+if ((CHECK)); then
+    say "checking vLLM, the GPUs and the code sandbox"
+    "$PY" - <<'EOF_CHECK'
+import torch
+import vllm
+
+from mft.eval import sandbox
+
+gpus = torch.cuda.device_count()
+print(f"vllm {vllm.__version__}, torch {torch.__version__}, {gpus} GPU(s) visible")
+if gpus == 0:
+    raise SystemExit("no GPU visible: evaluate on a GPU node, or pass --no-check on a login node")
+ok, hostile = sandbox.run_programs(["assert 1 + 1 == 2", "import os\nos._exit(0)"], timeout_s=3, workers=2)
+if not ok.passed or hostile.passed:
+    raise SystemExit(f"the code sandbox does not work here: {ok} {hostile}")
+print("sandbox ok")
+EOF_CHECK
+fi
+say "done: source $ENV_PATH/bin/activate"
