@@ -49,8 +49,10 @@ class GSM8K(Task):
         return extract_answer(doc["answer"].split("####")[-1].strip())
 
     def score(self, docs, outputs, workers=None):
+        from tqdm.auto import tqdm
+
         results = []
-        for doc, output in zip(docs, outputs):
+        for doc, output in tqdm(list(zip(docs, outputs)), desc=f"scoring {self.name}", unit="doc"):
             answer = extract_answer(output)
             results.append({"metrics": {"exact_match": exact_match(answer, self.label(doc))}, "model_answer": answer})
         return results
