@@ -86,22 +86,37 @@ def test_every_output_file_with_the_right_keys(first_run):
 @pytest.mark.slow
 def test_second_run_reuses_predictions_without_the_model(first_run, tiny_model_dir, shared_data, local_data,
                                                          tmp_path, capsys):
-    stamps = {p.name: p.stat().st_mtime_ns for p in first_run.glob("task-*")}
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    (model / "model.safetensors").unlink()  # loading this model would fail: reuse must not load it
     copy = tmp_path / "copy"
     shutil.copytree(first_run, copy)
-    summary = json.loads((copy / "metrics.json").read_text())
-    summary["model_config"]["model"] = str(model.resolve())
-    (copy / "metrics.json").write_text(json.dumps(summary))
-    capsys.readouterr()
-    assert main(eval_args(model, copy, shared_data, local_data)) == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in copy.glob("task-*")}
+    weights = tiny_model_dir / "model.safetensors"
+    hidden = weights.with_suffix(".hidden")
+    weights.rename(hidden)  # loading the model would now fail: reuse must not load it
+    try:
+        capsys.readouterr()
+        assert main(eval_args(tiny_model_dir, copy, shared_data, local_data)) == 0
+    finally:
+        hidden.rename(weights)
     err = capsys.readouterr().err
-    assert err.count("reusing 2 predictions") == 11 and "loading" not in err
-    assert {p.name: p.stat().st_mtime_ns for p in copy.glob("task-*")} == {
-        name: (copy / name).stat().st_mtime_ns for name in stamps}
-    assert all((copy / name).read_bytes() == (first_run / name).read_bytes() for name in stamps)
+    assert err.count("reusing 2 predictions") == 11 and "loading" not in err and "generating" not in err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in copy.glob("task-*")} == before
+
+
+@pytest.mark.slow
+def test_only_missing_work_is_redone(first_run, tiny_model_dir, shared_data, local_data, tmp_path, capsys):
+    copy = tmp_path / "partial"
+    shutil.copytree(first_run, copy)
+    for path in copy.glob("task-010-ifeval-*"):
+        path.unlink()  # ifeval: generate again
+    (copy / "task-000-gsm8k-metrics.json").unlink()  # gsm8k: predictions kept, score again
+    capsys.readouterr()
+    assert main(eval_args(tiny_model_dir, copy, shared_data, local_data)) == 0
+    err = capsys.readouterr().err
+    assert err.count("loading") == 1 and "generating ifeval" in err and "generating gsm8k" not in err
+    assert err.count("reusing 2 predictions") == 10 and err.count("reusing its metrics") == 9
+    rescored, original = (json.loads((d / "task-000-gsm8k-metrics.json").read_text()) for d in (copy, first_run))
+    assert rescored["metrics"] == original["metrics"]
+    assert read_jsonl(copy / "task-010-ifeval-predictions.jsonl") == read_jsonl(first_run / "task-010-ifeval-predictions.jsonl")
 
 
 @pytest.mark.slow
