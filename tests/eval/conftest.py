@@ -40,3 +40,19 @@ def tiny_model_dir(tmp_path_factory, shared_data) -> Path:
     tiny_model("llama", vocab_size=len(tokenizer), hidden=64, num_layers=2).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Generate on one thread while these tests run (restored afterwards).
+
+    On the 2-core CI machine, shared with other work, torch's 2-thread kernels keep waiting for a busy
+    sibling core: the same tiny generation took 0.5 s to 15 s from run to run, against a steady 0.5 s
+    on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
