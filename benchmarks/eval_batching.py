@@ -5,9 +5,11 @@ builds a small Llama locally (no downloads), generates for the same GSM8K prompt
 outputs are identical, prints the speed-up and exits non-zero when it is below --min-ratio (3x).
 
     python benchmarks/eval_batching.py [--prompts 32] [--batch-size 16] [--max-gen-toks 64] [--rounds 3]
+                                       [--threads 1]
 
 The two ways alternate for --rounds rounds and the fastest round of each counts: a shared machine's
-background load then slows both alike instead of skewing the ratio.
+background load then slows both alike instead of skewing the ratio. torch runs on one thread by default:
+on a small shared machine two threads keep waiting for each other and the timings swing several-fold.
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ def main() -> int:
     parser.add_argument("--max-gen-toks", type=int, default=64)
     parser.add_argument("--min-ratio", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     import torch
 
     from mft.eval.hf_backend import HFBackend
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     texts = load_questions(args.prompts)
     prompts = ["Question: " + t.split("\n")[0] + "\nAnswer:" for t in texts[: args.prompts]]
     with tempfile.TemporaryDirectory() as folder:
