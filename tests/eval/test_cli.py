@@ -165,9 +165,14 @@ def test_bad_input_is_one_clear_error_before_any_model_loads(task, message, not_
     assert code == 1 and message in err and err.startswith("mft eval: error: ") and "Traceback" not in err
 
 
-def test_missing_model_path_and_data_dir(tmp_path, capsys):
+def test_missing_model_path_and_data_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "--model", str(tmp_path / "missing"), "--task", "gsm8k", "--output-dir", str(tmp_path)]) == 1
     assert f"model path {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "output").mkdir()
+    typo = "output/fft_llama2-7b_mat"  # looks like a hub id, but output/ is right here
+    assert main(["eval", "--model", typo, "--task", "gsm8k", "--output-dir", str(tmp_path / "o")]) == 1
+    assert f"model path {typo} does not exist" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--task", "gsm8k", "--output-dir", str(tmp_path / "o"),
                  "--data-dir", str(tmp_path / "nodata")]) == 1
     assert "--data-dir" in capsys.readouterr().err

@@ -67,7 +67,8 @@ def check_model_path(model: str) -> None:
         if not (path / "config.json").is_file():
             raise MftError(f"model folder {model} has no config.json; expected a Hugging Face checkpoint folder")
         return
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1 or path.parent.is_dir()
+    if looks_local:  # `output/run_name` with an existing `output/` is a mistyped folder, not a hub id
         raise MftError(f"model path {model} does not exist; pass a checkpoint folder or a hub id like owner/name")
 
 

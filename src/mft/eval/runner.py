@@ -6,6 +6,7 @@ loaded, and the model is loaded only if some task still needs generations.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,6 +127,4 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         entries.append(outputs.summary_entry(name, record["metrics"], record["num_instances"], record["task_config"]))
         log(f"{name}: {plan.task.primary_metric} = {record['metrics']['primary_score']:.4f}")
     summary_path = outputs.write_summary(out, entries, model_config)
-    import json
-
     return json.loads(summary_path.read_text())
