@@ -1,0 +1,141 @@
+"""The demo's results table (markdown) and its figure (training curves, mask statistics, accuracy bars)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mft.demo.pipeline import LABELS, MODELS, Paths
+from mft.train.loop import TRAIN_LOG
+
+TABLE = "results.md"
+FIGURE = "demo.png"
+
+
+def table_markdown(summary: dict) -> str:
+    """One row per model: accuracy and held-out loss, each with its difference to FFT."""
+    models = summary["models"]
+    fft = models["fft"]
+    lines = ["| model | accuracy (%) | Δ accuracy vs FFT | held-out loss | Δ loss vs FFT |",
+             "|---|---:|---:|---:|---:|"]
+    for name in MODELS:
+        row = models[name]
+        acc, loss = 100 * row["accuracy"], row["heldout_loss"]
+        d_acc = "–" if name == "fft" else f"{acc - 100 * fft['accuracy']:+.1f}"
+        d_loss = "–" if name == "fft" else f"{loss - fft['heldout_loss']:+.3f}"
+        lines.append(f"| {LABELS[name]} | {acc:.1f} | {d_acc} | {loss:.3f} | {d_loss} |")
+    return "\n".join(lines)
+
+
+def write_table(root: Path, summary: dict) -> str:
+    s = summary["settings"]
+    n = summary["models"]["fft"]["num_instances"]
+    text = (f"{table_markdown(summary)}\n\n"
+            f"Held-out: {n} problems (GSM8K protocol, 0-shot, greedy, exact match on the number after ####); "
+            f"held-out loss: mean token NLL on their answers. Masks: layers {s['masked_layers']}, attention and "
+            f"MLP, keep ratio {s['keep_ratio']}. Seed {summary['seed']}"
+            f"{', --quick (a smoke test: too short to mean anything)' if summary['quick'] else ''}.\n")
+    (root / TABLE).write_text(text)
+    return text
+
+
+def read_log(folder: Path) -> list[dict]:
+    path = folder / TRAIN_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+COLORS = {"base": "tab:gray", "fft": "tab:blue", "mft": "tab:red", "random": "tab:orange", "l1": "tab:green"}
+SHORT = {"base": "base", "fft": "FFT", "mft": "MFT", "random": "random", "l1": "L1"}
+
+
+def write_plots(paths: Paths, summary: dict, output: Path | None = None, dpi: int = 100) -> Path:
+    """One figure, six panels: training loss, held-out loss along training, accuracy, mask changes per layer,
+    kept fraction per layer, and where the learned mask prunes compared with the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fft_log, mft_log = read_log(paths.model("fft")), read_log(paths.runs / "mft")
+    curves, models = summary.get("curves") or {}, summary["models"]
+    offset = fft_log[-1]["step"] if fft_log else 0
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (ax_train, ax_heldout, ax_acc), (ax_changed, ax_kept, ax_overlap) = axes
+
+    ax_train.plot([r["step"] for r in fft_log], [r["loss"] for r in fft_log], color=COLORS["fft"], lw=0.8, label="FFT")
+    ax_train.plot([offset + r["step"] for r in mft_log], [r["loss"] for r in mft_log], color=COLORS["mft"], lw=0.8,
+                  label="MFT (starts from the last FFT step)")
+    ax_train.set_yscale("log")
+    ax_train.set_xlabel("optimizer step")
+    ax_train.set_ylabel("loss per answer token (log scale)")
+    ax_train.set_title("training loss")
+    ax_train.legend(fontsize=8)
+
+    for name, shift in (("fft", 0), ("mft", offset)):
+        points = curves.get(name) or []
+        ax_heldout.plot([shift + c["step"] for c in points], [c["heldout_loss"] for c in points], "o-", ms=4,
+                        color=COLORS[name], label=f"{SHORT[name]} checkpoints")
+    for name in ("random", "l1"):
+        ax_heldout.axhline(models[name]["heldout_loss"], color=COLORS[name], ls="--", lw=1,
+                           label=f"{SHORT[name]} mask on the last FFT step")
+    if curves.get("fft"):
+        best = min(c["heldout_loss"] for c in curves["fft"])
+        low = min([best, *(c["heldout_loss"] for c in curves.get("mft") or [])])
+        high = max(c["heldout_loss"] for c in curves["fft"][len(curves["fft"]) // 4:])
+        ax_heldout.set_ylim(low - 0.5 * (high - low) - 1e-3, max(high, models["l1"]["heldout_loss"]) + (high - low) + 1e-3)
+    ax_heldout.axvline(offset, color="gray", ls=":", lw=0.8)
+    ax_heldout.set_xlabel("optimizer step (FFT, then MFT)")
+    ax_heldout.set_ylabel("held-out loss per answer token")
+    ax_heldout.set_title("held-out loss along training")
+    ax_heldout.legend(fontsize=8)
+
+    accuracies = [100 * models[m]["accuracy"] for m in MODELS]
+    bars = ax_acc.bar([SHORT[m] for m in MODELS], accuracies, color=[COLORS[m] for m in MODELS])
+    for bar, m in zip(bars, MODELS):
+        ax_acc.annotate(f"{100 * models[m]['accuracy']:.1f} %\nloss {models[m]['heldout_loss']:.3f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax_acc.set_ylim(0, max(100.0, max(accuracies) * 1.25))
+    ax_acc.set_ylabel("held-out accuracy (%)")
+    ax_acc.set_title(f"held-out accuracy, {models['fft']['num_instances']} problems (exact match)")
+
+    steps = [r["step"] for r in mft_log]
+    layers = sorted({k for r in mft_log for k in r.get("kept_fraction", {})}, key=int)
+    changes = curves.get("mft_layer_changes") or []
+    ax_changed.plot(steps, [100 * r.get("mask_changed", 0.0) for r in mft_log], color="gray", lw=0.8,
+                    label="all masked layers, per logged step")
+    for layer in layers if changes else []:
+        ax_changed.plot([c["step"] for c in changes], [100 * c[layer] for c in changes], "o-", ms=3,
+                        label=f"layer {layer}, per step between checkpoints")
+    ax_changed.set_xlabel("MFT step")
+    ax_changed.set_ylabel("mask entries flipped per step (%)")
+    ax_changed.set_title("mask changes during MFT")
+    ax_changed.legend(fontsize=8)
+
+    for layer in layers:
+        ax_kept.plot(steps, [100 * r["kept_fraction"][layer] for r in mft_log], label=f"layer {layer}")
+    ax_kept.set_ylim(80, 100)
+    ax_kept.set_xlabel("MFT step")
+    ax_kept.set_ylabel("kept (%)")
+    ax_kept.set_title(f"kept fraction per masked layer (target {100 * summary['settings']['keep_ratio']:.0f} %)")
+    ax_kept.legend(fontsize=8)
+
+    overlap = summary["masks"]["mft"].get("pruned_overlap_per_layer", {})
+    names = sorted(overlap, key=int)
+    width = 0.38
+    for i, other in enumerate(("random", "l1")):
+        ax_overlap.bar([k + (i - 0.5) * width for k in range(len(names))], [100 * overlap[n][other] for n in names],
+                       width, color=COLORS[other], label=f"also pruned by the {SHORT[other]} mask")
+    ax_overlap.axhline(100 * (1 - summary["settings"]["keep_ratio"]), color="gray", ls=":", lw=1,
+                       label="chance (an unrelated mask)")
+    ax_overlap.set_xticks(range(len(names)), [f"layer {n}" for n in names])
+    ax_overlap.set_ylim(0, 100)
+    ax_overlap.set_ylabel("share of MFT's pruned weights (%)")
+    ax_overlap.set_title("what MFT prunes, compared with the baselines")
+    ax_overlap.legend(fontsize=8)
+
+    fig.tight_layout()
+    path = output or paths.plots / FIGURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

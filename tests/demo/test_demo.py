@@ -1,0 +1,168 @@
+"""`mft demo --quick`, end to end: the table, every model and plot, and masks that are exactly what they claim."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mft.cli import main
+from mft.demo.pipeline import MARKER, MODELS
+from mft.masking.files import read_masks
+
+KEEP = 0.9
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One `mft demo --quick` run in a subprocess (its own accelerate state and thread settings)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(out), "--seed", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "seconds": seconds,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def test_table_has_every_model_with_numbers_in_range(demo):
+    results = demo["results"]
+    assert results["seed"] == 1 and results["quick"] is True
+    assert list(results["models"]) == list(MODELS)
+    for name, row in results["models"].items():
+        assert 0.0 <= row["accuracy"] <= 1.0, name
+        assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0, name
+        assert row["num_instances"] == results["settings"]["n_test"]
+    table = (demo["out"] / "results.md").read_text()
+    header, rule, *rows = table.split("\n\n")[0].splitlines()
+    assert [c.strip() for c in header.strip("|").split("|")] == \
+        ["model", "accuracy (%)", "Δ accuracy vs FFT", "held-out loss", "Δ loss vs FFT"]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "FFT", "MFT", "random mask", "L1 mask"]
+    fft = results["models"]["fft"]
+    for line, name in zip(rows, MODELS):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = results["models"][name]
+        assert float(cells[1]) == pytest.approx(100 * row["accuracy"], abs=0.05)
+        assert float(cells[3]) == pytest.approx(row["heldout_loss"], abs=5e-4)
+        if name != "fft":
+            assert float(cells[2]) == pytest.approx(100 * (row["accuracy"] - fft["accuracy"]), abs=0.06)
+            assert float(cells[4]) == pytest.approx(row["heldout_loss"] - fft["heldout_loss"], abs=1e-3)
+    assert table.split("\n\n")[0] in demo["stdout"]  # printed as well
+
+
+def test_every_model_run_and_plot_exists(demo):
+    out = demo["out"]
+    assert (out / MARKER).is_file() and (out / "timings.json").is_file()
+    for name in ("init", *MODELS):
+        folder = out / "models" / name
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), name
+        assert (folder / "tokenizer.json").is_file(), name
+    for name in ("base", "fft"):
+        assert (out / "models" / name / "train_log.jsonl").is_file()
+    run = out / "runs" / "mft"
+    assert (run / "masks.safetensors").is_file() and (run / "mft_run.json").is_file()
+    for name in MODELS:
+        assert json.loads((out / "eval" / name / "metrics.json").read_text())["metrics"][0]["task"] == "gsm8k"
+    for split in ("pretrain", "train", "test"):
+        assert (out / "data" / f"{split}.jsonl").is_file()
+    plot = out / "plots" / "demo.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_eval_prompts_are_the_training_format(demo):
+    """The model is prompted at evaluation with exactly the text it was trained on, up to the answer."""
+    out = demo["out"]
+    request = json.loads((out / "eval" / "fft" / "task-000-gsm8k-requests.jsonl").read_text().splitlines()[0])
+    test = json.loads((out / "data" / "test.jsonl").read_text().splitlines()[0])
+    assert request["request"]["context"] == f"Question: {test['question']}\nAnswer:"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "models" / "fft")
+    messages = [{"role": "user", "content": test["question"]}, {"role": "assistant", "content": test["answer"]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"{request['request']['context']} {test['answer']}</s>"
+    assert test["answer"].splitlines()[-1] == f"#### {request['label']}"
+
+
+def _masked_weights(out: Path, name: str):
+    """(applied model tensors, FFT tensors, the mask set saved next to the applied model)."""
+    applied = load_file(str(out / "models" / name / "model.safetensors"))
+    fft = load_file(str(out / "models" / "fft" / "model.safetensors"))
+    return applied, fft, read_masks(out / "models" / name / "masks.safetensors")
+
+
+@pytest.mark.parametrize("name", ["mft", "random", "l1"])
+def test_masked_models_prune_exactly_the_mask_and_nothing_else(demo, name):
+    out, settings = demo["out"], demo["results"]["settings"]
+    applied, fft, mask_set = _masked_weights(out, name)
+    layers = [int(i) for i in settings["masked_layers"].split()]
+    expected = {f"model.layers.{i}.{part}" for i in layers
+                for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(mask_set.masks) == expected
+    assert set(applied) == set(fft)
+    for key, weight in fft.items():
+        module = key.removesuffix(".weight")
+        if module not in expected:
+            assert torch.equal(applied[key], weight), f"{key} changed but is not masked"
+            continue
+        mask, new = mask_set.masks[module], applied[key]
+        n, pruned = mask.numel(), int((~mask).sum())
+        if name == "random":  # each weight kept with probability 0.9
+            assert abs(pruned / n - (1 - KEEP)) < 0.03, (key, pruned / n)
+        else:  # local rule: exactly int((1 - k) * n) pruned per matrix
+            assert pruned == int((1 - KEEP) * n), (key, pruned, n)
+        assert torch.equal(new[mask], weight[mask]), f"{key}: a kept weight differs from FFT's"
+        assert torch.all(new[~mask] == 0), f"{key}: a pruned weight is not zero"
+        # zeros of the applied matrix = the pruned entries + FFT's own exact zeros among the kept ones
+        assert int((new == 0).sum()) == pruned + int((weight[mask] == 0).sum())
+        if name == "l1":  # the smallest |W| went
+            assert weight[~mask].abs().max() <= weight[mask].abs().min()
+
+
+def test_mft_model_carries_the_learned_mask_and_differs_from_the_baselines(demo):
+    out = demo["out"]
+    learned = read_masks(out / "runs" / "mft" / "masks.safetensors")
+    applied = read_masks(out / "models" / "mft" / "masks.safetensors")
+    assert learned.source == "learned" and set(learned.masks) == set(applied.masks)
+    for module, mask in learned.masks.items():
+        assert torch.equal(mask, applied.masks[module])
+    random_set = read_masks(out / "models" / "random" / "masks.safetensors")
+    assert random_set.source == "random"
+    assert any(not torch.equal(mask, random_set.masks[m]) for m, mask in learned.masks.items())
+
+
+def test_the_same_seed_gives_the_same_results(demo, tmp_path):
+    """results.json holds only what the seed decides: a second run must write it byte for byte again."""
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(again), "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / "results.json").read_text() == (demo["out"] / "results.json").read_text()
+    assert (again / "results.md").read_text() == (demo["out"] / "results.md").read_text()
+
+
+def test_quick_run_is_quick(demo):
+    assert demo["seconds"] < 240, f"mft demo --quick took {demo['seconds']:.0f} s"  # ~1-2 min on 2 busy cores
+
+
+def test_refuses_a_folder_that_is_not_a_demo_and_an_earlier_demo_without_overwrite(tmp_path, capsys, demo):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--output-dir", str(other)]) == 1
+    assert "is not a demo output folder" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert main(["demo", "--quick", "--output-dir", str(demo["out"])]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (demo["out"] / "results.json").is_file()
