@@ -9,11 +9,10 @@ Everything is generated from a seed, in memory, in well under a second; nothing 
   GSM8K way — reasoning lines, then `#### N`:
 
       Question: Mia has 7 shells. She finds 5 more shells. How many shells does Mia have now?
-      Answer: Mia has 7 shells and finds 5 more.
-      7 + 5 = 12
+      Answer: 7 + 5 = 12
       #### 12
 
-  The training and test problems are disjoint as (template, names, numbers) combinations.
+  The training and test problems share no question.
 
 Prompt format (train == eval). Every row is a `messages` conversation; the demo tokenizer's own chat template
 (`QA_TEMPLATE`, selected with `chat_template_name: tokenizer`) renders it as `Question: {user}\nAnswer:

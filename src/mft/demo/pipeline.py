@@ -99,21 +99,29 @@ def prepare_output(root: Path, overwrite: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
+class _NoApplyHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("bake the masks")
+
+
 @contextlib.contextmanager
 def demo_environment(root: Path):
-    """Offline, quiet, one thread, deterministic; everything as it was afterwards.
+    """CPU only, offline, quiet, one thread, deterministic; everything as it was before afterwards.
 
-    One thread: tiny matrices gain nothing from more, a busy machine loses a lot (threads wait on each
-    other), and the numbers then do not depend on the machine's core count.
+    CPU only, even where a GPU (or Apple's MPS) is present, and one thread: the same seed then gives the same
+    table on any machine, and tiny matrices gain nothing from more (a busy machine loses a lot: threads wait
+    on each other). A GPU is hidden only if CUDA was not initialised before in this process.
     """
-    import torch
-
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # the `datasets` cache of the training data, inside the demo folder (read when datasets is imported)
-           "HF_DATASETS_CACHE": str(root / "cache" / "datasets")}
-    saved_env = {k: os.environ.get(k) for k in env}
-    for key, value in env.items():
+    forced = {"ACCELERATE_USE_CPU": "true", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "false",
+              "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    defaults = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                # the `datasets` cache of the training data, inside the demo folder (read when datasets is imported)
+                "HF_DATASETS_CACHE": str(root / "cache" / "datasets")}
+    saved_env = {k: os.environ.get(k) for k in (*forced, *defaults)}
+    os.environ.update(forced)
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    import torch
     import datasets
     import transformers
 
@@ -128,9 +136,12 @@ def demo_environment(root: Path):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("mft.train.data").setLevel(logging.WARNING)
+    hint = _NoApplyHint()  # the demo bakes the masks itself, elsewhere
+    logging.getLogger("mft.train").addFilter(hint)
     try:
         yield
     finally:
+        logging.getLogger("mft.train").removeFilter(hint)
         threads, deterministic, ds_bars, ds_level, tf_level, tf_bars, data_level = saved
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
