@@ -475,9 +475,13 @@ def _run(paths: Paths, s: Settings, seed: int, quick: bool, echo) -> dict:
     # timings.json the wall-clock times.
     summary = {"seed": seed, "quick": quick, "settings": asdict(s), "models": results, "masks": masks,
                "curves": curves}
-    (root / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    table = report.write_table(root, summary)
-    plot = report.write_plots(paths, summary)
+    with tqdm(total=3, desc="results", unit="file") as bar:
+        (root / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        bar.update()
+        table = report.write_table(root, summary)
+        bar.update()
+        plot = report.write_plots(paths, summary)
+        bar.update()
     timings = {"stage_seconds": stages.times, "total_seconds": stages.finish()}
     (root / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     echo("\n" + table)
