@@ -94,6 +94,21 @@ def test_streaming_apply_equals_dense_w_times_m(saved_model, tmp_path, dtype):
         assert torch.equal(model.get_submodule(name).weight, before[f"{name}.weight"] * mask)
 
 
+def test_run_bookkeeping_is_not_copied(saved_model, tmp_path):
+    """An FFT run folder used as the base: its log, settings and finished marker stay behind, so the masked
+    model does not look like a finished FFT run."""
+    import shutil
+
+    base = tmp_path / "fft_run"
+    shutil.copytree(saved_model("llama"), base)
+    for name in ("run_complete.json", "train_log.jsonl", "train_config.yaml"):
+        (base / name).write_text("{}")
+    out = A.apply_masks(base, learned_masks(base), tmp_path / "out", progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"run_complete.json", "train_log.jsonl", "train_config.yaml"}
+    assert {"config.json", "tokenizer.json", "model.safetensors", A.APPLY_INFO} <= names
+
+
 def test_legacy_bin_checkpoint(saved_model, tmp_path):
     base = saved_model("qwen2")
     legacy = tmp_path / "legacy"

@@ -109,6 +109,9 @@ def test_mft_trains_only_scores_and_writes_masks_not_weights(workspace):
     record = json.loads((out / TRAIN_LOG).read_text().splitlines()[0])
     assert 0 < record["mask_changed"] <= 1 and set(record["kept_fraction"]) == {"1", "2"}
     assert record["kept_fraction"]["1"] == pytest.approx(0.9, abs=0.002)
+    assert set(record["mask_changed_per_layer"]) == {"1", "2"}
+    assert min(record["mask_changed_per_layer"].values()) <= record["mask_changed"] <= max(
+        record["mask_changed_per_layer"].values())
     # checkpoints hold the scores, never the frozen weights
     ckpt = latest_checkpoint(str(out))
     assert ckpt.name == "step_18" and (ckpt / TRAINER_STATE).exists()

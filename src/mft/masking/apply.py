@@ -187,8 +187,10 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: M
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """config, generation config, tokenizer files, chat template...: every top-level file but weights,
-    weight indices, mask files and run bookkeeping."""
-    skip = set(INDEX_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt"}
+    weight indices, mask files and a training run's bookkeeping (log, settings, finished marker)."""
+    from mft.train.config import RUN_FILES
+
+    skip = set(INDEX_FILES) | set(RUN_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt"}
     for item in src.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(item, dst / item.name)

@@ -47,6 +47,10 @@ TOKENIZER_TEMPLATE = "tokenizer"
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
 # Written by the training loop at the very end of a successful run (see mark_finished / check_output_dir).
 FINISHED_MARKER = "run_complete.json"
+TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step
+CONFIG_FILE = "train_config.yaml"  # the resolved settings of the run
+# A run's bookkeeping: never copied along with a model folder (e.g. by the streaming apply).
+RUN_FILES = (FINISHED_MARKER, TRAIN_LOG, CONFIG_FILE)
 
 _MASK_FIELDS = {f.name: f for f in fields(MaskConfig)}
 

@@ -38,14 +38,13 @@ from pathlib import Path
 import torch
 
 from mft.errors import MftError
-from mft.train.config import FINISHED_MARKER, TrainConfig, check_output_dir, mark_finished, validate_against_model
+from mft.train.config import (CONFIG_FILE, FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
+                              validate_against_model)
 
 logger = logging.getLogger("mft.train")
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
-TRAIN_LOG = "train_log.jsonl"
-CONFIG_FILE = "train_config.yaml"
 
 
 # -- setup ---------------------------------------------------------------------------------------------------
@@ -194,7 +193,8 @@ def _trainable_only_hooks(accelerator, model) -> None:
 
 # -- logging -------------------------------------------------------------------------------------------------
 class MaskTracker:
-    """For MFT logs: the fraction of mask entries that changed since the last log, kept fraction per layer."""
+    """For MFT logs: the fraction of mask entries that changed since the last log and the kept fraction, in all
+    and per decoder layer."""
 
     def __init__(self, model):
         from mft.masking.inject import masked_modules
@@ -205,18 +205,19 @@ class MaskTracker:
     def stats(self) -> dict:
         import re
 
-        changed = total = 0
-        kept: dict[str, list[int]] = {}
+        per_layer: dict[str, list[int]] = {}  # layer -> [changed, kept, entries]
         for name, layer in self.layers.items():
             mask = layer.mask
-            changed += int((mask != self.previous[name]).sum())
-            total += mask.numel()
             index = re.search(r"\.(\d+)\.", name)
-            entry = kept.setdefault(index.group(1) if index else name, [0, 0])
-            entry[0] += int(mask.sum())
-            entry[1] += mask.numel()
+            entry = per_layer.setdefault(index.group(1) if index else name, [0, 0, 0])
+            entry[0] += int((mask != self.previous[name]).sum())
+            entry[1] += int(mask.sum())
+            entry[2] += mask.numel()
             self.previous[name] = mask
-        return {"mask_changed": changed / total, "kept_fraction": {k: v[0] / v[1] for k, v in kept.items()}}
+        changed, entries = sum(v[0] for v in per_layer.values()), sum(v[2] for v in per_layer.values())
+        return {"mask_changed": changed / entries,
+                "mask_changed_per_layer": {k: v[0] / v[2] for k, v in per_layer.items()},
+                "kept_fraction": {k: v[1] / v[2] for k, v in per_layer.items()}}
 
 
 def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
