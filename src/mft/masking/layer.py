@@ -17,7 +17,9 @@ The mask is cached and recomputed only when the scores change: after a `torch.op
 them (a global step hook marks the mask stale), when they are modified in place outside `.data` (tracked
 through the tensor version counter), or on an explicit `refresh_mask()` — which is what a DeepSpeed loop
 calls after each step, because DeepSpeed updates parameters behind autograd's back. Recomputing on every
-micro-batch, as the original did, gives the same masks at a multiple of the cost.
+micro-batch, as the original did, gives the same masks at a multiple of the cost. `W * M` is cached with the
+mask (the weight is frozen), so between optimizer steps a forward pass adds no work to the plain linear's
+and the backward only the two multiplies of the STE gradient. benchmarks/README.md has the measurements.
 """
 
 from __future__ import annotations
@@ -38,29 +40,47 @@ def num_pruned(numel: int, keep_ratio: float) -> int:
     return int((1 - keep_ratio) * numel)
 
 
+# Integer views of non-negative floats order exactly like the values (NaN, whose bits are the largest, last
+# as in `torch.sort`): `local_mask` selects on them. (int view dtype, shift that leaves ~15 top bits)
+_ORDERED_BITS = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
+
+
 @torch.no_grad()
 def local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """Boolean mask keeping all but the `num_pruned` entries of smallest |scores| (tie rule: module doc).
 
-    One selection (`kthvalue`, linear time) instead of a full sort; ties at the cut-off are resolved by
-    index only when they straddle it.
+    A linear-time selection instead of a full sort: a radix pass over the integer view of |S| finds the
+    bucket that holds the cut-off, `kthvalue` runs on that bucket only (a few hundred entries for real
+    scores), and ties at the cut-off are resolved by index only when they straddle it.
     """
-    magnitude = scores.detach().abs().flatten()
+    magnitude = scores.detach().abs().flatten()  # abs(-0.0) = +0.0: signed zeros tie, as in the sort
     j = num_pruned(magnitude.numel(), keep_ratio)
     if j <= 0:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    # kthvalue has no bf16/fp16 kernel on every device; a widening cast keeps every value and every tie.
-    if magnitude.dtype in (torch.bfloat16, torch.float16):
+    # bf16/fp16 are widened: the cast keeps every value and every tie.
+    if magnitude.dtype not in _ORDERED_BITS:
         magnitude = magnitude.float()
-    cutoff = magnitude.kthvalue(j).values
-    prune = magnitude < cutoff
-    at_cutoff = magnitude == cutoff
-    still_needed = j - int(prune.sum())
-    if int(at_cutoff.sum()) == still_needed:  # no tie straddles the cut-off: prune everything <= cutoff
-        prune |= at_cutoff
-    else:  # ties straddle it: prune the first `still_needed` of them in row-major order
-        prune[at_cutoff.nonzero().squeeze(1)[:still_needed]] = True
+    int_dtype, shift = _ORDERED_BITS[magnitude.dtype]
+    key = magnitude.view(int_dtype)
+    cutoff, below, equal = _kth_smallest(key, j, shift)
+    if below + equal == j:  # no tie straddles the cut-off: prune everything <= cutoff
+        return (key > cutoff).view(scores.shape)
+    # ties straddle it: prune the first `j - below` of them in row-major order
+    prune = key < cutoff
+    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
     return (~prune).view(scores.shape)
+
+
+def _kth_smallest(key: torch.Tensor, j: int, shift: int) -> tuple[torch.Tensor, int, int]:
+    """(j-th smallest entry of the non-negative 1-d integer tensor `key` (1-based), entries below it,
+    entries equal to it): one histogram of the top bits, then `kthvalue` inside the one bucket."""
+    top = key >> shift
+    cumulative = torch.bincount(top).cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, j))  # the first bucket whose cumulative count reaches j
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    members = key[top == bucket]
+    cutoff = members.kthvalue(j - below).values
+    return cutoff, below + int((members < cutoff).sum()), int((members == cutoff).sum())
 
 
 @torch.no_grad()
@@ -70,12 +90,16 @@ def global_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """W_eff = W * M, with the straight-through gradient dL/dS = (dL/dW_eff * W) * sign(S)."""
+    """W_eff = W * M, with the straight-through gradient dL/dS = (dL/dW_eff * W) * sign(S).
+
+    `masked_weight`, when given, is `W * M` computed earlier from the same W and M (the layer caches it
+    between optimizer steps) and is returned as W_eff instead of multiplying again.
+    """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask):
+    def forward(ctx, weight, scores, mask, masked_weight=None):
         ctx.save_for_backward(weight, scores, mask)
-        return weight * mask
+        return weight * mask if masked_weight is None else masked_weight
 
     @staticmethod
     def backward(ctx, grad):
@@ -84,8 +108,9 @@ class _MaskedWeight(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             dtype = scores.dtype
-            grad_scores = (grad.to(dtype) * weight.to(dtype)) * scores.sign()
-        return grad_weight, grad_scores, None
+            # (g * W) * sign(S), the second multiply in place on the product this function owns
+            grad_scores = (grad.to(dtype) * weight.to(dtype)).mul_(scores.sign())
+        return grad_weight, grad_scores, None, None
 
 
 class MaskedLinear(nn.Module):
@@ -114,6 +139,8 @@ class MaskedLinear(nn.Module):
         self._mask: torch.Tensor | None = None
         self._mask_key = None
         self._generation = 0
+        self._cached = None  # (mask, weight key, W * M): see _masked_weight
+        self.cache_masked_weight = True  # False: compute W * M in every forward, as the original did
         # managed: only refresh_mask()/set_mask() change the mask (a DeepSpeed loop owns it, see module doc)
         self.managed = False
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
@@ -138,6 +165,7 @@ class MaskedLinear(nn.Module):
     def invalidate(self) -> None:
         """Mark the cached mask stale; the next forward recomputes it."""
         self._generation += 1
+        self._cached = None
 
     @torch.no_grad()
     def refresh_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +174,7 @@ class MaskedLinear(nn.Module):
         if tuple(mask.shape) != tuple(self.scores_shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
         self._mask, self._mask_key = mask, self._key()
+        self._cached = None
         self.mask_updates += 1
         return mask
 
@@ -165,6 +194,7 @@ class MaskedLinear(nn.Module):
         if tuple(mask.shape) != self.scores_shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
         self._mask, self._mask_key = mask.to(dtype=torch.bool, device=self.weight.device), self._key()
+        self._cached = None
 
     # -- scores -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -189,8 +219,29 @@ class MaskedLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _MaskedWeight.apply(self.weight, self.scores, self.mask)
+        mask = self.mask
+        weight = _MaskedWeight.apply(self.weight, self.scores, mask, self._masked_weight(mask))
         return F.linear(x, weight, self.bias)
+
+    @torch.no_grad()
+    def _masked_weight(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """`W * M`, computed once per mask instead of once per forward (W is frozen, M changes only when the
+        scores do); None where W may change under the layer: trainable weights, ZeRO-3 partitions, or with
+        `cache_masked_weight` off. Keyed on the mask object, its and the weight's version counters and
+        the weight's storage.
+
+        Memory: the cached tensor is the one `F.linear` saves for its backward anyway, so a training step's
+        peak does not grow; between steps it holds one weight-sized tensor per masked matrix.
+        """
+        weight = self.weight
+        if not self.cache_masked_weight or weight.requires_grad or hasattr(weight, "ds_id"):
+            self._cached = None
+            return None
+        key = (mask._version, weight._version, weight.data_ptr())
+        cached = self._cached
+        if cached is None or cached[0] is not mask or cached[1] != key:
+            cached = self._cached = (mask, key, weight * mask)
+        return cached[2]
 
     # -- back to a plain linear -------------------------------------------------------------------------
     def unwrap(self, bake: bool) -> nn.Linear:
