@@ -1,0 +1,79 @@
+"""Benchmark: training step time, FFT vs our MFT vs an original-style MFT (full sort on every forward).
+
+Targets (issue 6): MFT / FFT <= 0.80 and original-style / ours >= 3.5. One model per variant, all built from
+the same seed (common.py: Llama-shaped, 8 layers x 512 hidden, vocab 32000, fp32), the same 4 micro-batches
+of 2 x 256 tokens per optimizer step, masked layers 2-5 with keep ratio 0.9, fused AdamW for all. The
+variants alternate round by round (order rotating), and each ratio is the median over rounds of that
+round's ratio, so a slow phase of a shared machine hits both sides of a ratio alike.
+
+    python benchmarks/step_time.py [--repeats 5] [--threads 0] [--vocab 32000]
+    python benchmarks/step_time.py --variants fft,mft,mft-before,mft-kth,mft-nocache   # the ablation
+
+Ablation variants (this issue's layer changes switched off again): `mft-nocache` computes W * M in every
+forward, `mft-kth` selects the mask with one kthvalue over all |S|, `mft-before` does both (the layer as
+it was before the benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="fft,mft,original")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after --warmup rounds)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    parser.add_argument("--vocab", type=int, default=common.MODEL["vocab"])
+    parser.add_argument("--layers", default="2,3,4,5", help="masked decoder layers")
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--max-mft-fft", type=float, default=0.80)
+    parser.add_argument("--min-original-mft", type=float, default=3.5)
+    args = parser.parse_args()
+
+    common.set_threads(args.threads)
+    variants = args.variants.split(",")
+    layers = [int(x) for x in args.layers.split(",")]
+    print(common.machine_line())
+    print(f"model: Llama {dict(common.MODEL, vocab=args.vocab)}, fp32, SDPA; step = {args.accumulation} micro-batches "
+          f"of 2 x 256 tokens + fused AdamW; masked layers {layers}, keep 0.9; {args.repeats} rounds after "
+          f"{args.warmup} warm-up")
+    batches = common.make_batches(args.accumulation, vocab=args.vocab)
+    runs, trainable = {}, {}
+    for kind in variants:
+        model = common.build_model(vocab=args.vocab)
+        params = common.setup_variant(kind, model, layers)
+        optimizer = common.make_optimizer(params)
+        trainable[kind] = sum(p.numel() for p in params)
+        runs[kind] = (lambda m=model, o=optimizer: common.train_step(m, o, batches))
+    times = common.interleaved(runs, args.repeats, args.warmup)
+
+    ref = "fft" if "fft" in variants else variants[0]
+    rows = []
+    for kind in variants:
+        t = times[kind]
+        rows.append([kind, f"{trainable[kind]:,}", f"{common.median(t):.3f}", f"{min(t):.3f}",
+                     f"{common.paired_ratio(times, kind, ref):.3f}",
+                     f"{common.paired_ratio(times, kind, 'mft'):.3f}" if "mft" in times else "-",
+                     " ".join(f"{x:.2f}" for x in t)])
+    print(common.table(rows, ["variant", "trainable", "median s/step", "min s/step", f"/ {ref}", "/ mft",
+                              "per round (s)"]))
+    checks = []
+    if "fft" in times and "mft" in times:
+        r = common.paired_ratio(times, "mft", "fft")
+        checks.append(("step MFT/FFT", r, f"<= {args.max_mft_fft}", r <= args.max_mft_fft))
+    if "original" in times and "mft" in times:
+        r = common.paired_ratio(times, "original", "mft")
+        checks.append(("step original-style/ours", r, f">= {args.min_original_mft}", r >= args.min_original_mft))
+    return common.verdict(checks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
