@@ -287,6 +287,33 @@ def paired_ratio(times, a, b):
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+# -- memory of this process (Linux) -------------------------------------------------------------------------
+def status_mib(field: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile...), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; returns the current RSS in MiB.
+
+    Writing 5 to /proc/self/clear_refs resets the high-water mark (Linux >= 4.0), so the peak read later
+    is the peak of what happened after this call, not of the imports before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not permitted: the peak then includes the imports' (a small overestimate)
+        pass
+    return status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    return status_mib("VmHWM")
+
+
 # -- reporting ---------------------------------------------------------------------------------------------
 def table(rows: list[list], header: list[str]) -> str:
     rows = [[str(c) for c in r] for r in rows]

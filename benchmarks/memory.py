@@ -3,8 +3,12 @@
 Same model, batch, micro-batches, optimizer and precision as `step_time.py` (see common.py). Each variant
 runs in its own fresh process: import everything, read the resident set size (RSS), build the model, set the
 variant up, run `--steps` optimizer steps (the first one allocates gradients and the AdamW state), then read
-the peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`). Reported: peak - RSS after imports, i.e. everything the
-step needs, model weights included (the same for both). The processes alternate (FFT, MFT, FFT, MFT, ...)
+the peak RSS (VmHWM, reset at the baseline through /proc/self/clear_refs). Reported: peak - RSS at the
+baseline, i.e. everything the step needs, model weights included (the same for both). Before the baseline
+the same variant runs one step of a tiny model, so the code of every kernel is already resident (those
+file-backed pages count in RSS too), and with `--malloc live` (default) the children run with
+MALLOC_MMAP_THRESHOLD_=65536: every tensor above 64 KiB gets its own mapping, returned at once when freed,
+so the peak RSS is the peak of live memory rather than of what glibc kept cached. The processes alternate (FFT, MFT, FFT, MFT, ...)
 for `--repeats` rounds; the median counts (peak RSS hardly varies).
 
     python benchmarks/memory.py [--repeats 2] [--steps 2] [--max-ratio 0.60]
@@ -15,24 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-
-
-def rss_mib() -> float:
-    """Current resident set size, MiB (from /proc; ru_maxrss only gives the peak)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child(kind: str, steps: int, layers) -> dict:
@@ -47,14 +39,14 @@ def child(kind: str, steps: int, layers) -> dict:
     common.train_step(tiny, tiny_opt, common.make_batches(2, seq=16, vocab=256))
     del tiny, tiny_opt
     batches = common.make_batches(4)
-    base = rss_mib()
+    base = common.reset_peak()
     model = common.build_model()
-    after_model = rss_mib()
+    after_model = common.status_mib("VmRSS")
     params = common.setup_variant(kind, model, layers)
     optimizer = common.make_optimizer(params)
     for _ in range(steps):
         common.train_step(model, optimizer, batches)
-    return {"kind": kind, "base_mib": base, "model_mib": after_model - base, "peak_mib": peak_mib() - base,
+    return {"kind": kind, "base_mib": base, "model_mib": after_model - base, "peak_mib": common.peak_rss_mib() - base,
             "trainable": sum(p.numel() for p in params)}
 
 
