@@ -137,11 +137,12 @@ class OriginalMaskedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, keep: float, scores: torch.Tensor):
         super().__init__()
         self.weight, self.bias, self.keep = linear.weight, linear.bias, keep
-        self.scores = nn.Parameter(scores.to(linear.weight))
+        self.scores = nn.Parameter(scores.to(linear.weight.device))  # fp32 scores, as ours
 
     def forward(self, x):
         mask = _GetSubnet.apply(self.scores.abs(), self.keep)
-        return F.linear(x, self.weight * mask, self.bias)
+        # the original ran scores, mask and weights in one dtype: W * M in the weight's dtype
+        return F.linear(x, self.weight * mask.to(self.weight.dtype), self.bias)
 
 
 class _ConstMaskedWeight(torch.autograd.Function):
@@ -155,7 +156,8 @@ class _ConstMaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        return None, (grad * weight).mul_(scores.sign()), None
+        dtype = scores.dtype
+        return None, (grad.to(dtype) * weight.to(dtype)).mul_(scores.sign()), None
 
 
 class ConstMaskedLinear(nn.Module):
@@ -168,7 +170,7 @@ class ConstMaskedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, mask: torch.Tensor, scores: torch.Tensor):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        self.scores = nn.Parameter(scores.to(linear.weight))
+        self.scores = nn.Parameter(scores.to(linear.weight.device))  # fp32 scores, as ours
         with torch.no_grad():
             self.register_buffer("masked_weight", linear.weight * mask, persistent=False)
 
