@@ -194,11 +194,11 @@ def main() -> int:
     for kind in variants:
         rs, live = results[kind], results[kind + "/live"]
         rows.append([kind, f"{common.median([x['seconds'] for x in rs]):.2f}",
-                     " ".join(f"{x['seconds']:.2f}" for x in rs) + " | " + " ".join(f"{x['seconds']:.2f}" for x in live),
+                     " ".join(f"{x['seconds']:.2f}" for x in rs) + " / " + " ".join(f"{x['seconds']:.2f}" for x in live),
                      f"{common.median([x['peak_mib'] for x in rs]):.0f}",
                      f"{common.median([x['peak_mib'] for x in live]):.0f}",
                      f"{common.median([x['anon_peak_mib'] for x in rs]):.0f}"])
-    print(common.table(rows, ["variant", "median s", "per round (s): default | live malloc",
+    print(common.table(rows, ["variant", "median s", "per round (s): default / live malloc",
                               "peak RSS MiB", "peak RSS MiB, live malloc", "peak anon MiB (sampled)"]))
     print(f"stream output == load-all output, tensor by tensor: {compared}")
     t_load = paired("stream", "load-all", "seconds")

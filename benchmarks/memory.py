@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def child(kind: str, steps: int, layers) -> dict:
+def child(kind: str, steps: int, layers, vocab: int) -> dict:
     import torch  # noqa: F401  (imported before the baseline is read)
     import transformers  # noqa: F401
 
@@ -38,9 +38,9 @@ def child(kind: str, steps: int, layers) -> dict:
     tiny_opt = common.make_optimizer(common.setup_variant(kind, tiny, layers))
     common.train_step(tiny, tiny_opt, common.make_batches(2, seq=16, vocab=256))
     del tiny, tiny_opt
-    batches = common.make_batches(4)
+    batches = common.make_batches(4, vocab=vocab)
     base = common.reset_peak()
-    model = common.build_model()
+    model = common.build_model(vocab=vocab)
     after_model = common.status_mib("VmRSS")
     params = common.setup_variant(kind, model, layers)
     optimizer = common.make_optimizer(params)
@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--layers", default="2,3,4,5")
+    parser.add_argument("--vocab", type=int, default=common.MODEL["vocab"])
     parser.add_argument("--max-ratio", type=float, default=0.60)
     parser.add_argument("--variants", default="fft,mft", help="fft,mft and optionally mft-nocache, const, original")
     parser.add_argument("--malloc", choices=("live", "default"), default="live",
@@ -64,20 +65,20 @@ def main() -> int:
     args = parser.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     if args.child:
-        print(json.dumps(child(args.child, args.steps, layers)))
+        print(json.dumps(child(args.child, args.steps, layers, args.vocab)))
         return 0
 
     print(common.machine_line())
-    print(f"model: Llama {common.MODEL}, fp32; batch 2 x 256, accumulation 4; masked layers {layers}, keep 0.9; "
-          f"{args.steps} steps per process")
+    print(f"model: Llama {dict(common.MODEL, vocab=args.vocab)}, fp32; batch 2 x 256, accumulation 4; masked layers {layers}, keep 0.9; "
+          f"{args.steps} steps per process; malloc: {args.malloc}")
     env = dict(os.environ)
     if args.malloc == "live":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     results: dict[str, list[dict]] = {kind: [] for kind in args.variants.split(",")}
     for r in range(args.repeats):
         for kind in results:
-            out = common.run_child([__file__, "--child", kind, "--steps", str(args.steps), "--layers", args.layers],
-                                   env=env)
+            out = common.run_child([__file__, "--child", kind, "--steps", str(args.steps), "--layers", args.layers,
+                                    "--vocab", str(args.vocab)], env=env)
             results[kind].append(json.loads(out.strip().splitlines()[-1]))
             print(f"  round {r + 1}: {kind} peak {results[kind][-1]['peak_mib']:.0f} MiB", file=sys.stderr)
     med = {k: common.median([x["peak_mib"] for x in v]) for k, v in results.items()}

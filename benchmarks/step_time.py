@@ -9,6 +9,8 @@ round's ratio, so a slow phase of a shared machine hits both sides of a ratio al
     python benchmarks/step_time.py [--repeats 5] [--threads 0] [--vocab 32000]
     python benchmarks/step_time.py --variants fft,mft,mft-before,mft-kth,mft-nocache   # the ablation
 
+    python benchmarks/step_time.py --profile mft   # where the time of one variant's step goes (torch.profiler)
+
 Ablation variants (this issue's layer changes switched off again): `mft-nocache` computes W * M in every
 forward, `mft-kth` selects the mask with one kthvalue over all |S|, `mft-before` does both (the layer as
 it was before the benchmarks).
@@ -36,7 +38,10 @@ def main() -> int:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--max-mft-fft", type=float, default=0.80)
     parser.add_argument("--min-original-mft", type=float, default=3.5)
+    parser.add_argument("--profile", metavar="VARIANT", help="profile VARIANT's step instead of timing variants")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args)
 
     common.set_threads(args.threads)
     variants = args.variants.split(",")
@@ -73,6 +78,77 @@ def main() -> int:
         r = common.paired_ratio(times, "original", "mft")
         checks.append(("step original-style/ours", r, f">= {args.min_original_mft}", r >= args.min_original_mft))
     return common.verdict(checks)
+
+
+# Where the self time of an op is booked: the first marker found walking up from the op (autograd nodes and
+# labels), else the op's own name.
+MARKERS = [("mft::mask_recompute", "mask recompute (local_mask, W * M), once per step"),
+           ("_MaskedWeightBackward", "STE backward: (g * W) * sign(S)"),
+           ("_MaskedWeight", "STE forward (cached W * M)"),
+           ("_GetSubnetBackward", "original: STE backward"), ("_GetSubnet", "original: sort + scatter (mask)"),
+           ("AccumulateGrad", "gradient accumulation into .grad"),
+           ("Optimizer.step", "optimizer step (fused AdamW)"), ("Optimizer.zero_grad", "optimizer zero_grad")]
+OPS = [(("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"), "matmul (linears, lm_head)"),
+       (("aten::_scaled_dot_product",), "attention (SDPA)"),
+       (("aten::_log_softmax", "aten::nll_loss", "aten::_log_softmax_backward_data", "aten::nll_loss_backward"),
+        "loss (log_softmax, nll)")]
+
+
+def category(event) -> str:
+    e = event
+    while e is not None:
+        for marker, name in MARKERS:
+            if marker in e.name:
+                return name
+        e = e.cpu_parent
+    for names, name in OPS:
+        if event.name.startswith(names):
+            return name
+    return "other elementwise/copies (norms, rotary, SiLU, residuals, views)"
+
+
+def profile(args) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    from mft.masking.layer import MaskedLinear
+
+    common.set_threads(args.threads)
+    refresh = MaskedLinear.refresh_mask
+
+    def labelled_refresh(self, *a, **k):
+        with record_function("mft::mask_recompute"):
+            return refresh(self, *a, **k)
+
+    def labelled_cache(self, mask, _orig=MaskedLinear._masked_weight):
+        with record_function("mft::mask_recompute"):
+            return _orig(self, mask)
+
+    MaskedLinear.refresh_mask = labelled_refresh
+    MaskedLinear._masked_weight = labelled_cache
+    print(common.machine_line())
+    layers = [int(x) for x in args.layers.split(",")]
+    batches = common.make_batches(args.accumulation, vocab=args.vocab)
+    model = common.build_model(vocab=args.vocab)
+    optimizer = common.make_optimizer(common.setup_variant(args.profile, model, layers))
+    common.train_step(model, optimizer, batches)
+    per_step = []
+    for _ in range(args.repeats):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            common.train_step(model, optimizer, batches)
+        booked: dict[str, float] = {}
+        for e in prof.events():
+            booked[category(e)] = booked.get(category(e), 0.0) + e.self_cpu_time_total / 1e6
+        per_step.append(booked)
+    totals = [sum(b.values()) for b in per_step]
+    best = per_step[totals.index(min(totals))]  # the least disturbed step
+    rows = [[name, f"{sec:.3f}", f"{100 * sec / min(totals):.1f} %"]
+            for name, sec in sorted(best.items(), key=lambda kv: -kv[1])]
+    print(f"{args.profile}: one optimizer step ({args.accumulation} micro-batches) under torch.profiler, self time by "
+          f"where it is spent; the least disturbed of {args.repeats} steps (profiled total {min(totals):.2f} s, "
+          f"all: {' '.join(f'{t:.2f}' for t in totals)})")
+    print(common.table(rows, ["where", "seconds", "share"]))
+    return 0
 
 
 if __name__ == "__main__":
