@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -136,9 +137,12 @@ def test_corrupt_and_truncated_files(tmp_path):
     (tmp_path / "tiny.safetensors").write_bytes(data[:5])
     with pytest.raises(MftError, match="empty or truncated"):
         read_masks(tmp_path / "tiny.safetensors")
-    (tmp_path / "noise.bin").write_bytes(os.urandom(4096))
-    with pytest.raises(MftError):
-        read_masks(tmp_path / "noise.bin")
+    for seed in range(20):  # noise of every kind: pickle opcodes, zip-like, safetensors-like headers
+        noise = random.Random(seed).randbytes(4096)
+        for head in (b"", b"\x80\x02", b"PK\x03\x04", (100).to_bytes(8, "little") + b"{"):
+            (tmp_path / "noise.bin").write_bytes(head + noise)
+            with pytest.raises(MftError):
+                read_masks(tmp_path / "noise.bin")
     torch.save({"a": torch.ones(3)}, tmp_path / "ok.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:200])
     with pytest.raises(MftError, match="not a readable torch file"):

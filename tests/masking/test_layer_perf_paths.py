@@ -136,3 +136,35 @@ def test_no_autograd_below_the_lowest_masked_layer():
     assert seen == {0: False, 1: False, 2: True, 3: True}
     assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith(".scores"))
     assert set(extract_masks(model)) == set(masked_modules(model))
+
+
+def test_masked_weight_is_recomputed_in_backward_not_kept(monkeypatch):
+    """Without the cache, W * M is freed after the forward (autograd keeps a recipe) and rebuilt in the
+    backward: same gradients as the cached layer, one weight-sized tensor less held per masked matrix."""
+    import gc
+    import weakref
+
+    from mft.masking import layer as L
+
+    kept = []
+    apply = L._MaskedWeight.apply
+
+    def recording_apply(*args):
+        out = apply(*args)
+        kept.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(L._MaskedWeight, "apply", recording_apply)
+    made = []
+    make = L._Recompute.make
+    monkeypatch.setattr(L._Recompute, "make", lambda self: made.append(1) or make(self))
+
+    cached, fresh = _pair()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    out = fresh(x)
+    gc.collect()
+    assert kept and kept[-1]() is None, "W * M outlived the forward"
+    out.square().sum().backward()
+    assert len(made) == 1
+    cached(x).square().sum().backward()
+    assert bits(fresh.scores.grad).equal(bits(cached.scores.grad))

@@ -203,8 +203,9 @@ def _read_pickle(path: Path) -> MaskSet:
         raise MftError(f"refusing to load {path}: it is a pickle holding more than tensors (code or arbitrary "
                        f"objects), and mask files are only read with torch.load(weights_only=True). "
                        f"Detail: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise MftError(f"{path} is not a readable torch file (corrupt or truncated?): {exc}") from None
+    except Exception as exc:  # a damaged file can trip the unpickler in many ways (IndexError, KeyError, ...)
+        raise MftError(f"{path} is not a readable torch file (corrupt or truncated?): "
+                       f"{type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise MftError(f"{path} holds {type(obj).__name__}, expected a dict {{module name: mask tensor}} "
                        "(the original masks.pt layout)")

@@ -113,6 +113,36 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_weight, grad_scores, None, None
 
 
+class _Recompute:
+    """What autograd keeps instead of a saved view of `W * M`: how to make it again."""
+
+    __slots__ = ("weight", "mask", "size", "stride", "offset")
+
+    def __init__(self, weight, mask, view):
+        self.weight, self.mask = weight, mask
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def make(self) -> torch.Tensor:
+        return torch.as_strided(self.weight * self.mask, self.size, self.stride, self.offset)
+
+
+def _recompute_hooks(masked_weight: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor):
+    """saved_tensors_hooks that store tensors sharing `masked_weight`'s storage (F.linear saves it or its
+    transpose) as a `_Recompute` and rebuild them in the backward. Only the storage address is kept, so
+    `masked_weight` itself is freed after the forward."""
+    storage, dtype = masked_weight.untyped_storage().data_ptr(), masked_weight.dtype  # not the tensor itself
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+            return _Recompute(weight, mask, t)
+        return t
+
+    def unpack(saved):
+        return saved.make() if isinstance(saved, _Recompute) else saved
+
+    return pack, unpack
+
+
 class MaskedLinear(nn.Module):
     """An `nn.Linear` whose weight is masked by a binary mask derived from trainable `scores`.
 
@@ -140,7 +170,8 @@ class MaskedLinear(nn.Module):
         self._mask_key = None
         self._generation = 0
         self._cached = None  # (mask, weight key, W * M): see _masked_weight
-        self.cache_masked_weight = True  # False: compute W * M in every forward, as the original did
+        # True: keep W * M between optimizer steps (faster, one weight-sized tensor more per masked matrix)
+        self.cache_masked_weight = False
         # managed: only refresh_mask()/set_mask() change the mask (a DeepSpeed loop owns it, see module doc)
         self.managed = False
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
@@ -220,19 +251,22 @@ class MaskedLinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask
-        weight = _MaskedWeight.apply(self.weight, self.scores, mask, self._masked_weight(mask))
-        return F.linear(x, weight, self.bias)
+        cached = self._masked_weight(mask)
+        weight = _MaskedWeight.apply(self.weight, self.scores, mask, cached)
+        if cached is not None or not torch.is_grad_enabled():
+            return F.linear(x, weight, self.bias)
+        # W * M would live from this forward to its backward (F.linear saves it): save a recipe instead and
+        # recompute it in the backward. Same bits, one weight-sized tensor less per masked matrix.
+        with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(weight, self.weight, mask)):
+            return F.linear(x, weight, self.bias)
 
     @torch.no_grad()
     def _masked_weight(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """`W * M`, computed once per mask instead of once per forward (W is frozen, M changes only when the
-        scores do); None where W may change under the layer: trainable weights, ZeRO-3 partitions, or with
-        `cache_masked_weight` off. Keyed on the mask object, its and the weight's version counters and
-        the weight's storage.
-
-        Memory: the cached tensor is the one `F.linear` saves for its backward anyway, so a training step's
-        peak does not grow; between steps it holds one weight-sized tensor per masked matrix.
-        """
+        """With `cache_masked_weight`: `W * M`, computed once per mask instead of twice per micro-batch (W is
+        frozen, M changes only when the scores do), keyed on the mask object, its and the weight's version
+        counters and the weight's storage. None when the cache is off (the default: it holds one
+        weight-sized tensor per masked matrix for good) or W may change under the layer (trainable weights,
+        ZeRO-3 partitions)."""
         weight = self.weight
         if not self.cache_masked_weight or weight.requires_grad or hasattr(weight, "ds_id"):
             self._cached = None
