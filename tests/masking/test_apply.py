@@ -109,6 +109,38 @@ def test_run_bookkeeping_is_not_copied(saved_model, tmp_path):
     assert {"config.json", "tokenizer.json", "model.safetensors", A.APPLY_INFO} <= names
 
 
+def test_apply_without_copy_file_range(saved_model, tmp_path, monkeypatch):
+    """Where the kernel cannot copy ranges (old kernels, some file systems) plain reads and writes do it."""
+    import os
+
+    base = saved_model("llama", shard_kb=40)
+    ms = learned_masks(base)
+    reference = A.apply_masks(base, ms, tmp_path / "reference", progress=False)
+
+    def unsupported(*args):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    out = A.apply_masks(base, ms, tmp_path / "fallback", progress=False)
+    for shard in sorted(reference.glob("model-*.safetensors")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_masks_read_from_a_file_stay_packed_until_used(saved_model, tmp_path):
+    from mft.masking.files import PackedMasks
+
+    base = saved_model("llama", shard_kb=40)
+    ms = learned_masks(base)
+    write_masks(tmp_path / "masks.safetensors", ms)
+    packed = read_masks(tmp_path / "masks.safetensors")
+    assert isinstance(packed.masks, PackedMasks)
+    assert packed.shapes == ms.shapes and packed.summary() == ms.summary()
+    a = A.apply_masks(base, ms, tmp_path / "dense", progress=False)
+    b = A.apply_masks(base, packed, tmp_path / "packed", progress=False)
+    for shard in sorted(a.glob("model-*.safetensors")):
+        assert (b / shard.name).read_bytes() == shard.read_bytes()
+
+
 def test_legacy_bin_checkpoint(saved_model, tmp_path):
     base = saved_model("qwen2")
     legacy = tmp_path / "legacy"

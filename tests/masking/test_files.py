@@ -158,6 +158,20 @@ def test_corrupt_and_truncated_files(tmp_path):
         read_masks(tmp_path / "missing.safetensors")
 
 
+def test_padding_bits_must_be_zero(tmp_path):
+    ms = random_mask_set(shapes={"m.layers.0.mlp.up_proj": (3, 5)})  # 15 entries: one padding bit
+    path = write_masks(tmp_path / "masks.safetensors", ms)
+    with safe_open(str(path), framework="pt") as f:
+        meta, packed = f.metadata(), f.get_tensor("m.layers.0.mlp.up_proj")
+    assert packed.numel() == 2 and int(packed[1]) >> 7 == 0
+    packed[1] |= 0b1000_0000  # set the padding bit; kept count changes too, so fix the metadata to match
+    modules = json.loads(meta["modules"])
+    modules["m.layers.0.mlp.up_proj"]["kept"] += 1
+    save_file({"m.layers.0.mlp.up_proj": packed}, str(path), metadata={**meta, "modules": json.dumps(modules)})
+    with pytest.raises(MftError, match="padding bits are set"):
+        read_masks(path)
+
+
 def test_newer_format_version_is_refused(tmp_path):
     ms = random_mask_set()
     path = write_masks(tmp_path / "masks.safetensors", ms)

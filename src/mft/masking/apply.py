@@ -1,9 +1,9 @@
 """Where masks come from (learned, random, L1) and the streaming apply that bakes them into a checkpoint.
 
-Streaming apply, for safetensors checkpoints: each shard is copied byte for byte, then the byte ranges of
-the masked tensors are overwritten in place with `W` where the mask keeps and `0` where it prunes. One
-masked tensor is in memory at a time; every other tensor is bit-identical to the input by construction,
-header and dtypes included. Legacy `.bin` shards are converted to safetensors one shard at a time. The
+Streaming apply, for safetensors checkpoints: each shard is copied by the kernel (`copy_file_range`), then
+each masked tensor's byte range in the copy is memory-mapped and its pruned entries set to 0 in place. One
+masked tensor and one unpacked mask are in memory at a time (mask files stay bit-packed until used); every
+other byte is the input's, so unmasked tensors, the header and dtypes are bit-identical by construction. Legacy `.bin` shards are converted to safetensors one shard at a time. The
 result is written to a temporary sibling folder and renamed into place at the very end, so an interrupted
 run never leaves a folder that looks complete.
 """
@@ -11,6 +11,7 @@ run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -21,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mft.errors import MftError
-from mft.masking.checkpoint import WEIGHT_SUFFIXES, INDEX_FILES, Checkpoint, model_skeleton, read_safetensors_header
+from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, model_skeleton,
+                                   read_safetensors_header)
 from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.inject import check_masks_match
@@ -104,7 +106,7 @@ def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[
     """{module: checkpoint key}; a clear error, before anything is written, if the masks do not fit."""
     shapes = checkpoint.shapes()
     keys = {name: checkpoint.weight_key(name) for name in mask_set.masks}
-    check_masks_match({name: shapes[key] for name, key in keys.items()}, mask_set.masks,
+    check_masks_match({name: shapes[key] for name, key in keys.items()}, mask_set.shapes,
                       what=f"the checkpoint {checkpoint.path}")
     return keys
 
@@ -146,19 +148,42 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
 
 
 def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
-    shutil.copyfile(src, dst)
-    if not names:
-        return
-    header, data_start = read_safetensors_header(src)
-    from safetensors import safe_open
-
-    with safe_open(str(src), framework="pt") as f, open(dst, "r+b") as out:
+    """Write `dst` = `src` with the named modules' weights masked: the kernel copies the file, then each masked
+    tensor's byte range of the copy is mapped and zeroed where its mask prunes, in place (no user-space copy
+    of the data, one tensor mapped at a time)."""
+    with open(src, "rb") as fin, open(dst, "w+b") as fout:
+        _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
+        if not names:
+            return
+        header, data_start = read_safetensors_header(src)
         for name in names:
-            key = keys[name]
-            tensor = f.get_tensor(key)
-            tensor.masked_fill_(~mask_set.masks[name], 0)
-            out.seek(data_start + header[key]["data_offsets"][0])
-            out.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            info = header[keys[name]]
+            begin, end = (data_start + o for o in info["data_offsets"])
+            _mask_in_place(fout.fileno(), begin, end, ST_DTYPES[info["dtype"]], tuple(info["shape"]),
+                           mask_set.masks[name])
+
+
+def _mask_in_place(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tuple, mask: torch.Tensor) -> None:
+    """Zero the pruned entries of the tensor stored in bytes [begin, end) of the open file `fd`."""
+    if end == begin:
+        return
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page boundary
+    with mmap.mmap(fd, end - start, offset=start) as mapped:
+        tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin - start)
+        tensor.view(shape).masked_fill_(~mask, 0)
+        del tensor  # release the buffer before the mapping closes
+
+
+def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
+    """Bytes [start, end) of fd_in to the same offsets of fd_out, by the kernel where it can."""
+    while start < end:
+        try:
+            n = os.copy_file_range(fd_in, fd_out, end - start, start, start)
+        except OSError:  # not supported here (old kernel, some file systems): plain reads and writes
+            n = os.pwrite(fd_out, os.pread(fd_in, min(end - start, 1 << 26), start), start)
+        if n == 0:
+            raise MftError(f"unexpected end of file while copying bytes {start}-{end}")
+        start += n
 
 
 def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: MaskSet, bar) -> None:

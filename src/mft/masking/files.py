@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +42,31 @@ FORMAT_VERSION = "1"
 DEFAULT_NAME = "masks.safetensors"
 
 
+class PackedMasks(Mapping):
+    """Masks kept bit-packed as read from a file, unpacked one at a time on access (never cached), so a
+    consumer that goes module by module — the streaming apply — holds one unpacked mask at a time."""
+
+    def __init__(self, packed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]):
+        self.packed, self.shapes = packed, shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return unpack_bits(self.packed[name], self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def kept(self, name: str) -> int:
+        return popcount(self.packed[name])
+
+
 @dataclass
 class MaskSet:
-    """Masks by module name (bool tensors, CPU) plus what is known about them."""
+    """Masks by module name (bool tensors, CPU; possibly a lazy `PackedMasks`) plus what is known of them."""
 
-    masks: dict[str, torch.Tensor]
+    masks: Mapping[str, torch.Tensor]
     kinds: dict[str, str] = field(default_factory=dict)
     keep_ratios: dict[str, float] = field(default_factory=dict)
     source: str = "imported"
@@ -55,7 +76,15 @@ class MaskSet:
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if isinstance(self.masks, PackedMasks):
+            return dict(self.masks.shapes)
         return {name: tuple(m.shape) for name, m in self.masks.items()}
+
+    def kept(self, name: str) -> int:
+        """Kept entries of one module's mask (from the packed bits when the masks are packed)."""
+        if isinstance(self.masks, PackedMasks):
+            return self.masks.kept(name)
+        return int(self.masks[name].sum())
 
     @property
     def fingerprint(self) -> str:
@@ -64,10 +93,10 @@ class MaskSet:
     def summary(self) -> list[dict]:
         """Per module: name, shape, entries, kept, kept fraction (and target keep ratio when known)."""
         rows = []
-        for name, m in self.masks.items():
-            kept = int(m.sum())
-            rows.append({"module": name, "shape": list(m.shape), "entries": m.numel(), "kept": kept,
-                         "kept_fraction": kept / m.numel(), "keep_ratio": self.keep_ratios.get(name)})
+        for name, shape in self.shapes.items():
+            kept, entries = self.kept(name), int(np.prod(shape))
+            rows.append({"module": name, "shape": list(shape), "entries": entries, "kept": kept,
+                         "kept_fraction": kept / entries, "keep_ratio": self.keep_ratios.get(name)})
         return rows
 
 
@@ -83,8 +112,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n = int(np.prod(shape))
-    bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")
-    return torch.from_numpy(bits.astype(bool)).view(shape)
+    bits = np.unpackbits(packed.numpy(), count=n, bitorder="little")  # 0/1 bytes: viewed as bool, no copy
+    return torch.from_numpy(bits.view(bool)).view(shape)
+
+
+def popcount(packed: torch.Tensor) -> int:
+    """Set bits of a packed mask (padding bits are 0), without unpacking it."""
+    return int(np.bitwise_count(packed.numpy()).sum(dtype=np.int64))
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -95,12 +129,17 @@ def write_masks(path: str | os.PathLike, mask_set: MaskSet) -> Path:
     path = Path(path)
     modules = {}
     tensors = {}
-    for name, m in mask_set.masks.items():
-        if m.dtype != torch.bool:
-            raise TypeError(f"mask {name} must be a bool tensor, got {m.dtype}")
-        tensors[name] = pack_bits(m)
-        modules[name] = {"shape": list(m.shape), "kind": mask_set.kinds.get(name),
-                         "keep_ratio": mask_set.keep_ratios.get(name), "kept": int(m.sum())}
+    packed = mask_set.masks.packed if isinstance(mask_set.masks, PackedMasks) else None
+    for name, shape in mask_set.shapes.items():
+        if packed is not None:
+            tensors[name] = packed[name]
+        else:
+            m = mask_set.masks[name]
+            if m.dtype != torch.bool:
+                raise TypeError(f"mask {name} must be a bool tensor, got {m.dtype}")
+            tensors[name] = pack_bits(m)
+        modules[name] = {"shape": list(shape), "kind": mask_set.kinds.get(name),
+                         "keep_ratio": mask_set.keep_ratios.get(name), "kept": popcount(tensors[name])}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": json.dumps(modules),
                 "fingerprint": mask_set.fingerprint, "source": mask_set.source}
     if mask_set.mask_config is not None:
@@ -171,23 +210,25 @@ def _read_safetensors(path: Path) -> MaskSet:
         modules = json.loads(metadata["modules"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise MftError(f"{path}: mask metadata 'modules' is missing or not JSON ({exc})") from None
-    masks, kinds, ratios = {}, {}, {}
+    packed, shapes, kinds, ratios = {}, {}, {}, {}
     for name, info in modules.items():
         shape = tuple(info["shape"])
-        packed = tensors.get(name)
+        bits = tensors.get(name)
         n = int(np.prod(shape))
-        if packed is None or packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-            got = "missing" if packed is None else f"{packed.dtype} x {packed.numel()}"
+        if bits is None or bits.dtype != torch.uint8 or bits.numel() != (n + 7) // 8:
+            got = "missing" if bits is None else f"{bits.dtype} x {bits.numel()}"
             raise MftError(f"{path}: module {name} should hold {(n + 7) // 8} packed bytes for shape {shape}, "
                            f"found {got}; the file is corrupt")
-        masks[name] = unpack_bits(packed, shape)
-        if int(masks[name].sum()) != info.get("kept", int(masks[name].sum())):
-            raise MftError(f"{path}: module {name} has {int(masks[name].sum())} kept entries but its metadata "
-                           f"says {info['kept']}; the file is corrupt")
+        kept = popcount(bits)
+        if kept != info.get("kept", kept) or (n % 8 and int(bits[-1]) >> (n % 8)):
+            raise MftError(f"{path}: module {name} has {kept} kept entries but its metadata says "
+                           f"{info.get('kept')} (or padding bits are set); the file is corrupt")
+        packed[name], shapes[name] = bits, shape
         if info.get("kind"):
             kinds[name] = info["kind"]
         if info.get("keep_ratio") is not None:
             ratios[name] = float(info["keep_ratio"])
+    masks = PackedMasks(packed, shapes)
     mask_set = MaskSet(masks, kinds, ratios, metadata.get("source", "imported"),
                        json.loads(metadata["mask_config"]) if "mask_config" in metadata else None,
                        metadata.get("base_model"), FORMAT)

@@ -88,21 +88,22 @@ def extract_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_masks_into(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Pin given masks on the model's mask layers (e.g. to evaluate a mask file without baking it)."""
     layers = masked_modules(model)
-    check_masks_match({n: tuple(m.scores_shape) for n, m in layers.items()}, masks, what="the model")
+    check_masks_match({n: tuple(m.scores_shape) for n, m in layers.items()},
+                      {n: tuple(m.shape) for n, m in masks.items()}, what="the model")
     for name, mask in masks.items():
         layers[name].set_mask(mask)
 
 
-def check_masks_match(shapes: dict[str, tuple], masks: dict[str, torch.Tensor], what: str) -> None:
+def check_masks_match(shapes: dict[str, tuple], mask_shapes: dict[str, tuple], what: str) -> None:
     """Raise a clear error unless every mask names a module of `shapes` with the same shape."""
-    for name, mask in masks.items():
+    for name, shape in mask_shapes.items():
         if name not in shapes:
             near = [n for n in shapes if n.endswith(name.split(".", 2)[-1])][:3]
             raise MftError(f"the masks name module {name}, which {what} does not have"
                            + (f" (similar: {', '.join(near)})" if near else "")
                            + "; were these masks made for another model?")
-        if tuple(mask.shape) != tuple(shapes[name]):
-            raise MftError(f"mask for {name} has shape {tuple(mask.shape)} but {what} has "
+        if tuple(shape) != tuple(shapes[name]):
+            raise MftError(f"mask for {name} has shape {tuple(shape)} but {what} has "
                            f"{tuple(shapes[name])} there; were these masks made for another model?")
 
 
