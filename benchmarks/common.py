@@ -10,13 +10,15 @@ accumulation` + backward, then a fused AdamW `step()` and `zero_grad()`.
 Variants (one model each, built from the same seed, so all see the same weights and batches):
 
 - `fft`      every parameter trains (fused AdamW over all of them), as `mft train --method fft`.
-- `mft`      our product: `inject_masks` (MaskedLinear, cached mask recomputed once per optimizer step).
+- `mft`      our product: `inject_masks` (MaskedLinear, mask recomputed once per optimizer step, `W * M`
+             rebuilt in the backward instead of kept from the forward).
 - `original` an original-style MFT layer written here from the published definition (METHOD.md): a full
              `sort` of |S| on every forward (every micro-batch), mask built by index scatter, `W * M`, STE
              through autograd (`M`'s gradient passed unchanged to |S|, then `abs`'s backward: `* sign(S)`).
 - `const`    masks frozen as constants (`ConstMaskedLinear`): mask and `W * M` computed once, never again.
-- `mft-nocache`, `mft-kth`, `mft-before`: ablations, our layer with this issue's changes switched off
-             (`W * M` in every forward / the previous kthvalue selection / both).
+- `mft-cache`, `mft-kth`: ablations: our layer keeping `W * M` between optimizer steps
+             (`cache_masked_weight=True`: faster, one weight-sized tensor more per masked matrix) / selecting
+             the mask with one kthvalue over all |S| (the selection before the radix pass).
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ class ConstMaskedLinear(nn.Module):
 @torch.no_grad()
 def kthvalue_local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """The product's local mask as it was before the benchmarks (one `kthvalue` over all of |S|): kept here
-    only for the ablation variants `mft-kth` and `mft-before`."""
+    only for the ablation variant `mft-kth`."""
     magnitude = scores.detach().abs().flatten()
     j = int((1 - keep_ratio) * magnitude.numel())
     if j <= 0:
@@ -212,12 +214,12 @@ def setup_variant(kind: str, model, layers, keep=0.9, score_seed=3):
         inject_masks(model, MaskConfig(masked_layers=list(layers), keep_ratio_attn=keep, keep_ratio_mlp=keep),
                      seed=score_seed)
         for layer in masked_modules(model).values():  # ablations: switch this issue's changes off again
-            if kind in ("mft-nocache", "mft-before"):
-                layer.cache_masked_weight = False
-            if kind in ("mft-kth", "mft-before"):
+            if kind == "mft-cache":
+                layer.cache_masked_weight = True
+            if kind == "mft-kth":
                 layer.compute_mask = (lambda layer: lambda scores=None: kthvalue_local_mask(
                     layer.scores if scores is None else scores, layer.keep_ratio))(layer)
-            elif kind not in ("mft", "mft-nocache"):
+            elif kind not in ("mft", "mft-cache"):
                 raise ValueError(kind)
     elif kind in ("original", "const"):
         from mft.masking.layer import local_mask

@@ -9,8 +9,7 @@ of the per-round ratios.
 
     python benchmarks/mask_overhead.py [--repeats 8] [--threads 0]
 
-`--variants mft,const,mft-before` adds the layer as it was before this issue (kthvalue over all |S|, W * M in
-every forward) for comparison.
+`--variants mft,const,mft-cache` adds our layer with the W * M cache on, for comparison.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--layers", default="2,3,4,5")
     parser.add_argument("--vocab", type=int, default=common.MODEL["vocab"])
     parser.add_argument("--max-ratio", type=float, default=0.60)
-    parser.add_argument("--variants", default="fft,mft", help="fft,mft and optionally mft-nocache, const, original")
+    parser.add_argument("--variants", default="fft,mft", help="fft,mft and optionally mft-cache, const, original")
     parser.add_argument("--malloc", choices=("live", "default"), default="live",
                         help="live: children run with MALLOC_MMAP_THRESHOLD_=65536, so a freed tensor leaves the RSS "
                              "at once and the peak RSS is the peak of live memory; default: glibc as configured")

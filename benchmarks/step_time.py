@@ -7,13 +7,12 @@ variants alternate round by round (order rotating), and each ratio is the median
 round's ratio, so a slow phase of a shared machine hits both sides of a ratio alike.
 
     python benchmarks/step_time.py [--repeats 5] [--threads 0] [--vocab 32000]
-    python benchmarks/step_time.py --variants fft,mft,mft-before,mft-kth,mft-nocache   # the ablation
+    python benchmarks/step_time.py --variants fft,mft,mft-cache,mft-kth   # the ablation
 
     python benchmarks/step_time.py --profile mft   # where the time of one variant's step goes (torch.profiler)
 
-Ablation variants (this issue's layer changes switched off again): `mft-nocache` computes W * M in every
-forward, `mft-kth` selects the mask with one kthvalue over all |S|, `mft-before` does both (the layer as
-it was before the benchmarks).
+Ablation variants: `mft-cache` keeps W * M between optimizer steps (cache_masked_weight=True), `mft-kth`
+selects the mask with one kthvalue over all |S| instead of the radix pass.
 """
 
 from __future__ import annotations
