@@ -15,7 +15,10 @@ Variants (one model each, built from the same seed, so all see the same weights 
 - `original` an original-style MFT layer written here from the published definition (METHOD.md): a full
              `sort` of |S| on every forward (every micro-batch), mask built by index scatter, `W * M`, STE
              through autograd (`M`'s gradient passed unchanged to |S|, then `abs`'s backward: `* sign(S)`).
-- `const`    masks frozen as constants (`ConstMaskedLinear`): mask and `W * M` computed once, never again.
+- `frozen`   our layer with its masks frozen as constants: the masks at the start are pinned (`managed`,
+             never recomputed); everything else, the W * M memory policy included, as in `mft`.
+- `const`    a hand-written constant-mask layer (`ConstMaskedLinear`): mask and `W * M` computed once and
+             kept (F.linear saves it), never again.
 - `mft-cache`, `mft-kth`: ablations: our layer keeping `W * M` between optimizer steps
              (`cache_masked_weight=True`: faster, one weight-sized tensor more per masked matrix) / selecting
              the mask with one kthvalue over all |S| (the selection before the radix pass).
@@ -214,12 +217,15 @@ def setup_variant(kind: str, model, layers, keep=0.9, score_seed=3):
         inject_masks(model, MaskConfig(masked_layers=list(layers), keep_ratio_attn=keep, keep_ratio_mlp=keep),
                      seed=score_seed)
         for layer in masked_modules(model).values():  # ablations: switch this changes off again
+            if kind == "mft-frozen":
+                layer.set_mask(layer.mask)
+                layer.managed = True  # never recomputed: the optimizer hook's invalidations are ignored
             if kind == "mft-cache":
                 layer.cache_masked_weight = True
             if kind == "mft-kth":
                 layer.compute_mask = (lambda layer: lambda scores=None: kthvalue_local_mask(
                     layer.scores if scores is None else scores, layer.keep_ratio))(layer)
-            elif kind not in ("mft", "mft-cache"):
+            elif kind not in ("mft", "mft-cache", "mft-frozen"):
                 raise ValueError(kind)
     elif kind in ("original", "const"):
         from mft.masking.layer import local_mask
