@@ -15,7 +15,7 @@ Variants (one model each, built from the same seed, so all see the same weights 
 - `original` an original-style MFT layer written here from the published definition (METHOD.md): a full
              `sort` of |S| on every forward (every micro-batch), mask built by index scatter, `W * M`, STE
              through autograd (`M`'s gradient passed unchanged to |S|, then `abs`'s backward: `* sign(S)`).
-- `frozen`   our layer with its masks frozen as constants: the masks at the start are pinned (`managed`,
+- `mft-frozen` our layer with its masks frozen as constants: the masks at the start are pinned (`managed`,
              never recomputed); everything else, the W * M memory policy included, as in `mft`.
 - `const`    a hand-written constant-mask layer (`ConstMaskedLinear`): mask and `W * M` computed once and
              kept (F.linear saves it), never again.

@@ -1,9 +1,11 @@
 """Where masks come from (learned, random, L1) and the streaming apply that bakes them into a checkpoint.
 
 Streaming apply, for safetensors checkpoints: each shard is copied by the kernel (`copy_file_range`), then
-each masked tensor's byte range in the copy is memory-mapped and its pruned entries set to 0 in place. One
-masked tensor and one unpacked mask are in memory at a time (mask files stay bit-packed until used); every
-other byte is the input's, so unmasked tensors, the header and dtypes are bit-identical by construction. Legacy `.bin` shards are converted to safetensors one shard at a time. The
+each masked tensor's byte range in the copy is memory-mapped and its pruned entries set to 0 in place. Two
+shards are processed at a time, so one's copy overlaps the other's masking; one masked tensor and one
+unpacked mask per shard are in memory at a time (mask files stay bit-packed until used). Every other byte
+is the input's, so unmasked tensors, the header and dtypes are bit-identical by construction. Legacy `.bin`
+shards are converted to safetensors one shard at a time. The
 result is written to a temporary sibling folder and renamed into place at the very end, so an interrupted
 run never leaves a folder that looks complete.
 """
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -127,8 +130,8 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     try:
         bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
         if checkpoint.format == "safetensors":
-            for shard in bar:
-                _apply_safetensors_shard(checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set)
+            _for_each(checkpoint.shards, bar, lambda shard: _apply_safetensors_shard(
+                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set))
             for index in INDEX_FILES[:1]:
                 if (checkpoint.path / index).exists():
                     shutil.copyfile(checkpoint.path / index, tmp / index)
@@ -145,6 +148,24 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _for_each(items: list, bar, work, workers: int = 2) -> None:
+    """`work(item)` for every item, `workers` at a time (threads: the kernel copy of one shard and the masking
+    of another both release the GIL, so they overlap). The first error is raised once every running item has
+    stopped; items not started yet are dropped."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        futures = [pool.submit(work, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            bar.close()
 
 
 def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
