@@ -83,7 +83,8 @@ def main() -> int:
 # labels), else the op's own name.
 MARKERS = [("mft::mask_recompute", "mask recompute (local_mask, W * M), once per step"),
            ("_MaskedWeightBackward", "STE backward: (g * W) * sign(S)"),
-           ("_MaskedWeight", "STE forward (cached W * M)"),
+           ("mft::rebuild", "W * M rebuilt in the backward (not kept from the forward)"),
+           ("_MaskedWeight", "STE forward (W * M, or the cached one with mft-cache)"),
            ("_GetSubnetBackward", "original: STE backward"), ("_GetSubnet", "original: sort + scatter (mask)"),
            ("AccumulateGrad", "gradient accumulation into .grad"),
            ("Optimizer.step", "optimizer step (fused AdamW)"), ("Optimizer.zero_grad", "optimizer zero_grad")]
@@ -110,7 +111,7 @@ def profile(args) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
-    from mft.masking.layer import MaskedLinear
+    from mft.masking.layer import MaskedLinear, _Recompute
 
     common.set_threads(args.threads)
     refresh = MaskedLinear.refresh_mask
@@ -123,7 +124,12 @@ def profile(args) -> int:
         with record_function("mft::mask_recompute"):
             return _orig(self, mask)
 
+    def labelled_make(self, _orig=_Recompute.make):
+        with record_function("mft::rebuild"):
+            return _orig(self)
+
     MaskedLinear.refresh_mask = labelled_refresh
+    _Recompute.make = labelled_make
     MaskedLinear._masked_weight = labelled_cache
     print(common.machine_line())
     layers = [int(x) for x in args.layers.split(",")]

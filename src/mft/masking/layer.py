@@ -17,9 +17,11 @@ The mask is cached and recomputed only when the scores change: after a `torch.op
 them (a global step hook marks the mask stale), when they are modified in place outside `.data` (tracked
 through the tensor version counter), or on an explicit `refresh_mask()` — which is what a DeepSpeed loop
 calls after each step, because DeepSpeed updates parameters behind autograd's back. Recomputing on every
-micro-batch, as the original did, gives the same masks at a multiple of the cost. `W * M` is cached with the
-mask (the weight is frozen), so between optimizer steps a forward pass adds no work to the plain linear's
-and the backward only the two multiplies of the STE gradient. benchmarks/README.md has the measurements.
+micro-batch, as the original did, gives the same masks at a multiple of the cost. `W * M` is built in the
+forward and not kept for the backward (autograd would otherwise hold one weight-sized tensor per masked
+matrix from forward to backward): the backward rebuilds it from W and the cached mask, one multiply.
+`cache_masked_weight = True` on a layer keeps it between optimizer steps instead (a few per cent faster,
+one weight-sized tensor more). benchmarks/README.md has the measurements.
 """
 
 from __future__ import annotations
