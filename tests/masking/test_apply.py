@@ -172,6 +172,24 @@ def test_interrupted_apply_leaves_nothing(saved_model, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
 
 
+def test_a_failing_shard_stops_the_apply_and_leaves_nothing(saved_model, tmp_path, monkeypatch):
+    base = saved_model("llama", shard_kb=40)
+    ms = learned_masks(base)
+    assert len(list(base.glob("*.safetensors"))) > 2  # several shards: they run two at a time
+    calls, real = [], A._mask_in_place
+
+    def fails_on_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real(*args)
+
+    monkeypatch.setattr(A, "_mask_in_place", fails_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        A.apply_masks(base, ms, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
 def test_existing_output_needs_overwrite(saved_model, tmp_path):
     base = saved_model("llama")
     ms = learned_masks(base)

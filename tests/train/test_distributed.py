@@ -52,15 +52,22 @@ def check_mft_run(out: Path, processes: int) -> dict:
     return masks.masks
 
 
-def test_deepspeed_zero3_bf16_two_processes(tmp_path, saved_model):
+@pytest.mark.parametrize("ds_config, precision", [("stage3_no_offloading_accelerate.conf", "bf16"),
+                                                   ("stage2_accelerate.conf", "no")], ids=["zero3-bf16", "zero2-fp32"])
+def test_deepspeed_two_processes(tmp_path, saved_model, ds_config, precision):
     base, data = saved_model("llama"), write_chat_data(tmp_path / "data.jsonl")
-    out = tmp_path / "zero3"
-    launch(["--use_deepspeed", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16",
-            "--deepspeed_config_file", str(ROOT / "configs/ds_configs/stage3_no_offloading_accelerate.conf"),
+    out = tmp_path / "run"
+    launch(["--use_deepspeed", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", precision,
+            "--deepspeed_config_file", str(ROOT / "configs/ds_configs" / ds_config),
             str(ROOT / "scripts/finetune.py"), *common_overrides(base, data, out, tmp_path / "cache")], cwd=tmp_path)
     masks = check_mft_run(out, processes=2)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert 0 <= log[-1]["mask_changed"] <= 1 and set(log[-1]["kept_fraction"]) == {"1", "2"}
+    assert all(v == pytest.approx(0.9, abs=0.002) for v in log[-1]["kept_fraction"].values())
 
-    # The masks come from the fp32 master scores, not from the bf16 copies the model computes with.
+    # The masks come from the fp32 master scores (gathered from their partitions), not from the bf16 copies
+    # the model computes with under bf16.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint = latest_checkpoint(str(out))
@@ -71,27 +78,6 @@ def test_deepspeed_zero3_bf16_two_processes(tmp_path, saved_model):
         scores = fp32[f"{name}.scores"]
         assert scores.dtype == torch.float32
         assert torch.equal(mask, local_mask(scores, 0.9)), name
-
-
-def test_deepspeed_zero2_two_processes(tmp_path, saved_model):
-    base, data = saved_model("llama"), write_chat_data(tmp_path / "data.jsonl")
-    out = tmp_path / "zero2"
-    launch(["--use_deepspeed", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--deepspeed_config_file", str(ROOT / "configs/ds_configs/stage2_accelerate.conf"),
-            str(ROOT / "scripts/finetune.py"), *common_overrides(base, data, out, tmp_path / "cache")], cwd=tmp_path)
-    masks = check_mft_run(out, processes=2)
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 13))
-    assert 0 <= log[-1]["mask_changed"] <= 1 and set(log[-1]["kept_fraction"]) == {"1", "2"}
-    assert all(v == pytest.approx(0.9, abs=0.002) for v in log[-1]["kept_fraction"].values())
-
-    # ZeRO-2 keeps the optimizer state partitioned; the masks come from the full fp32 scores.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(latest_checkpoint(str(out))), tag="pytorch_model")
-    assert set(fp32) == {f"{name}.scores" for name in masks}
-    for name, mask in masks.items():
-        assert torch.equal(mask, local_mask(fp32[f"{name}.scores"], 0.9)), name
 
 
 def test_ddp_two_processes(tmp_path, saved_model):
