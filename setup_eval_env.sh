@@ -7,6 +7,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=bash/lib.sh
+source "$ROOT/bash/lib.sh"
 ENV_PATH="${MFT_EVAL_ENV:-$HOME/venvs/mft-eval}"
 USE_CONDA=0
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
@@ -45,12 +47,7 @@ done
 
 say() { echo "[setup_eval_env] $*" >&2; }
 
-if ((USE_CONDA)); then
-    command -v conda >/dev/null 2>&1 || { echo "error: --conda given but conda is not on PATH" >&2; exit 1; }
-    [[ -x "$ENV_PATH/bin/python" ]] || { say "creating conda environment $ENV_PATH"; conda create -y -p "$ENV_PATH" python=3.11 pip; }
-else
-    [[ -x "$ENV_PATH/bin/python" ]] || { say "creating virtual environment $ENV_PATH with $PYTHON"; "$PYTHON" -m venv "$ENV_PATH"; }
-fi
+mft_make_env setup_eval_env "$ENV_PATH" "$USE_CONDA" "$PYTHON"
 PY="$ENV_PATH/bin/python"
 
 say "installing mft[vllm] ${VLLM_SPEC:+with $VLLM_SPEC }into $ENV_PATH"

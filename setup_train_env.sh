@@ -6,6 +6,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=bash/lib.sh
+source "$ROOT/bash/lib.sh"
 ENV_PATH="${MFT_TRAIN_ENV:-$HOME/venvs/mft-train}"
 USE_CONDA=0
 CUDA_TAG="${CUDA_TAG:-cu128}"
@@ -49,18 +51,7 @@ done
 
 say() { echo "[setup_train_env] $*" >&2; }
 
-if ((USE_CONDA)); then
-    command -v conda >/dev/null 2>&1 || { echo "error: --conda given but conda is not on PATH" >&2; exit 1; }
-    if [[ ! -x "$ENV_PATH/bin/python" ]]; then
-        say "creating conda environment $ENV_PATH"
-        conda create -y -p "$ENV_PATH" python=3.11 pip
-    fi
-else
-    if [[ ! -x "$ENV_PATH/bin/python" ]]; then
-        say "creating virtual environment $ENV_PATH with $PYTHON"
-        "$PYTHON" -m venv "$ENV_PATH"
-    fi
-fi
+mft_make_env setup_train_env "$ENV_PATH" "$USE_CONDA" "$PYTHON"
 PY="$ENV_PATH/bin/python"
 "$PY" -m pip install -q --upgrade pip wheel setuptools packaging ninja
 

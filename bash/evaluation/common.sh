@@ -5,6 +5,8 @@
 set -euo pipefail
 
 MFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=../lib.sh
+source "$MFT_ROOT/bash/lib.sh"
 MATH_SUBJECTS=(algebra counting_and_probability geometry intermediate_algebra number_theory prealgebra precalculus)
 
 mft_eval_usage() {
@@ -27,16 +29,6 @@ Results: EVAL_OUTPUT/metrics.json and task-NNN-* files (mft), one folder per tas
 EVAL_OUTPUT/math/<subject>/metrics.json and EVAL_OUTPUT/math/task_scores_flex.jsonl. Compare runs with
   mft report output/fft_llama2-7b_math/eval_output output/masktune_llama2-7b_math/mask_applied/eval_output
 EOF_USAGE
-}
-
-mft_eval_run() {
-    if [[ "${DRY_RUN:-0}" == 1 ]]; then
-        local quoted
-        printf -v quoted '%q ' "$@"
-        echo "${quoted% }"
-    else
-        "$@"
-    fi
 }
 
 # mft_eval_paths NAME: sets MODEL_PATH and EVAL_OUTPUT the way the original scripts did.
@@ -98,16 +90,16 @@ mft_eval_main() { # mft_eval_main DOMAIN MODEL [extra flags...]
         command -v "${OLMES:-olmes}" >/dev/null 2>&1 || [[ "${DRY_RUN:-0}" == 1 ]] \
             || { echo "error: EVAL_HARNESS=olmes but '${OLMES:-olmes}' is not installed" >&2; return 1; }
         for spec in "${specs[@]}"; do
-            mft_eval_run "${OLMES:-olmes}" --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
+            mft_run "${OLMES:-olmes}" --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
                 --task "$spec" --output-dir "$(mft_olmes_dir "$spec")" "$@"
         done
         if [[ "$domain" == math ]]; then
-            mft_eval_run "${PYTHON:-python}" "$MFT_ROOT/scripts/get_math_score.py" "$EVAL_OUTPUT"
+            mft_run "${PYTHON:-python}" "$MFT_ROOT/scripts/get_math_score.py" "$EVAL_OUTPUT"
         fi
     elif [[ "${EVAL_HARNESS:-mft}" == mft ]]; then
         local -a task_args=()
         for spec in "${specs[@]}"; do task_args+=(--task "$spec"); done
-        mft_eval_run "${MFT:-mft}" eval --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
+        mft_run "${MFT:-mft}" eval --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
             "${task_args[@]}" --output-dir "$EVAL_OUTPUT" "$@"
     else
         echo "error: EVAL_HARNESS must be mft or olmes, got '${EVAL_HARNESS}'" >&2

@@ -5,6 +5,8 @@
 set -euo pipefail
 
 MFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=../lib.sh
+source "$MFT_ROOT/bash/lib.sh"
 
 mft_usage() {
     cat <<'EOF'
@@ -43,17 +45,6 @@ EOF
 mft_die() {
     echo "error: $*" >&2
     exit 1
-}
-
-# Run a command, or print it (shell-quoted, one line) when DRY_RUN=1.
-mft_run() {
-    if [[ "${DRY_RUN:-0}" == 1 ]]; then
-        local quoted
-        printf -v quoted '%q ' "$@"
-        echo "${quoted% }"
-    else
-        "$@"
-    fi
 }
 
 mft_int() { # mft_int NAME VALUE: VALUE must be a non-negative integer
@@ -148,17 +139,21 @@ mft_default_layers() {
     esac
 }
 
+# mft_begin MODEL DOMAIN [FIRST_ARG]: --help, the domain check, the cluster setup; sets MFT_CONFIG_PREFIX.
+mft_begin() {
+    if [[ "${3:-}" == -h || "${3:-}" == --help ]]; then mft_usage; exit 0; fi
+    mft_check_domain "$2"
+    cd "$MFT_ROOT"
+    mft_setup
+    MFT_CONFIG_PREFIX="$(mft_config_prefix "$1")"
+}
+
 # mft_fft MODEL DOMAIN [overrides...]
 mft_fft() {
     local model="$1" domain="$2"
     shift 2
-    if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then mft_usage; exit 0; fi
-    mft_check_domain "$domain"
-    cd "$MFT_ROOT"
-    mft_setup
-    local prefix
-    prefix="$(mft_config_prefix "$model")"
-    local config="configs/train_configs/${prefix}_${domain}_fft.yaml"
+    mft_begin "$model" "$domain" "${1:-}"
+    local config="configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_fft.yaml"
     local out="${OUTPUT_DIR:-$OUTPUT_ROOT/fft_${model}_${domain}}"
     local extra=()
     if [[ -n "${BASE_MODEL:-}" ]]; then extra+=(--model_name_or_path="$BASE_MODEL"); fi
@@ -169,13 +164,8 @@ mft_fft() {
 mft_masktune() {
     local model="$1" domain="$2"
     shift 2
-    if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then mft_usage; exit 0; fi
-    mft_check_domain "$domain"
-    cd "$MFT_ROOT"
-    mft_setup
-    local prefix
-    prefix="$(mft_config_prefix "$model")"
-    local config="configs/train_configs/${prefix}_${domain}_local_masktune.yaml"
+    mft_begin "$model" "$domain" "${1:-}"
+    local config="configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_local_masktune.yaml"
     local layers keep="${KEEP_RATIO:-0.9}"
     layers="$(mft_layers "${LAYERS:-$(mft_default_layers "$domain")}")"
     local first="${layers%% *}" last="${layers##* }"
