@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mft.masking.config import MaskConfig
-from mft.masking.inject import bake_masks, extract_masks, inject_masks, masked_modules, remove_masks
+from mft.errors import MftError
+from mft.masking.inject import (bake_masks, extract_masks, inject_masks, load_masks_into, masked_modules,
+                                remove_masks)
 from mft.masking.layer import MaskedLinear, global_mask, local_mask, num_pruned
 from mft.tiny import tiny_model
 
@@ -222,3 +224,22 @@ def test_bake_and_remove():
     inject_masks(model2, MaskConfig(masked_layers=[2]), seed=0)
     remove_masks(model2)
     assert all(torch.equal(v, ref[k]) for k, v in model2.state_dict().items())
+
+
+def test_load_masks_into_pins_given_masks_and_refuses_foreign_ones():
+    model = tiny_model("llama", vocab_size=100)
+    inject_masks(model, MaskConfig(masked_layers=[1]), seed=0)
+    layers = masked_modules(model)
+    g = torch.Generator().manual_seed(1)
+    given = {n: torch.rand(m.scores_shape, generator=g) < 0.5 for n, m in layers.items()}
+    load_masks_into(model, given)
+    assert all(torch.equal(extract_masks(model)[n], given[n]) for n in given)  # not the scores' own masks
+    name = "model.layers.1.mlp.up_proj"
+    x = torch.randn(3, layers[name].weight.shape[1])
+    with torch.no_grad():
+        assert torch.equal(layers[name](x), F.linear(x, layers[name].weight * given[name]))
+
+    with pytest.raises(MftError, match=r"model.layers.1.mlp.up_proj has shape \(3, 3\) but the model has"):
+        load_masks_into(model, {name: torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(MftError, match="which the model does not have"):
+        load_masks_into(model, {"model.layers.5.mlp.up_proj": given[name]})
