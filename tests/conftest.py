@@ -13,7 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 TOKENIZER_TEXTS = [
     "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

@@ -1,4 +1,4 @@
-"""Fixtures of the evaluation tests: the shared benchmark data and a tiny model saved to disk."""
+"""Fixtures of the evaluation tests: the benchmark data shipped in the package and a tiny model saved to disk."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
 
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
@@ -22,9 +20,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file():
-        pytest.fail(f"the shared benchmark data is missing at {SHARED_DATA}")
-    return SHARED_DATA
+    """The package's own benchmark folder (GSM8K test, MATH-500): what `--data-dir` reads in these tests."""
+    from mft.eval.data import packaged_data_dir
+
+    return packaged_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import argparse
 EVAL_EXAMPLE = """example:
   mft eval --model output/llama2_fft --task gsm8k --task minerva_math --output-dir results/fft
   mft eval --model M --task '{"task_name": "gsm8k", "num_shots": 8}' --model-type hf --limit 20 \\
-      --data-dir ../shared/data --output-dir /tmp/smoke
+      --data-dir packaged --output-dir /tmp/smoke
 tasks: gsm8k, minerva_math (the 7 minerva_math_<subject> tasks), codex_humaneval, codex_humanevalplus, ifeval
 """
 
@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (hf backend)")
     p.add_argument("--data-dir", default=None,
                    help="local data: gsm8k/test.jsonl, math500/test.jsonl, humaneval/test.jsonl, "
-                   "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub)")
+                   "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub); 'packaged' = the "
+                   "copies shipped in the package (GSM8K test, MATH-500)")
     p.add_argument("--max-model-len", type=int, default=2048, help="model length (prompt + generation), 2048")
     p.add_argument("--workers", type=int, default=None, help="scoring/sandbox processes (default: CPU count)")
     p.set_defaults(func=run_eval_command)

@@ -93,6 +93,15 @@ def resolve_local(dataset_path: str | None, data_dir: str | None, candidates: tu
     return None
 
 
+def packaged_data_dir() -> Path:
+    """The benchmark test sets shipped in the package (`mft/data/benchmarks/`), laid out for `--data-dir`.
+
+    Holds `gsm8k/test.jsonl` (GSM8K, 1319 problems) and `math500/test.jsonl` (MATH-500, a 500-problem subset of
+    MATH); licences and provenance in its PROVENANCE.md.
+    """
+    return Path(str(resources.files("mft") / "data" / "benchmarks"))
+
+
 def fewshot_file(name: str) -> Path:
     """A few-shot exemplar file shipped in the package (`mft/data/fewshot/NAME.jsonl`), or a path."""
     if looks_like_file(name):

@@ -15,6 +15,7 @@ from pathlib import Path
 from mft.errors import MftError
 from mft.eval import outputs
 from mft.eval.backends import MAX_MODEL_LEN, Generation, check_model_path, load_backend, resolve_model_type
+from mft.eval.data import packaged_data_dir
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -94,7 +95,12 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
              batch_size: int = 8, data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
              workers: int | None = None) -> dict:
-    """Evaluate `model` on the tasks; returns the metrics.json content."""
+    """Evaluate `model` on the tasks; returns the metrics.json content.
+
+    `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
+    """
+    if data_dir == "packaged":
+        data_dir = str(packaged_data_dir())
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise MftError(f"--data-dir {data_dir} is not a folder")
     if limit is not None and limit < 1:
