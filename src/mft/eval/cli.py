@@ -24,13 +24,15 @@ def register(subparsers) -> None:
     p.add_argument("--model-type", choices=["auto", "vllm", "hf"], default="auto",
                    help="generation backend; auto = vllm if installed and a GPU is visible, else hf")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (hf backend)")
+    p.add_argument("--batch-size", default="auto",
+                   help="prompts per batch (hf backend): a number, or auto = as many as fit in free memory (default)")
     p.add_argument("--data-dir", default=None,
                    help="local data: gsm8k/test.jsonl, math500/test.jsonl, humaneval/test.jsonl, "
                    "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub); 'packaged' = the "
                    "copies shipped in the package (GSM8K test, MATH-500)")
     p.add_argument("--max-model-len", type=int, default=2048, help="model length (prompt + generation), 2048")
     p.add_argument("--workers", type=int, default=None, help="scoring/sandbox processes (default: CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval_command)
 
     r = subparsers.add_parser("report", help="compare result folders: markdown table and PNG bar chart",
@@ -43,6 +45,10 @@ def register(subparsers) -> None:
 
 def run_eval_command(args) -> int:
     from mft.eval.runner import run_eval
+    from mft.progress import set_quiet
+
+    if args.quiet:
+        set_quiet()
 
     summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
                        batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,

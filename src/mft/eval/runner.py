@@ -16,6 +16,7 @@ from mft.errors import MftError
 from mft.eval import outputs
 from mft.eval.backends import MAX_MODEL_LEN, Generation, check_model_path, load_backend, resolve_model_type
 from mft.eval.data import packaged_data_dir
+from mft.eval.hf_backend import parse_batch_size
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -93,7 +94,7 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 
 
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
-             batch_size: int = 8, data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
+             batch_size: int | str = "auto", data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
              workers: int | None = None) -> dict:
     """Evaluate `model` on the tasks; returns the metrics.json content.
 
@@ -105,6 +106,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         raise MftError(f"--data-dir {data_dir} is not a folder")
     if limit is not None and limit < 1:
         raise MftError(f"--limit must be at least 1, got {limit}")
+    batch_size = parse_batch_size(batch_size)
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
     model_type = resolve_model_type(model_type)
