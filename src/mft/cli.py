@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "mft.train.cli",  # train
     "mft.masking.cli",  # apply, masks
     "mft.eval.cli",  # eval, report
+    "mft.plot",  # plot
     "mft.demo",  # demo
 ]
 

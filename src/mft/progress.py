@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 LOG_EVERY_PERCENT = 10.0
@@ -30,9 +31,9 @@ def set_quiet(quiet: bool = True) -> None:
     """Silence (or restore) every progress bar of this process and of the processes it starts."""
     if quiet:
         os.environ["MFT_QUIET"] = "1"
+        _third_party_bars(enabled=False)
     else:
         os.environ.pop("MFT_QUIET", None)
-    _third_party_bars(enabled=not quiet and _stream_is_terminal())
 
 
 def is_quiet() -> bool:
@@ -50,24 +51,34 @@ def _stream_is_terminal(stream=None) -> bool:
         return False
 
 
-def _third_party_bars(enabled: bool) -> None:
-    """Turn the libraries' own bars on or off (they write carriage returns into log files)."""
-    for module, off, on in (("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
-                            ("datasets", "disable_progress_bars", "enable_progress_bars"),
-                            ("huggingface_hub.utils", "disable_progress_bars", "enable_progress_bars")):
-        if module.split(".")[0] not in sys.modules:
-            continue  # not imported: nothing to switch (and importing it here would cost seconds)
-        try:
-            import importlib
+_LIBRARY_BARS = (("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
+                 ("datasets", "disable_progress_bars", "enable_progress_bars"),
+                 ("huggingface_hub.utils", "disable_progress_bars", "enable_progress_bars"))
 
+
+def _third_party_bars(enabled: bool, load: bool = False) -> None:
+    """Turn the libraries' own bars on or off (theirs write carriage returns into log files). Libraries not
+    imported yet are imported only when `load`; off, the environment variables `datasets` and
+    `huggingface_hub` read at import time are set as well, so later imports and child processes follow."""
+    import importlib
+
+    if not enabled:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for module, off, on in _LIBRARY_BARS:
+        if not load and module.split(".")[0] not in sys.modules:
+            continue
+        try:
             getattr(importlib.import_module(module), on if enabled else off)()
         except (ImportError, AttributeError):
             pass
 
 
 def quiet_libraries_off_terminal() -> None:
-    """Called once the libraries are imported: their bars only on a terminal and when not quiet."""
-    _third_party_bars(enabled=not is_quiet() and _stream_is_terminal())
+    """For commands that use `transformers` / `datasets` anyway: their bars only on a terminal and when not
+    quiet (imports them)."""
+    if is_quiet() or not _stream_is_terminal():
+        _third_party_bars(enabled=False, load=True)
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", initial: int = 0, leave: bool = True,
@@ -119,7 +130,9 @@ class LogProgress:
         self.start = self.last_time = time.monotonic()
         self.start_n = initial
         self.last_fraction = self._fraction()
+        self._written_n = None
         self.closed = False
+        self._lock = threading.Lock()  # apply copies two shards at once, each thread updates the bar
 
     # tqdm's interface ----------------------------------------------------------------------------------
     def __iter__(self):
@@ -139,13 +152,14 @@ class LogProgress:
         return False
 
     def update(self, n=1) -> None:
-        self.n += n
-        if self.silent:
-            return
-        now, fraction = time.monotonic(), self._fraction()
-        due_percent = fraction is not None and (fraction - self.last_fraction) * 100 >= self.every_percent - 1e-9
-        if due_percent or now - self.last_time >= self.every_s:
-            self._write(now)
+        with self._lock:
+            self.n += n
+            if self.silent:
+                return
+            now, fraction = time.monotonic(), self._fraction()
+            due_percent = fraction is not None and (fraction - self.last_fraction) * 100 >= self.every_percent - 1e-9
+            if due_percent or now - self.last_time >= self.every_s:
+                self._write(now)
 
     def set_postfix(self, ordered_dict=None, refresh=True, **kwargs) -> None:
         items = {**(ordered_dict or {}), **kwargs}
@@ -168,12 +182,10 @@ class LogProgress:
         if self.closed:
             return
         self.closed = True
-        if not self.silent and self.n != self.start_n and self.last_time_n() != self.n:
+        if not self.silent and self.n != self.start_n and self._written_n != self.n:
             self._write(time.monotonic())
 
     # lines ---------------------------------------------------------------------------------------------
-    def last_time_n(self):
-        return getattr(self, "_written_n", None)
 
     def _fraction(self):
         return self.n / self.total if self.total else None

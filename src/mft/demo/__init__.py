@@ -24,11 +24,16 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same table")
     p.add_argument("--quick", action="store_true", help="a 20-second smoke test of every stage (tiny budgets; the numbers mean nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --output-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from mft.demo.pipeline import run_demo
+    from mft.progress import set_quiet
+
+    if args.quiet:
+        set_quiet()
 
     run_demo(args.output_dir, seed=args.seed, quick=args.quick, overwrite=args.overwrite)
     return 0

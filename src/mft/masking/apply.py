@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from mft.progress import progress as tqdm
 
 from mft.errors import MftError
 from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, model_skeleton,
@@ -35,6 +35,7 @@ from mft.masking.select import Target, linear_kind, select_targets
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
+COPY_CHUNK = 64 << 20  # bytes per kernel copy call: the progress bar moves at least this often
 
 
 # -- where masks come from ---------------------------------------------------------------------------------
@@ -128,10 +129,11 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
+        total = sum((checkpoint.path / shard).stat().st_size for shard in checkpoint.shards)
+        bar = tqdm(total=total, desc="apply masks", unit="B", unit_scale=True, disable=not progress)  # bytes copied
         if checkpoint.format == "safetensors":
             _for_each(checkpoint.shards, bar, lambda shard: _apply_safetensors_shard(
-                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set))
+                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set, bar.update))
             for index in INDEX_FILES[:1]:
                 if (checkpoint.path / index).exists():
                     shutil.copyfile(checkpoint.path / index, tmp / index)
@@ -159,7 +161,6 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
         try:
             for future in as_completed(futures):
                 future.result()
-                bar.update()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -168,12 +169,13 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
             bar.close()
 
 
-def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
+def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet,
+                             copied=lambda n: None) -> None:
     """Write `dst` = `src` with the named modules' weights masked: the kernel copies the file, then each masked
     tensor's byte range of the copy is mapped and zeroed where its mask prunes, in place (no user-space copy
     of the data, one tensor mapped at a time)."""
     with open(src, "rb") as fin, open(dst, "w+b") as fout:
-        _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
+        _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size, copied)
         if not names:
             return
         header, data_start = read_safetensors_header(src)
@@ -195,16 +197,18 @@ def _mask_in_place(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tup
         del tensor  # release the buffer before the mapping closes
 
 
-def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
-    """Bytes [start, end) of fd_in to the same offsets of fd_out, by the kernel where it can."""
+def _copy_range(fd_in: int, fd_out: int, start: int, end: int, copied=lambda n: None) -> None:
+    """Bytes [start, end) of fd_in to the same offsets of fd_out, by the kernel where it can; `copied(n)` after
+    each chunk of at most COPY_CHUNK bytes (the progress bar counts bytes)."""
     while start < end:
         try:
-            n = os.copy_file_range(fd_in, fd_out, end - start, start, start)
+            n = os.copy_file_range(fd_in, fd_out, min(end - start, COPY_CHUNK), start, start)
         except OSError:  # not supported here (old kernel, some file systems): plain reads and writes
             n = os.pwrite(fd_out, os.pread(fd_in, min(end - start, 1 << 26), start), start)
         if n == 0:
             raise MftError(f"unexpected end of file while copying bytes {start}-{end}")
         start += n
+        copied(n)
 
 
 def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: MaskSet, bar) -> None:
@@ -214,7 +218,7 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: M
     masked_key = {key: name for name, key in keys.items()}
     n = len(checkpoint.shards)
     weight_map, total = {}, 0
-    for i, shard in enumerate(bar, start=1):
+    for i, shard in enumerate(checkpoint.shards, start=1):
         out_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         tensors, seen = {}, set()
         for key, t in checkpoint._load_bin(shard).items():
@@ -226,6 +230,8 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: M
             weight_map[key] = out_name
             total += t.numel() * t.element_size()
         save_file(tensors, str(tmp / out_name), metadata={"format": "pt"})
+        bar.update((checkpoint.path / shard).stat().st_size)
+    bar.close()
     if n > 1:
         (tmp / INDEX_FILES[0]).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))

@@ -76,6 +76,10 @@ def _mask_config(args) -> MaskConfig:
 def run_apply(args) -> int:
     from mft.masking import apply as A
     from mft.masking.files import read_masks
+    from mft.progress import set_quiet
+
+    if args.quiet:
+        set_quiet()  # every bar: the L1 and score passes too, not only the copy
 
     sources = [bool(args.mask_model_name_or_path), bool(args.masks_file), args.random_masks, args.use_l1_mask]
     if sum(sources) != 1:

@@ -248,13 +248,15 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job `cfg` describes (see the module docstring)."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from mft.progress import progress, quiet_libraries_off_terminal
 
     from mft.masking.inject import extract_masks, refresh_masks
     from mft.train.data import Collator, build_train_dataset, load_tokenizer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_libraries_off_terminal()
     logger.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
     logging.getLogger("mft.train.data").setLevel(logging.INFO)
@@ -335,7 +337,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("%d optimizer steps (%d epochs x %d), %d processes x %d sequences x %d accumulation",
                     max_steps, epochs, steps_per_epoch, accelerator.num_processes, cfg.per_device_train_batch_size,
                     cfg.gradient_accumulation_steps)
-    bar = tqdm(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
+    bar = progress(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
     model.train()
     window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -360,7 +362,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             refresh()
             completed_steps += 1
-            bar.update(1)
             if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
                 loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
                 tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
@@ -375,6 +376,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.with_tracking:
                     accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
                 window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            bar.update(1)  # after set_postfix: a log line carries this step's loss
             save_now = (isinstance(cfg.checkpointing_steps, int) and completed_steps % cfg.checkpointing_steps == 0) \
                 or (cfg.checkpointing_steps == "epoch" and batches_in_epoch == len(loader))
             if save_now:
