@@ -87,7 +87,7 @@ def assert_log_friendly(text: str) -> None:
     whose length is that of the paths the user chose."""
     assert "\r" not in text
     lines = [line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ", line)]
-    longest = max(lines, key=len)
+    longest = max(lines, key=len, default="")
     assert len(longest) <= P.MAX_LINE, longest[:400]
 
 
