@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mft.errors import MftError
 from mft.eval import outputs
-from mft.eval.backends import MAX_MODEL_LEN, Generation, check_model_path, load_backend, resolve_model_type
+from mft.eval.backends import (MAX_MODEL_LEN, Generation, check_backend_options, check_model_path, load_backend,
+                               resolve_model_type)
 from mft.eval.data import packaged_data_dir
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
@@ -94,10 +95,13 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
              batch_size: int = 8, data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
-             workers: int | None = None) -> dict:
+             workers: int | None = None, tensor_parallel_size: int | None = None, dtype: str | None = None,
+             gpu_memory_utilization: float | None = None) -> dict:
     """Evaluate `model` on the tasks; returns the metrics.json content.
 
     `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
+    `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`: see `VLLMBackend` (the first and last only
+    with vllm; `dtype` also sets the hf backend's weights when not None/"auto").
     """
     if data_dir == "packaged":
         data_dir = str(packaged_data_dir())
@@ -108,6 +112,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
     model_type = resolve_model_type(model_type)
+    check_backend_options(model_type, tensor_parallel_size, dtype, gpu_memory_utilization)
     local = Path(model).expanduser()
     model_config = {"model": str(local.resolve()) if local.exists() else model, "model_type": model_type,
                     "max_model_len": max_model_len}
@@ -123,7 +128,8 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         else:
             if backend is None:
                 log(f"loading {model} with the {model_type} backend")
-                backend = load_backend(model_type, model, batch_size, max_model_len)
+                backend = load_backend(model_type, model, batch_size, max_model_len, tensor_parallel_size, dtype,
+                                       gpu_memory_utilization)
             generations = generate(plan, backend, out)
         record = plan.metrics if plan.metrics and not plan.generated else None
         if record is None:
