@@ -251,3 +251,26 @@ def test_bad_vllm_flags_are_refused_before_loading(monkeypatch, capsys, chatml_m
                  "--output-dir", str(tmp_path / "out"), *flags]) == 1
     assert re.search("mft eval: error: .*" + message, capsys.readouterr().err)
     assert vllm_standin.LLM.instances == [] and not (tmp_path / "out").exists()
+
+
+def test_cuda_pairing_messages():
+    from mft.eval.vllm_backend import cuda_problem
+
+    assert cuda_problem((12, 8), "12.8", 4) is None
+    fatal, message = cuda_problem((11, 8), "12.8", 4)
+    assert fatal and "supports CUDA up to 11.8, but torch was built for CUDA 12.8" in message
+    fatal, message = cuda_problem((12, 2), "12.8", 1)
+    assert not fatal and "minor-version compatibility" in message
+    assert cuda_problem(None, "12.8", 0) == (True, cuda_problem(None, "13.0", 2)[1])
+    assert "no NVIDIA driver found" in cuda_problem(None, "12.8", 0)[1]
+    assert "CPU-only build" in cuda_problem((12, 8), None, 0)[1]
+    assert "no GPU is visible" in cuda_problem((13, 0), "12.8", 0)[1]
+
+
+def test_the_floor_is_the_one_pip_installs():
+    """pyproject's [vllm] extra and the run-time check name the same oldest vLLM."""
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'vllm = ["vllm>={VLLM_MIN_VERSION}", "mft[eval]"]' in pyproject
+    assert VLLM_MIN_VERSION == vllm_standin.VERSIONS[0]

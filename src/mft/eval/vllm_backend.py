@@ -33,6 +33,51 @@ def check_vllm_version(version: str) -> None:
                        f"pip install 'vllm>={VLLM_MIN_VERSION}' (or ./setup_eval_env.sh)")
 
 
+def driver_cuda_version() -> tuple[int, int] | None:
+    """(major, minor) of the newest CUDA the installed NVIDIA driver supports (`cuDriverGetVersion` of
+    libcuda), None when there is no driver library."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int()
+        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return version.value // 1000, version.value % 1000 // 10
+    return None
+
+
+def cuda_problem(driver: tuple[int, int] | None, torch_cuda: str | None, gpus: int) -> tuple[bool, str] | None:
+    """(fatal, what is wrong and what to do) for the driver / torch CUDA pairing, or None when it works.
+
+    `driver`: `driver_cuda_version()`; `torch_cuda`: `torch.version.cuda`; `gpus`: torch.cuda.device_count().
+    A driver of an older CUDA major version than torch's cannot run it; an older minor version of the same
+    major runs it under CUDA's minor-version compatibility (a warning: kernels compiled just in time fail).
+    """
+    if torch_cuda is None:
+        return True, ("this torch is a CPU-only build (torch.version.cuda is None); vLLM needs the CUDA build "
+                      "its wheel asks for: do not install a CPU torch into this environment, rebuild it with "
+                      "./setup_eval_env.sh")
+    if driver is None:
+        return True, ("no NVIDIA driver found (libcuda.so.1 cannot be loaded): run on a GPU node, or pass "
+                      "--no-check on a login node")
+    need = tuple(int(part) for part in torch_cuda.split(".")[:2])
+    shown = f"{driver[0]}.{driver[1]}"
+    if driver[0] < need[0]:
+        return True, (f"the NVIDIA driver supports CUDA up to {shown}, but torch was built for CUDA {torch_cuda}: "
+                      f"update the driver to one for CUDA {need[0]}.x, or pin an older vLLM whose torch uses CUDA "
+                      f"{driver[0]}.x (./setup_eval_env.sh --vllm 'vllm==...')")
+    if gpus < 1:
+        return True, (f"driver (CUDA {shown}) and torch (CUDA {torch_cuda}) match, but no GPU is visible: check "
+                      "nvidia-smi and CUDA_VISIBLE_DEVICES")
+    if driver < need:
+        return False, (f"the NVIDIA driver supports CUDA {shown}, older than torch's {torch_cuda}: it runs under "
+                       "CUDA's minor-version compatibility, but a driver update is the safe choice")
+    return None
+
+
 def checkpoint_settings(model_path: str) -> tuple[int, int, str]:
     """(attention heads, key/value heads, dtype name) from the checkpoint's config (its text config for
     multimodal models). A config without a dtype is float32, as `transformers` saves it."""
