@@ -23,8 +23,8 @@ def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int
         def __call__(self, input_ids, scores, **kwargs):
             new = input_ids[:, prompt_len:]
             open_rows = [row for row in range(new.shape[0]) if row not in self.done_at]
-            texts = [decode_continuation(tokenizer, input_ids[row, :prompt_len].tolist(), new[row].tolist())
-                     for row in open_rows] if stops else []
+            texts = [decode_continuation(tokenizer, input_ids[row, :prompt_len], new[row]) for row in open_rows] \
+                if stops else []
             for i, row in enumerate(open_rows):
                 if (eos_id is not None and new[row, -1].item() == eos_id) or any(s in texts[i] for s in stops):
                     self.done_at[row] = new.shape[1]
