@@ -101,6 +101,11 @@ def test_eos_is_kept_in_token_ids_and_cut_from_the_text(chatml_model_dir):
                                                     tokenizer.eos_token_id)
     assert (text, kept, finish) == (" 12 apples", words + [tokenizer.eos_token_id], "stop")
     assert decode_continuation(tokenizer, prompt, words + [tokenizer.eos_token_id]) == " 12 apples</s>"
+    chat = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|im_start|>"])
+    scripted = words + chat + words
+    standin = vllm_standin.detokenize(tokenizer, prompt, scripted, params, tokenizer.eos_token_id)[0]
+    assert standin == decode_continuation(tokenizer, prompt, scripted) == \
+        " 12 apples<|im_start|><|im_end|><|im_start|> 12 apples"
 
 
 def test_decode_keeps_the_leading_space_sentencepiece_strips():
