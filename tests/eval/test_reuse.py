@@ -110,3 +110,29 @@ def test_every_task_names_its_data_source(tiny_model_dir, tmp_path, capsys):
     report = capsys.readouterr().out
     assert f"- minerva_math_algebra: {MATH500_NOTE}: local file {math['file']} sha256 {MATH500_SHA256}" in report
     assert f"- gsm8k: local file {gsm8k['file']} sha256 {gsm8k['sha256']}" in report
+
+
+def test_a_hub_dataset_is_recorded_with_its_revision(monkeypatch):
+    """The hub cannot be reached here: a stand-in `datasets` module returns rows from a cache path that
+    names the commit, as `datasets` lays out its cache for a hub dataset."""
+    import sys
+    import types
+
+    from mft.eval.data import describe_record
+    from mft.eval.tasks.gsm8k import GSM8K
+
+    commit = "e53f048856ff4f594e959d75785d2c2d37b678ee"
+
+    class Rows(list):
+        cache_files = [{"filename": f"/cache/openai___gsm8k/main/0.0.0/{commit}/gsm8k-test.arrow"}]
+
+    def load_dataset(path, config, split):
+        assert (path, config, split) == ("openai/gsm8k", "main", "test")
+        return Rows([{"question": "1+1?", "answer": "#### 2"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = GSM8K(name="gsm8k")
+    assert len(task.load_docs()) == 1
+    record = task.config()["data_source"]
+    assert record == {"hub": "openai/gsm8k", "config": "main", "split": "test", "revision": commit}
+    assert describe_record(record) == f"hub dataset openai/gsm8k/main[test] revision {commit}"
