@@ -239,6 +239,9 @@ def test_mft_eval_vllm_matches_hf(monkeypatch, chatml_model_dir, shared_data, tm
         rows[model_type] = [r["model_output"] for r in read_jsonl(predictions)]
     assert rows["vllm"] == rows["hf"] and len(rows["hf"]) == 3
     assert vllm_standin.LLM.instances[0].init["tensor_parallel_size"] == 2
+    config = json.loads((tmp_path / "vllm" / "metrics.json").read_text())["model_config"]
+    assert (config["model_type"], config["dtype"], config["tensor_parallel_size"]) == ("vllm", "bfloat16", 2)
+    assert config["decode"] == {"skip_special_tokens": False, "spaces_between_special_tokens": False}
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -44,9 +44,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_eval_command)
 
     r = subparsers.add_parser("report", help="compare result folders: markdown table and PNG bar chart",
-                              description="Read metrics.json files under each folder and compare the models.")
-    r.add_argument("dirs", nargs="+", metavar="DIR", help="result folders; the first one is the baseline")
-    r.add_argument("--labels", nargs="+", default=None, help="model names for the columns (default: folder names)")
+                              description="Find each model's result folder (a folder with a metrics.json) in "
+                              "the folders given and compare the models, one column each.")
+    r.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="result folders, or folders holding several; the first column found is the baseline")
+    r.add_argument("--labels", nargs="+", default=None,
+                   help="one name per result folder found, in order (default: folder names)")
     r.add_argument("--output", default="report.png", help="where to write the bar chart (PNG)")
     r.set_defaults(func=run_report_command)
 
