@@ -8,8 +8,8 @@ import random
 import pytest
 
 from mft.errors import MftError
-from mft.eval.backends import cut_at_stop
-from mft.eval.hf_backend import (HFBackend, StopScanner, auto_batch_size, bytes_per_row, decode, parse_batch_size)
+from mft.eval.backends import cut_at_stop, decode_continuation
+from mft.eval.hf_backend import HFBackend, StopScanner, auto_batch_size, bytes_per_row, parse_batch_size
 
 PROMPTS = [
     "Question: Janet has 3 apples and buys 5 more. How many apples does she have?\nAnswer:",
@@ -21,18 +21,18 @@ PROMPTS = [
 ]
 
 
-def whole_text_first_hit(tokenizer, tokens, stops):
+def whole_text_first_hit(tokenizer, tokens, stops, prompt=()):
     """The rule the old backend applied at every step: decode the whole new text, look for a stop."""
     for n in range(1, len(tokens) + 1):
-        text = decode(tokenizer, tokens[:n])
+        text = decode_continuation(tokenizer, prompt, tokens[:n])
         if any(s in text for s in stops):
             return n
     return None
 
 
-def scanner_first_hit(scanner, tokens):
+def scanner_first_hit(scanner, tokens, prompt=()):
     for n in range(1, len(tokens) + 1):
-        if scanner.hit(tokens[:n]):
+        if scanner.hit(tokens[:n], prompt):
             return n
     return None
 
@@ -71,18 +71,19 @@ def test_tail_stop_check_finds_the_same_first_hit_as_decoding_the_whole_text(kin
     compared = hits = split = 0
     for _ in range(120):
         tokens = [rng.randrange(vocab) for _ in range(rng.randrange(8, 60))]
-        text = decode(tokenizer, tokens)
+        prompt = [rng.randrange(vocab) for _ in range(6)]
+        text = decode_continuation(tokenizer, prompt, tokens)
         start = rng.randrange(max(1, len(text) - 2))
         stop = text[start : start + rng.randrange(2, 12)]
         stops = [s for s in (stop, "Question:", "\n\n") if s and "\ufffd" not in s]
-        expected = whole_text_first_hit(tokenizer, tokens, stops)
-        got = scanner_first_hit(StopScanner(tokenizer, stops), tokens)
+        expected = whole_text_first_hit(tokenizer, tokens, stops, prompt)
+        got = scanner_first_hit(StopScanner(tokenizer, stops), tokens, prompt)
         assert got == expected, (tokens, stops)
         compared += 1
         hits += expected is not None
         if expected is not None and stop in stops:
             # the stop straddles a token boundary when the text one token earlier holds a proper prefix of it
-            before = decode(tokenizer, tokens[: expected - 1])
+            before = decode_continuation(tokenizer, prompt, tokens[: expected - 1])
             split += any(before.endswith(stop[:k]) for k in range(1, len(stop)))
     assert compared == 120 and hits >= 60 and split >= 20
 
@@ -95,15 +96,16 @@ def test_a_stop_split_across_tokens_ends_the_row_at_the_token_that_completes_it(
     prompt = tokenizer(PROMPTS[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():  # the tokens the backend generated (re-tokenizing its text would differ)
         tokens = backend.model.generate(prompt, do_sample=False, max_new_tokens=40)[0, prompt.shape[1]:].tolist()
-    assert decode(tokenizer, tokens) == free.text
-    pieces = [decode(tokenizer, [t]) for t in tokens]
+    prompt_ids = prompt[0].tolist()
+    assert decode_continuation(tokenizer, prompt_ids, tokens) == free.text
+    pieces = [decode_continuation(tokenizer, prompt_ids + tokens[:i], [t]) for i, t in enumerate(tokens)]
     # a stop made of the last 2 characters of one token and the first 2 of the next
     k = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2
              and "\ufffd" not in pieces[i] + pieces[i + 1])
     stop = pieces[k][-2:] + pieces[k + 1][:2]
     (stopped,) = backend.generate([PROMPTS[0]], [stop], 40)
     assert stopped.text == free.text[: free.text.find(stop)]
-    first = whole_text_first_hit(tokenizer, tokens, [stop])
+    first = whole_text_first_hit(tokenizer, tokens, [stop], prompt_ids)
     assert stopped.num_tokens == first and first <= k + 2
 
 
@@ -146,8 +148,9 @@ def test_outputs_equal_model_generate_and_finished_rows_leave_the_batch(family, 
         reference = backend.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
     for row, generation in enumerate(stopped):
         new = reference[row, width:].tolist()
-        assert generation.text == cut_at_stop(decode(tokenizer, new[: generation.num_tokens]), stops + ["</s>"])
-        assert decode(tokenizer, new).startswith(free[row].text)
+        text = decode_continuation(tokenizer, ids[row], new[: generation.num_tokens])
+        assert generation.text == cut_at_stop(text, stops + ["</s>"])
+        assert decode_continuation(tokenizer, ids[row], new).startswith(free[row].text)
 
 
 def test_batch_size_auto_is_what_fits_in_free_memory(backend, monkeypatch):

@@ -11,29 +11,31 @@ from __future__ import annotations
 import inspect
 
 from mft.errors import MftError
-from mft.eval.backends import MAX_MODEL_LEN, Generation, cut_at_stop, encode_prompts, prompt_budget, stop_list
+from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, cut_at_stop, decode_continuation,
+                               encode_prompts, prompt_budget, stop_list)
 
 AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
 AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
 
 
-def decode(tokenizer, ids) -> str:
-    """The text of generated token ids, as the stop check and the final cut see it."""
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def decode_tail(tokenizer, ids) -> str:
+    """The text of a window of generated ids, decoded by the backends' rule (`DECODE_KWARGS`)."""
+    return tokenizer.decode(ids, **DECODE_KWARGS)
 
 
 class StopScanner:
     """Finds the first step at which a row's generated text contains a stop string, looking at its tail only.
 
-    `hit(tokens)` answers "does decode(tokens) contain a stop string?" for a row whose text did not contain
-    one one token earlier. Such an occurrence must end in the characters the newest token added (or changed:
+    The row's text is `decode_continuation(tokenizer, prompt_ids, tokens)` (the backends' decode rule, the
+    text the final cut sees). `hit(tokens, prompt_ids)` answers "does that text contain a stop string?" for
+    a row whose text did not contain one one token earlier. Such an occurrence must end in the characters the newest token added (or changed:
     a token can complete a multi-byte character begun by the previous one), so it lies in the last
     `longest stop + newest token's characters + MARGIN` characters of the text. Only a window of the newest
     tokens that decodes to at least that many characters is decoded (the window doubles until it does or it
     holds every token). The decoded start of a window may differ from the whole text's (a SentencePiece
     leading space is dropped, a cut multi-byte character shows as U+FFFD); MARGIN characters absorb that.
-    A hit is confirmed on the row's whole text before it is reported, so the answer is exactly "stop in
-    decode(tokens)", the rule the final cut uses. Cost per step: one short decode per open row, O(1) in the
+    A window that holds every token, and every hit, is checked on the row's whole text, so the answer is
+    exactly "stop in the row's text", the rule the final cut uses. Cost per step: one short decode per open row, O(1) in the
     generation length (the whole-text check was O(length) per step, O(length^2) per row).
     """
 
@@ -54,21 +56,19 @@ class StopScanner:
             n = self._token_chars[token_id] = len(piece) if isinstance(piece, str) else 16
         return n
 
-    def hit(self, tokens: list[int]) -> bool:
+    def hit(self, tokens: list[int], prompt_ids=()) -> bool:
         if not self.stops or not tokens:
             return False
         need = self.longest + self._chars(tokens[-1]) + self.MARGIN
         window = min(len(tokens), need)
-        while True:
-            tail = decode(self.tokenizer, tokens[-window:])
-            if len(tail) >= need or window == len(tokens):
+        while window < len(tokens):
+            tail = decode_tail(self.tokenizer, tokens[-window:])
+            if len(tail) >= need:
+                if not any(s in tail for s in self.stops):
+                    return False
                 break
             window = min(len(tokens), 2 * window)
-        if not any(s in tail for s in self.stops):
-            return False
-        if window == len(tokens):
-            return True
-        return any(s in decode(self.tokenizer, tokens) for s in self.stops)
+        return any(s in decode_continuation(self.tokenizer, prompt_ids, tokens) for s in self.stops)
 
 
 def free_memory_bytes(device: str) -> int:
@@ -206,7 +206,7 @@ class HFBackend:
                 for j, token in enumerate(chosen.tolist()):
                     tokens = new_tokens[alive[j]]
                     tokens.append(token)
-                    if not (token == eos_id or len(tokens) >= max_gen_toks or scanner.hit(tokens)):
+                    if not (token == eos_id or len(tokens) >= max_gen_toks or scanner.hit(tokens, rows[alive[j]])):
                         keep.append(j)
                 if bar is not None:
                     bar.update(len(alive))
@@ -220,4 +220,5 @@ class HFBackend:
                 input_ids = chosen[:, None]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 positions = positions[:, -1:] + 1
-        return [Generation(cut_at_stop(decode(self.tokenizer, tokens), stops), len(tokens)) for tokens in new_tokens]
+        return [Generation(cut_at_stop(decode_continuation(self.tokenizer, row, tokens), stops), len(tokens))
+                for row, tokens in zip(rows, new_tokens)]
