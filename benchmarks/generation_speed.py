@@ -89,8 +89,8 @@ class Before:
             batch = order[start : start + batch_size]
             rows = [ids[i] for i in batch]
             width = max(map(len, rows))
-            input_ids = torch.tensor([[b.pad_id] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            input_ids = torch.tensor([[b.pad_id] * (width - len(r)) + r for r in rows], device=b.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=b.device)
 
             class StopOnStrings(StoppingCriteria):
                 done_at: dict = {}
@@ -103,7 +103,7 @@ class Before:
                     for i, r in enumerate(open_rows):
                         if new[r, -1].item() == eos_id or any(s in texts[i] for s in stops):
                             self.done_at[r] = new.shape[1]
-                    return torch.tensor([r in self.done_at for r in range(new.shape[0])])
+                    return torch.tensor([r in self.done_at for r in range(new.shape[0])], device=input_ids.device)
 
             criteria = StopOnStrings()
             criteria.done_at = {}
@@ -136,8 +136,8 @@ def plain_generate(backend, prompts, max_gen_toks, batch_size):
         batch = order[start : start + batch_size]
         rows = [ids[i] for i in batch]
         width = max(map(len, rows))
-        input_ids = torch.tensor([[backend.pad_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        input_ids = torch.tensor([[backend.pad_id] * (width - len(r)) + r for r in rows], device=backend.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=backend.device)
         with torch.inference_mode():
             out = backend.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         for row, index in enumerate(batch):
