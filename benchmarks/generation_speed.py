@@ -115,7 +115,8 @@ class Before:
             for row, index in enumerate(batch):
                 new = out[row, width:]
                 n = criteria.done_at.get(row, new.shape[0])
-                results[index] = Generation(cut_at_stop(decode_continuation(tok, rows[row], new[:n].tolist()), stops), int(n))
+                text = decode_continuation(tok, rows[row], new[:n].tolist())
+                results[index] = Generation(cut_at_stop(text, stops), int(n))
         return results
 
 

@@ -45,7 +45,9 @@ def test_output_to_a_file_has_plain_lines_only(demo):
     progress as plain lines ending at 100 %."""
     for text in (demo["stdout"], demo["stderr"]):
         assert "\r" not in text
-        assert max(map(len, text.splitlines()), default=0) <= 300
+        # logging records (`2026-11-30 23:37:53,915 INFO name: ...`) are as long as the paths they name
+        lines = [line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ ", line)]
+        assert max(map(len, lines), default=0) <= 300
     assert any(line.startswith("mft training: 100% ") for line in demo["stderr"].splitlines())
     assert any(line.startswith("generating gsm8k") and " 100% " in line for line in demo["stderr"].splitlines())
 

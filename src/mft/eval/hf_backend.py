@@ -28,15 +28,16 @@ class StopScanner:
 
     The row's text is `decode_continuation(tokenizer, prompt_ids, tokens)` (the backends' decode rule, the
     text the final cut sees). `hit(tokens, prompt_ids)` answers "does that text contain a stop string?" for
-    a row whose text did not contain one one token earlier. Such an occurrence must end in the characters the newest token added (or changed:
-    a token can complete a multi-byte character begun by the previous one), so it lies in the last
+    a row whose text did not contain one one token earlier. Such an occurrence must end in the characters
+    the newest token added (or changed: a token can complete a multi-byte character begun by the previous
+    one), so it lies in the last
     `longest stop + newest token's characters + MARGIN` characters of the text. Only a window of the newest
     tokens that decodes to at least that many characters is decoded (the window doubles until it does or it
     holds every token). The decoded start of a window may differ from the whole text's (a SentencePiece
     leading space is dropped, a cut multi-byte character shows as U+FFFD); MARGIN characters absorb that.
     A window that holds every token, and every hit, is checked on the row's whole text, so the answer is
-    exactly "stop in the row's text", the rule the final cut uses. Cost per step: one short decode per open row, O(1) in the
-    generation length (the whole-text check was O(length) per step, O(length^2) per row).
+    exactly "stop in the row's text", the rule the final cut uses. Cost per step: one short decode per open
+    row, O(1) in the generation length (the whole-text check was O(length) per step, O(length^2) per row).
     """
 
     MARGIN = 8
