@@ -1,4 +1,4 @@
-"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, demo).
+"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, plot, demo).
 
 Each subcommand lives next to the code it drives and registers itself here.
 
