@@ -149,6 +149,31 @@ def plain_generate(backend, prompts, max_gen_toks, batch_size):
     return results
 
 
+def stop_check_cost(tokenizer, stops, rows: int, length: int, seed: int = 0) -> tuple[float, float]:
+    """Seconds the stop checks of `rows` rows take over `length` steps, no model involved: (the old
+    whole-text check, the tail check). The rows are random tokens, so no stop ends them early."""
+    import random
+
+    from mft.eval.backends import decode_continuation
+    from mft.eval.hf_backend import StopScanner
+
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    data = [[rng.randrange(vocab) for _ in range(length)] for _ in range(rows)]
+    prompts = [[rng.randrange(vocab) for _ in range(8)] for _ in range(rows)]
+    scanner = StopScanner(tokenizer, stops)
+    start = time.perf_counter()
+    for n in range(1, length + 1):
+        for p, r in zip(prompts, data):
+            any(st in decode_continuation(tokenizer, p, r[:n]) for st in stops)
+    old = time.perf_counter() - start
+    start = time.perf_counter()
+    for n in range(1, length + 1):
+        for p, r in zip(prompts, data):
+            scanner.hit(r[:n], p)
+    return old, time.perf_counter() - start
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -229,6 +254,14 @@ def main() -> int:
             checks.append((f"generation tokens/s ours+stops/before batch {size}", rate["ours+stops"] / rate["before"],
                            "info", True))
         print("\n" + "\n".join(lines))
+        stop_only = [s for s in stops if s not in ("Question:",)] + ["Question:"]
+        print("\nstop checks alone (no model; random tokens, so no row stops), per row and step:")
+        print("| rows x steps | whole text each step (before) | tail only (ours) | ratio |")
+        print("| --- | --- | --- | --- |")
+        for length in (64, 256, 512):
+            old, new = stop_check_cost(tok, stop_list(stop_only, tok.eos_token), 8, length)
+            print(f"| 8 x {length} | {1e6 * old / (8 * length):.0f} us | {1e6 * new / (8 * length):.0f} us | "
+                  f"{old / new:.1f}x |")
 
         if args.gsm8k:
             problems = prompts[: args.gsm8k]
