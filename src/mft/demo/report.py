@@ -80,7 +80,7 @@ def write_plots(paths: Paths, summary: dict, output: Path | None = None, dpi: in
     if points:  # every checkpoint of both curves in view; a baseline far above them is named, not drawn
         low, high = min(points), max(points)
         pad = 0.05 * (high - low) + 1e-3
-        top = high + pad
+        top = high + 0.4 * (high - low) + pad  # headroom: the legend sits above every point
         ax_heldout.set_ylim(low - pad, top)
     for name in ("random", "l1"):
         value = models[name]["heldout_loss"]
