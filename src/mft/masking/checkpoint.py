@@ -146,12 +146,14 @@ class Checkpoint:
 
 
 def model_skeleton(path: Path):
-    """The model built from config.json on the meta device: module names and shapes, no memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model built from config.json on the meta device: module names and shapes, no memory. Built with the
+    class `from_pretrained` would use (`mft.models.auto_class`: image-text checkpoints as image-text models)."""
+    from transformers import AutoConfig
+
+    from mft.models import skeleton_from_config
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise MftError(f"cannot read the model config in {path}: {exc}") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return skeleton_from_config(config)
