@@ -40,6 +40,13 @@ def masked_modules(model: nn.Module) -> dict[str, MaskedLinear | MaskedExperts]:
     return found
 
 
+def mask_layouts(layers: dict) -> dict[str, dict]:
+    """{mask name: {"layout", "split", "experts"}} of `masked_modules(model)`, for the mask file."""
+    return {name: {"layout": m.layout, "split": m.split,
+                   "experts": m.scores_shape[0] if m.layout.startswith("experts") else None}
+            for name, m in layers.items()}
+
+
 def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, freeze: bool = True) -> list[Target]:
     """Replace the selected linears / Conv1Ds by `MaskedLinear`s sharing their parameters, attach a
     `MaskedExperts` to each selected 3-D expert parameter; initialise the scores. The selection table

@@ -307,7 +307,13 @@ def select_targets(model: nn.Module, cfg: MaskConfig) -> list[Target]:
     return sorted(chosen.values(), key=lambda t: order.get(t.param, order.get(t.name + ".weight", -1)))
 
 
-def coverage_table(targets: list[Target], keep_ratio=None) -> str:
+def targets_of_masks(mask_set) -> list[Target]:
+    """The `Target`s a `MaskSet` covers (for its coverage table)."""
+    return [Target(name, mask_set.kinds.get(name, "mlp"), tuple(shape), mask_set.layout(name)["layout"],
+                   mask_set.layout(name)["split"]) for name, shape in mask_set.shapes.items()]
+
+
+def coverage_table(targets: list[Target]) -> str:
     """The selection as a table (module, kind, layout, shape, experts, matrices, entries) with per-layer totals,
     logged before training and apply."""
     rows = [("weight", "kind", "layout", "shape", "experts", "matrices", "entries")]
