@@ -100,10 +100,12 @@ ROUTERS = {"mixtral": ["mlp.gate"], "qwen2_moe": ["mlp.gate", "mlp.shared_expert
 FAMILIES = tuple(FAMILY_CONFIGS)
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, vocab_size: int | None = None):
     from mft.models import auto_class
 
     torch.manual_seed(seed)
     config = FAMILY_CONFIGS[family]()
+    if vocab_size is not None:
+        config.get_text_config().vocab_size = vocab_size
     model = auto_class(config).from_config(config)
     return model.eval()

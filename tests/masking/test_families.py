@@ -208,8 +208,7 @@ def _disk_keys(folder):
         return set(f.keys())
 
 
-APPLY_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "gemma3", "mistral3",
-                  "gpt2", "granitemoe"]
+APPLY_FAMILIES = FAMILIES
 ON_DISK = {  # a tensor that shows the on-disk naming differs from memory
     "mixtral": "model.layers.1.block_sparse_moe.experts.3.w1.weight",
     "qwen2_moe": "model.layers.1.mlp.experts.3.up_proj.weight",
@@ -314,3 +313,55 @@ def test_cli_apply_l1_on_mixtral_and_masks_info_shows_experts(saved, tmp_path, c
     for e in range(4):
         for half in (gate_up[e, :48], gate_up[e, 48:]):
             assert int((half == 0).sum()) == 48 * 32 // 2
+
+
+@pytest.mark.slow
+def test_mft_train_then_apply_on_mixtral_with_per_expert_names(tmp_path, tokenizer):
+    """`mft train` (a few steps) -> `mft apply` -> from_pretrained: exactly int((1 - k) n) zeros per masked
+    matrix or expert half, every other tensor bit-identical, on a checkpoint saved with per-expert names."""
+    from tests.train.test_loop import run, write_chat_data
+
+    base = tmp_path / "base"
+    build("mixtral", seed=3, vocab_size=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    assert "model.layers.1.block_sparse_moe.experts.0.w1.weight" in _disk_keys(base)
+    workspace = {"base": base, "data": write_chat_data(tmp_path / "data.jsonl", n=16), "root": tmp_path}
+    result = run(workspace, "run", subnet_mode="both", masked_layers="1", sparsity_attn=0.75, sparsity_mlp=0.5,
+                 learning_rate=0.05, warmup_ratio=0.0, num_train_epochs=1, gradient_accumulation_steps=1)
+    assert result.steps == 4
+    masks = read_masks(result.output_dir / "masks.safetensors")
+    assert masks.layout("model.layers.1.mlp.experts.gate_up_proj") == {"layout": "experts", "split": "halves",
+                                                                       "experts": 4}
+    out = tmp_path / "applied"
+    assert main(["apply", "--mask_model_name_or_path", str(result.output_dir), "--output_dir", str(out),
+                 "--quiet"]) == 0
+    assert _disk_keys(out) == _disk_keys(base)
+    before = dict(load_pretrained(base).named_parameters())
+    after = dict(load_pretrained(out).named_parameters())
+    masked = {"model.layers.1.self_attn." + p + ".weight": 0.75 for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    masked.update({"model.layers.1.mlp.experts.gate_up_proj": 0.5, "model.layers.1.mlp.experts.down_proj": 0.5})
+    for name, value in after.items():
+        if name not in masked:
+            assert torch.equal(value, before[name]), name
+            continue
+        mats = matrices_of(name.removesuffix(".weight"), value, "mixtral")
+        assert len(mats) == (8 if "gate_up" in name else 4 if value.dim() == 3 else 1)
+        for m in mats:
+            assert int((m == 0).sum()) == int((1 - masked[name]) * m.numel()), name
+        assert torch.equal(value, before[name] * (value != 0)), name
+
+
+def test_mask_file_with_a_wrong_layout_is_refused(tmp_path):
+    from mft.masking.files import MaskSet
+
+    mask = torch.ones(4, 6, 5, dtype=torch.bool)
+    write_masks(tmp_path / "m.safetensors", MaskSet({"x.experts.down_proj": mask},
+                                                    layouts={"x.experts.down_proj": {"layout": "linear",
+                                                                                     "split": None,
+                                                                                     "experts": None}}))
+    with pytest.raises(MftError, match=r"module x\.experts\.down_proj has layout 'linear' / split None for shape "
+                                       r"\(4, 6, 5\)"):
+        read_masks(tmp_path / "m.safetensors")
+    write_masks(tmp_path / "ok.safetensors", MaskSet({"x.experts.down_proj": mask}))  # layout inferred: experts
+    assert read_masks(tmp_path / "ok.safetensors").layout("x.experts.down_proj") == {
+        "layout": "experts", "split": None, "experts": 4}

@@ -43,6 +43,7 @@ from mft.errors import MftError
 FORMAT = "mft-masks"
 FORMAT_VERSION = "1"
 DEFAULT_NAME = "masks.safetensors"
+_LAYOUT_RANK = {"linear": 2, "conv1d": 2, "experts": 3, "experts_t": 3}  # see mft.masking.select
 
 
 class PackedMasks(Mapping):
@@ -244,6 +245,11 @@ def _read_safetensors(path: Path) -> MaskSet:
         if info.get("keep_ratio") is not None:
             ratios[name] = float(info["keep_ratio"])
         if info.get("layout"):
+            if info["layout"] not in _LAYOUT_RANK or len(shape) != _LAYOUT_RANK[info["layout"]] \
+                    or info.get("split") not in (None, "halves", "interleaved"):
+                raise MftError(f"{path}: module {name} has layout {info['layout']!r} / split {info.get('split')!r} "
+                               f"for shape {shape}; expected linear or conv1d (2-D), experts or experts_t (3-D), "
+                               "split none, halves or interleaved; the file is corrupt")
             layouts[name] = {"layout": info["layout"], "split": info.get("split"), "experts": info.get("experts")}
     masks = PackedMasks(packed, shapes)
     mask_set = MaskSet(masks, kinds, ratios, metadata.get("source", "imported"),
