@@ -236,13 +236,6 @@ def _hidden(model: nn.Module) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _linears(module: nn.Module, prefix: str):
-    """(full name, relative name, module) of the linear / Conv1D weights below `module` (for messages)."""
-    for w in _weights(module, prefix):
-        if w.layout in ("linear", "conv1d"):
-            yield w.name, w.rel, None
-
-
 def describe_layer(model: nn.Module) -> str:
     """One line on what the first decoder layer holds, for error messages."""
     try:
