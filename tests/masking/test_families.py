@@ -365,3 +365,30 @@ def test_mask_file_with_a_wrong_layout_is_refused(tmp_path):
     write_masks(tmp_path / "ok.safetensors", MaskSet({"x.experts.down_proj": mask}))  # layout inferred: experts
     assert read_masks(tmp_path / "ok.safetensors").layout("x.experts.down_proj") == {
         "layout": "experts", "split": None, "experts": 4}
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_on_mixtral_experts(tmp_path, tokenizer):
+    """DeepSpeed ZeRO-3 (bf16, gloo, two CPU processes) with fused expert masks: both ranks end with the same
+    masks, and each expert half prunes exactly int((1 - k) n) entries."""
+    from tests.conftest import ROOT
+    from tests.train.test_distributed import common_overrides, launch
+    from tests.train.test_loop import write_chat_data
+
+    base = tmp_path / "base"
+    build("mixtral", seed=3, vocab_size=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    overrides = [o for o in common_overrides(base, write_chat_data(tmp_path / "data.jsonl", n=16), out,
+                                             tmp_path / "cache") if not o.startswith("--masked_layers")]
+    launch(["--use_deepspeed", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16",
+            "--deepspeed_config_file", str(ROOT / "configs/ds_configs/stage3_no_offloading_accelerate.conf"),
+            str(ROOT / "scripts/finetune.py"), *overrides, "--masked_layers=1", "--sparsity_mlp=0.5",
+            "--num_train_epochs=1"], cwd=tmp_path)
+    info = json.loads((out / "mft_run.json").read_text())
+    assert len(info["mask_digest_per_rank"]) == 2 and len(set(info["mask_digest_per_rank"])) == 1
+    masks = read_masks(out / "masks.safetensors")
+    gate_up = masks.masks["model.layers.1.mlp.experts.gate_up_proj"]
+    assert tuple(gate_up.shape) == (4, 96, 32)
+    for m in matrices_of("model.layers.1.mlp.experts.gate_up_proj", gate_up, "mixtral"):
+        assert int((~m).sum()) == 48 * 32 // 2
