@@ -392,3 +392,20 @@ def test_zero3_two_processes_on_mixtral_experts(tmp_path, tokenizer):
     assert tuple(gate_up.shape) == (4, 96, 32)
     for m in matrices_of("model.layers.1.mlp.experts.gate_up_proj", gate_up, "mixtral"):
         assert int((~m).sum()) == 48 * 32 // 2
+
+
+def test_model_class_per_checkpoint():
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, ViTConfig
+
+    from mft.models import auto_class
+    from tests.masking.families import FAMILY_CONFIGS
+
+    assert auto_class(FAMILY_CONFIGS["mistral3"]()) is AutoModelForImageTextToText  # CausalLM cannot build it
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_config(FAMILY_CONFIGS["mistral3"]())
+    assert auto_class(FAMILY_CONFIGS["llama4"]()) is AutoModelForImageTextToText  # not the text-only Llama4ForCausalLM
+    assert auto_class(FAMILY_CONFIGS["llama4_text"]()) is AutoModelForCausalLM
+    assert auto_class(FAMILY_CONFIGS["mixtral"]()) is AutoModelForCausalLM
+    with pytest.raises(MftError, match=r"ViTConfig \(model_type 'vit'\) is neither a causal language model nor an "
+                                       "image-text-to-text model"):
+        auto_class(ViTConfig())
