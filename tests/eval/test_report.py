@@ -136,3 +136,14 @@ def test_a_corrupt_metrics_json_in_a_report_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"mft report: error: {tmp_path / 'fft' / 'metrics.json'} is not an olmes metrics.json")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_columns_of_folders_with_the_same_name_or_behind_a_symlink_are_named_apart(tmp_path, capsys):
+    write_results(tmp_path / "math" / "fft", "/ckpt/fft-math", gsm8k=0.40, ifeval=0.30)
+    write_results(tmp_path / "coding" / "fft", "/ckpt/fft-code", gsm8k=0.20, ifeval=0.10)
+    (tmp_path / "latest").symlink_to(tmp_path / "coding" / "fft", target_is_directory=True)
+    assert main(["report", str(tmp_path / "math" / "fft"), str(tmp_path / "coding" / "fft"),
+                 "--output", str(tmp_path / "c.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| task | math/fft | coding/fft | Δ coding/fft |"
+    assert main(["report", str(tmp_path / "latest"), "--output", str(tmp_path / "c.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| task | latest |"

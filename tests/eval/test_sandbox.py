@@ -266,3 +266,10 @@ def test_unencodable_program_text_fails_and_leaves_no_folder(tmp_path, monkeypat
     assert (result.passed, result.status, result.returncode) == (False, "failed", 1)
     assert "SyntaxError" in result.stderr_tail and "utf-8" in result.stderr_tail
     assert list(home.iterdir()) == []
+
+
+def test_a_program_that_closes_the_runners_descriptor_fails_with_a_plain_message():
+    result = sandbox.run_program("import os\nos.closerange(3, 256)\nx = 1", timeout_s=3)
+    assert (result.passed, result.status, result.returncode) == (False, "failed", 1)
+    assert "sandbox: the program ran to its end but closed descriptor" in result.stderr_tail
+    assert "counted as failed" in result.stderr_tail and "Traceback" not in result.stderr_tail

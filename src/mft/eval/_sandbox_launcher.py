@@ -79,7 +79,13 @@ RUNNER = (
     "    sys.argv = sys.argv[3:]\n"
     "{no_sockets}"
     "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "    os.write(verdict_fd, secret)\n"
+    "    try:\n"
+    "        os.write(verdict_fd, secret)\n"
+    "    except OSError as exc:\n"
+    "        sys.stderr.write(f'sandbox: the program ran to its end but closed descriptor {{verdict_fd}}, through '\n"
+    "                         f'which the runner reports that ({{exc.strerror}}); counted as failed\\n')\n"
+    "        sys.stderr.flush()\n"
+    "        os._exit(1)\n"
     "_run()\n"
 )
 

@@ -129,9 +129,11 @@ def ordered_tasks(all_scores: list[dict[str, float]]) -> list[str]:
 
 
 def default_labels(dirs: list[str]) -> list[str]:
+    """The folder's name as given (a symlink's own name, not its target's), with its parent's name for the
+    generic names `eval_output`, `results`, `eval`."""
     labels = []
     for d in dirs:
-        path = Path(d).expanduser().resolve()
+        path = Path(os.path.abspath(Path(d).expanduser()))
         labels.append(f"{path.parent.name}/{path.name}" if path.name in {"eval_output", "results", "eval"} else path.name)
     return labels
 
@@ -144,7 +146,8 @@ def folder_labels(found: list[tuple[str, Path]]) -> list[str]:
         root = Path(given).expanduser()
         labels.append(default_labels([given])[0] if folder == root else folder.relative_to(root).as_posix())
     if len(set(labels)) < len(labels):
-        labels = [label if folder == Path(given).expanduser() else f"{Path(given).expanduser().resolve().name}/{label}"
+        labels = [f"{Path(os.path.abspath(folder)).parent.name}/{Path(folder).name}" if folder == Path(given).expanduser()
+                  else f"{Path(os.path.abspath(Path(given).expanduser())).name}/{label}"
                   for label, (given, folder) in zip(labels, found)]
     return labels
 
