@@ -43,8 +43,10 @@ def register(subparsers) -> None:
 
 def run_eval_command(args) -> int:
     from mft.eval.runner import run_eval
+    from mft.models import resolve_model
 
-    summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
+    model = resolve_model(args.model)  # a short name (`mft models list`) -> its cached folder
+    summary = run_eval(model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
                        batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,
                        workers=args.workers)
     print("\n".join(summary["all_primary_scores"]))

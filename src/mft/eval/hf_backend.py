@@ -39,7 +39,11 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        from mft.precision import checkpoint_dtype, compute_dtype
+
+        # The checkpoint's own dtype on a CPU, fp32 where the CPU has no native bf16 matrix instructions.
+        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else checkpoint_dtype(model_path) or torch.float32)
+        dtype = compute_dtype(dtype, self.device, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.batch_size = max(1, batch_size)

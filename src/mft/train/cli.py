@@ -49,8 +49,14 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
         from mft.train.config import load_config
         from mft.train.loop import train
 
+        from mft.models import resolve_model
+
         config, overrides = split_args(argv)
-        train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        # A short name (`mft models list`) becomes its cached folder; the saved config records that folder.
+        cfg.model_name_or_path = resolve_model(cfg.model_name_or_path)
+        cfg.tokenizer_name = resolve_model(cfg.tokenizer_name)
+        train(cfg)
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
