@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                               description="Evaluate a model with the authors' olmes protocol; writes the olmes "
                               "output files. Finished tasks in --output-dir are reused.",
                               epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id owner/name)")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id owner/name, or a short name from "
+                   "`mft models list`")
     p.add_argument("--task", dest="tasks", action="append", required=True, metavar="SPEC",
                    help='task name or olmes JSON, e.g. \'{"task_name": "gsm8k", "num_shots": 8}\' (repeatable)')
     p.add_argument("--output-dir", required=True, help="folder for metrics.json and the task-NNN-* files")
