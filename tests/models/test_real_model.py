@@ -167,7 +167,7 @@ def test_eval_on_four_gsm8k_problems_writes_every_file(real):
                  "--data-dir", "packaged", "--output-dir", str(out), "--batch-size", "4"]) == 0
     names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert names == sorted(["metrics.json", "task-000-gsm8k-metrics.json", "task-000-gsm8k-predictions.jsonl",
-                            "task-000-gsm8k-requests.jsonl"]), names
+                            "task-000-gsm8k-requests.jsonl", "task-000-gsm8k-provenance.json"]), names
     predictions = [json.loads(line) for line in (out / "task-000-gsm8k-predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4
     metrics = json.loads((out / "metrics.json").read_text())
