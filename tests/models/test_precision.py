@@ -1,4 +1,8 @@
-"""CPU compute dtype: bf16 checkpoints run in fp32 on a CPU without bf16 matrix instructions (issue 13, item 5)."""
+"""CPU compute dtype: bf16 checkpoints run in fp32 on a CPU without bf16 matrix instructions (issue 13, item 5).
+
+`cpu_has_native_bf16` is patched to both answers: a test machine has one kind of CPU (this one, AVX2 only,
+has none of the flags), and the rest of each path (loading, accelerate's autocast) runs for real.
+"""
 
 from __future__ import annotations
 
