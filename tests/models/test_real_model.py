@@ -122,7 +122,10 @@ def test_converted_folder_is_the_real_model(real):
 
 
 def test_mft_apply_keeps_everything_but_the_mask(real):
-    run = train(real, "mft", "--method=mft", "--masked_layers=4 5", "--learning_rate=0.05", "--warmup_ratio=0")
+    # Scores start from |W| (the L1 mask) and move little in 2 steps. From the published N(0, 0.02) scores the
+    # mask after 2 steps is close to random; with it (lr 0.05) this model answered "defer=0\ndef::::".
+    run = train(real, "mft", "--method=mft", "--masked_layers=4 5", "--score_init=magnitude", "--learning_rate=1e-4",
+                "--warmup_ratio=0")
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["kept_fraction"]["4"] == pytest.approx(KEEP, abs=1e-3) for r in log)
     out = real["root"] / "mft_applied"

@@ -11,8 +11,10 @@ with the model's own chat template), the next `n_test` are held out and evaluate
 protocol of `mft eval` (plain few-shot prompts, greedy, exact match). The indices are written to
 `data/split.json`. Accuracy is given with a 95 % Wilson score interval over the held-out problems.
 
-Sizes: the default run is meant for one GPU (about 20 minutes); `--quick` (16 + 16 problems, short sequences
-and generations) runs on a CPU in under 10 minutes and only shows that every stage works on a real model.
+Sizes: the default run is meant for one GPU (about 20 minutes; not timed: no GPU was lent); `--quick` (8 + 8
+problems, 2 optimizer steps each for FFT and MFT, 64 new tokens) is sized for a CPU in under 10 minutes (an
+estimate from the CPU time of the real-model test's stages, not a measured run) and only shows that every
+stage works on a real model.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class RealSettings:
     max_model_len: int = 2048
 
 
-REAL_QUICK = dict(n_train=16, n_test=16, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
-                  max_gen_toks=96, eval_batch_size=16, max_model_len=1536)
+REAL_QUICK = dict(n_train=8, n_test=8, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
+                  max_gen_toks=64, eval_batch_size=8, max_model_len=1536)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
