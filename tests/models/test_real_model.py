@@ -174,4 +174,6 @@ def test_eval_on_four_gsm8k_problems_writes_every_file(real):
     predictions = [json.loads(line) for line in (out / "task-000-gsm8k-predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["tasks"][0]["metrics"]["exact_match"] <= 1.0
+    entry = metrics["metrics"][0]
+    assert entry["task"] == "gsm8k" and entry["num_instances"] == 4 and entry["exact_match"] in (0, 0.25, 0.5, 0.75, 1)
+    assert metrics["model_config"]["model"] == str(real["base"].resolve())  # the short name became the cached folder
