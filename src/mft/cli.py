@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "mft.masking.cli",  # apply, masks
     "mft.eval.cli",  # eval, report
     "mft.demo",  # demo
-    "mft.models",  # models
+    "mft.hub",  # models (list, get)
 ]
 
 

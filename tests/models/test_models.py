@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from mft import models
+from mft import hub as models
 from mft.cli import main
 from mft.errors import MftError
 

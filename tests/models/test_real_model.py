@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mft import models
+from mft import hub as models
 from mft.cli import main
 from mft.masking.files import read_masks
 from mft.masking.layer import num_pruned

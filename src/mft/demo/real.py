@@ -123,7 +123,7 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
                   settings: RealSettings | None = None, echo=print) -> dict:
     """Every stage on `model` (a short name from `mft models list` or a local folder); returns the results,
     also written to results.json / results.md in `output_dir`."""
-    from mft.models import resolve_model
+    from mft.hub import resolve_model
 
     s = settings or RealSettings()
     if quick and settings is None:

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 def run_eval_command(args) -> int:
     from mft.eval.runner import run_eval
-    from mft.models import resolve_model
+    from mft.hub import resolve_model
 
     model = resolve_model(args.model)  # a short name (`mft models list`) -> its cached folder
     summary = run_eval(model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,

@@ -39,16 +39,17 @@ class HFBackend:
     def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int = MAX_MODEL_LEN,
                  device: str | None = None, dtype=None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from mft.models import load_pretrained
         from mft.precision import checkpoint_dtype, compute_dtype
 
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # The checkpoint's own dtype on a CPU, fp32 where the CPU has no native bf16 matrix instructions.
         dtype = dtype or (torch.bfloat16 if self.device == "cuda" else checkpoint_dtype(model_path) or torch.float32)
         dtype = compute_dtype(dtype, self.device, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = load_pretrained(model_path, dtype=dtype).to(self.device).eval()  # image-text models too
         self.batch_size = max(1, batch_size)
         self.max_model_len = max_model_len
         self.pad_id = self.tokenizer.pad_token_id

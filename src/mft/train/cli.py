@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
         print(usage())
         return 0
     try:
-        from mft.models import resolve_model
+        from mft.hub import resolve_model
         from mft.train.config import load_config
         from mft.train.loop import train
 
