@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mft.eval.cli",  # eval, report
     "mft.plot",  # plot
     "mft.demo",  # demo
+    "mft.hub",  # models (list, get)
 ]
 
 

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                               description="Evaluate a model with the authors' olmes protocol; writes the olmes "
                               "output files. Finished tasks in --output-dir are reused.",
                               epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id owner/name)")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id owner/name, or a short name from "
+                   "`mft models list`")
     p.add_argument("--task", dest="tasks", action="append", required=True, metavar="SPEC",
                    help='task name or olmes JSON, e.g. \'{"task_name": "gsm8k", "num_shots": 8}\' (repeatable)')
     p.add_argument("--output-dir", required=True, help="folder for metrics.json and the task-NNN-* files")
@@ -58,12 +59,14 @@ def register(subparsers) -> None:
 
 def run_eval_command(args) -> int:
     from mft.eval.runner import run_eval
+    from mft.hub import resolve_model
     from mft.progress import set_quiet
 
     if args.quiet:
         set_quiet()
 
-    summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
+    model = resolve_model(args.model)  # a short name (`mft models list`) -> its cached folder
+    summary = run_eval(model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
                        batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,
                        workers=args.workers, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                        gpu_memory_utilization=args.gpu_memory_utilization)

@@ -139,12 +139,15 @@ class HFBackend:
         from transformers import AutoTokenizer
 
         from mft.models import load_pretrained
+        from mft.precision import checkpoint_dtype, compute_dtype
 
         from mft.progress import quiet_libraries_off_terminal
 
         quiet_libraries_off_terminal()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        # The checkpoint's own dtype on a CPU, fp32 where the CPU has no native bf16 matrix instructions.
+        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else checkpoint_dtype(model_path) or torch.float32)
+        dtype = compute_dtype(dtype, self.device, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = load_pretrained(model_path, dtype=dtype).to(self.device).eval()  # image-text models too
         self.batch_size = parse_batch_size(batch_size)

@@ -89,7 +89,9 @@ def run_apply(args) -> int:
     out = Path(args.output_dir)
     if not args.only_save_masks:
         A._check_output(out, args.overwrite)
-    base = args.base_model_name_or_path
+    from mft.hub import resolve_model
+
+    base = resolve_model(args.base_model_name_or_path)
     if args.random_masks or args.use_l1_mask:
         if cfg.is_empty:
             raise MftError("--random_masks / --use_l1_mask need --masked_layers (e.g. \"4 5 6 7\") or --target_modules")
@@ -102,7 +104,7 @@ def run_apply(args) -> int:
     elif args.masks_file:
         mask_set = read_masks(args.masks_file)
     else:
-        mask_set, run_base = A.masks_from_mask_model(args.mask_model_name_or_path, explicit)
+        mask_set, run_base = A.masks_from_mask_model(resolve_model(args.mask_model_name_or_path), explicit)
         base = base or run_base
     if base and not mask_set.base_model:
         mask_set.base_model = str(base)

@@ -52,11 +52,16 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
         argv = [a for a in argv if a != "--quiet"]
         set_quiet()
     try:
+        from mft.hub import resolve_model
         from mft.train.config import load_config
         from mft.train.loop import train
 
         config, overrides = split_args(argv)
-        train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        # A short name (`mft models list`) becomes its cached folder; the saved config records that folder.
+        cfg.model_name_or_path = resolve_model(cfg.model_name_or_path)
+        cfg.tokenizer_name = resolve_model(cfg.tokenizer_name)
+        train(cfg)
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -85,12 +85,14 @@ def _preflight(cfg: TrainConfig) -> str:
 
 def _load_model(cfg: TrainConfig, accelerator, ds_config):
     from mft.models import load_pretrained
+    from mft.precision import training_dtype
 
     method = cfg.resolved_method
     # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
     dtype = torch.float32
     if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
         dtype = torch.bfloat16
+    dtype = training_dtype(accelerator, dtype, cfg.model_name_or_path, deepspeed=ds_config is not None)
     attn = "sdpa"
     if cfg.use_flash_attn:
         try:
