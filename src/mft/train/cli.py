@@ -45,13 +45,28 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    cfg = None
     try:
         from mft.train.config import load_config
         from mft.train.loop import train
 
         config, overrides = split_args(argv)
-        train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        train(cfg)
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, no traceback
+        from mft.errors import Interrupted
+        from mft.train.guard import interrupted_message
+
+        print(f"{prog}: {interrupted_message()}", file=sys.stderr)
+        return Interrupted.exit_code
+    except OSError as exc:
+        if not exc.errno or cfg is None:
+            raise
+        from mft.paths import os_error
+
+        print(f"{prog}: error: {os_error(exc, cfg.output_dir)}", file=sys.stderr)
         return 1
     return 0

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from mft.errors import MftError
-from mft.train.config import (CONFIG_FILE, FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
+from mft.train import guard
+from mft.train.config import (FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
                               validate_against_model)
 
 logger = logging.getLogger("mft.train")
@@ -72,12 +73,14 @@ def _deepspeed_config(accelerator) -> dict | None:
 def _preflight(cfg: TrainConfig) -> str:
     """Every check that needs no weights; returns check_output_dir's verdict."""
     state = check_output_dir(cfg)
+    guard.check_inputs(cfg)
     validate_against_model(cfg)
     if cfg.resolved_method == "mft":
         from mft.masking.checkpoint import model_skeleton, resolve_model_dir
         from mft.masking.select import select_targets
 
-        select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        skeleton = model_skeleton(resolve_model_dir(cfg.model_name_or_path))
+        guard.check_mask_base(cfg, skeleton, select_targets(skeleton, cfg.mask_config()))
     return state
 
 
@@ -263,13 +266,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = _accelerator(cfg)
     ds_config = _deepspeed_config(accelerator)
     main = accelerator.is_main_process
+    final_dir = Path(cfg.output_dir)
+    cfg = guard.open_output(cfg, out_state, accelerator)  # checks a resume; overwrite: a folder beside the old
     out = Path(cfg.output_dir)
-    if out_state == "overwrite" and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(str(out / CONFIG_FILE))
     set_seed(cfg.seed)
 
     # data
@@ -316,11 +315,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     completed_steps, start_epoch, skip_batches = 0, 0, 0
     checkpoint = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(cfg.output_dir)
     if checkpoint is not None:
+        guard.check_checkpoint(checkpoint, unwrapped)
         accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if ds else {"strict": False}))
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
         if skip_batches >= len(loader):
             start_epoch, skip_batches = start_epoch + 1, 0
+        guard.PROGRESS["step"] = completed_steps
         if main:
             logger.info("resuming from %s (step %d)", checkpoint, completed_steps)
             _rewind_log(out / TRAIN_LOG, completed_steps)
@@ -360,6 +361,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             refresh()
             completed_steps += 1
+            guard.PROGRESS["step"] = completed_steps
             bar.update(1)
             if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
                 loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
@@ -399,6 +401,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.end_training()
     if main:
         mark_finished(str(out), info)
+    out = guard.finish_output(out, final_dir, main)  # overwrite: the new run replaces the old one only now
+    if main:
         logger.info("done: %s", out)
         if method == "mft":
             logger.info("bake the masks: mft apply --mask_model_name_or_path %s --output_dir %s", out,
