@@ -145,3 +145,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give the regular files under `path` (or `path` itself) the mode a plain `open` would: 0o666 & ~umask.
+    Some writers (safetensors' `save_file`) create files 0600 whatever the umask, which hides a shared model
+    folder from the rest of the group."""
+    mode = 0o666 & ~current_umask()
+    path = Path(path)
+    items = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    for item in items:
+        if item.stat().st_mode & 0o777 != mode:
+            os.chmod(item, mode)

@@ -31,7 +31,7 @@ from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks
 from mft.masking.inject import check_masks_match
 from mft.masking.layer import global_mask, local_mask
 from mft.masking.select import Target, linear_kind, select_targets
-from mft.paths import check_writable, os_error, remove_leftovers, swap_into_place, temp_sibling
+from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
@@ -145,6 +145,7 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         (tmp / APPLY_INFO).write_text(json.dumps(info, indent=1))
         if save_masks:
             _save_mask_file(tmp, mask_set, save_masks_format)
+        follow_umask(tmp)
         _move_into_place(tmp, output_dir, overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -305,7 +306,10 @@ def check_not_masked(checkpoint: Checkpoint, mask_set: MaskSet, allow: bool, fla
     """Refuse to mask a checkpoint that is masked already (see `already_masked`) unless `allow`."""
     if allow:
         return
-    pruned = {name: _entries(shape) - mask_set.kept(name) for name, shape in mask_set.shapes.items()}
+    # what a mask of this keep ratio prunes, int((1 - k) n) (a random mask's own count varies around it); the
+    # mask's own count where the ratio is unknown
+    pruned = {name: int((1 - mask_set.keep_ratios[name]) * _entries(shape)) if mask_set.keep_ratios.get(name)
+              else _entries(shape) - mask_set.kept(name) for name, shape in mask_set.shapes.items()}
     why = already_masked(checkpoint, pruned)
     if why:
         raise MftError(f"{checkpoint.path} is already masked: {why}. Masking it again compounds both masks while "

@@ -132,8 +132,8 @@ def _run_apply(args, out: Path) -> int:
         mask_set.base_model = str(base)
     if base:
         checkpoint = A.Checkpoint(base)
-        A.check_against_checkpoint(checkpoint, mask_set)
         A.check_not_tied(A.model_skeleton(checkpoint.path), mask_set.masks)
+        A.check_against_checkpoint(checkpoint, mask_set)
         A.check_not_masked(checkpoint, mask_set, args.allow_masked_base)
 
     if args.only_save_masks:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mft.errors import MftError
+from mft.paths import follow_umask
 
 FORMAT = "mft-masks"
 FORMAT_VERSION = "1"
@@ -150,6 +151,7 @@ def write_masks(path: str | os.PathLike, mask_set: MaskSet) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        follow_umask(tmp)  # save_file creates 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -242,8 +244,8 @@ def _read_pickle(path: Path) -> MaskSet:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise MftError(f"refusing to load {path}: it is a pickle holding more than tensors (code or arbitrary "
-                       f"objects: {unpickling_detail(exc)}), and mask files are only read as plain tensors. Ask "
-                       "for the masks as tensors only (e.g. `mft masks export` on the machine that made them)") from None
+                       f"objects: {unpickling_detail(exc)}), and mask files are only read as plain tensors; a mask "
+                       "file should hold {module name: 0/1 tensor} and nothing else") from None
     except Exception as exc:  # a damaged file can trip the unpickler in many ways (IndexError, KeyError, ...)
         raise MftError(f"{path} is not a readable torch file (corrupt or truncated?): "
                        f"{type(exc).__name__}: {exc}") from None

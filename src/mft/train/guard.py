@@ -227,11 +227,14 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
 
 
 def finish_output(write_dir: Path, final: Path, main: bool) -> Path:
-    """Main process, after the finished marker is written: move an overwrite run's folder into place."""
-    if main and Path(write_dir) != Path(final):
-        from mft.paths import swap_into_place
+    """Main process, after the finished marker is written: files get the umask's mode; an overwrite run's folder
+    is moved into place."""
+    if main:
+        from mft.paths import follow_umask, swap_into_place
 
-        swap_into_place(Path(write_dir), Path(final))
+        follow_umask(write_dir)  # safetensors writes 0600 files; the run folder follows the user's umask
+        if Path(write_dir) != Path(final):
+            swap_into_place(Path(write_dir), Path(final))
     return Path(final)
 
 
