@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, no traceback
         from mft.errors import Interrupted
-        from mft.train.guard import interrupted_message
+        from mft.train.guard import close_progress_bars, interrupted_message
 
+        close_progress_bars()
         print(f"{prog}: {interrupted_message()}", file=sys.stderr)
         return Interrupted.exit_code
     except OSError as exc:

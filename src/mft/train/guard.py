@@ -92,7 +92,7 @@ def check_json_lines(path: str) -> None:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except ValueError as exc:
                 raise MftError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); every "
                                "line must hold one {\"messages\": [...]} object") from None
@@ -274,3 +274,13 @@ def interrupted_message() -> str:
         return f"{where}; no checkpoints were saved (checkpointing_steps is unset), so re-running starts from step 0"
     return f"{where}; re-run the same command to resume"
 
+
+
+def close_progress_bars() -> None:
+    """End the progress bars an interrupted loop left open, so the message that follows gets its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
