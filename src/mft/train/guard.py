@@ -214,8 +214,11 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
 
             if latest_checkpoint(str(write_dir)) is None and (write_dir / TRAIN_LOG).exists():
                 (write_dir / TRAIN_LOG).unlink()  # no checkpoint: the run starts again from step 0
-        cfg.save(str(write_dir / CONFIG_FILE))
-        (write_dir / LAUNCH_FILE).write_text(json.dumps(launch_info(accelerator), indent=1))
+        # written whole or not at all (a kill must not leave a record that cannot be read back)
+        cfg.save(str(write_dir / f".{CONFIG_FILE}.tmp"))
+        os.replace(write_dir / f".{CONFIG_FILE}.tmp", write_dir / CONFIG_FILE)
+        (write_dir / f".{LAUNCH_FILE}.tmp").write_text(json.dumps(launch_info(accelerator), indent=1))
+        os.replace(write_dir / f".{LAUNCH_FILE}.tmp", write_dir / LAUNCH_FILE)
     accelerator.wait_for_everyone()
     PROGRESS.update(step=0, output_dir=str(final), write_dir=str(write_dir), overwrite=state == "overwrite",
                     checkpointing=cfg.checkpointing_steps is not None)

@@ -174,7 +174,10 @@ def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
     accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if ds else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        # atomically: its presence marks the checkpoint complete, so a kill must not leave it half-written
+        tmp = path / f".{TRAINER_STATE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path / TRAINER_STATE)
         if cfg.keep_last_n_checkpoints > 0:
             done = sorted((p for p in path.parent.glob("step_*") if (p / TRAINER_STATE).exists()),
                           key=lambda p: int(p.name.split("_")[1]))
@@ -236,7 +239,10 @@ def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
 def _rewind_log(path: Path, completed_steps: int) -> None:
     """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= completed_steps]
+        text = path.read_text()
+        if not text.endswith("\n"):  # a kill cut the last line short: drop it
+            text = text[: text.rfind("\n") + 1]
+        lines = [ln for ln in text.splitlines() if ln and json.loads(ln)["step"] <= completed_steps]
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
@@ -322,6 +328,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if skip_batches >= len(loader):
             start_epoch, skip_batches = start_epoch + 1, 0
         guard.PROGRESS["step"] = completed_steps
+        if completed_steps >= max_steps:  # killed after its last checkpoint: nothing left to train
+            start_epoch = epochs
         if main:
             logger.info("resuming from %s (step %d)", checkpoint, completed_steps)
             _rewind_log(out / TRAIN_LOG, completed_steps)
