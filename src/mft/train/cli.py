@@ -10,7 +10,8 @@ USAGE = """usage: mft train [CONFIG.yaml] [--key=value ...]
 Full fine-tuning, mask fine-tuning or LoRA, as the config says (subnet_mode set -> MFT, use_lora -> LoRA,
 else FFT; or method: fft|mft|lora). Any key of the YAML file can be overridden on the command line:
 --key=value, --key value or key=value; values are read as YAML. Re-running a command resumes an interrupted
-run from its newest checkpoint.
+run from its newest checkpoint, if every setting that changes the result is the same (else it lists the
+differences); --overwrite_output_dir starts over, replacing output_dir only once the new run has finished.
 
 keys:
 """
