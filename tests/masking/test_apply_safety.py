@@ -219,8 +219,8 @@ def test_ctrl_c_is_one_line(saved_model, tmp_path, capsys, monkeypatch):
     assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"mft apply: interrupted; nothing was written to {out} (any earlier output there is "
-                           "unchanged); re-run the same command to start again")
+    assert err.strip().splitlines()[-1] == (f"mft apply: interrupted; nothing was written to {out} (any earlier "
+                                            "output there is unchanged); re-run the same command to start again")
     assert not out.exists() and no_leftovers(tmp_path)
 
 

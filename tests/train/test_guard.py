@@ -19,7 +19,7 @@ from mft.masking.files import read_masks
 from mft.train import guard, loop
 from mft.train.config import FINISHED_MARKER
 
-from tests.train.test_loop import run, workspace, write_chat_data  # noqa: F401 (workspace is a fixture)
+from tests.train.test_loop import workspace  # noqa: F401 (a fixture)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -178,8 +178,8 @@ def check_resume(cfg: TrainConfig, state: str, accelerator) -> None:
     if launch_file.exists():
         old_launch = json.loads(launch_file.read_text())
         new_launch = launch_info(accelerator)
-        diffs += [f"{k}: {old_launch.get(k)!r} -> {new_launch.get(k)!r}" for k in sorted(set(old_launch) | set(new_launch))
-                  if old_launch.get(k) != new_launch.get(k)]
+        diffs += [f"{k}: {old_launch.get(k)!r} -> {new_launch.get(k)!r}"
+                  for k in sorted(set(old_launch) | set(new_launch)) if old_launch.get(k) != new_launch.get(k)]
     if diffs:
         raise MftError(f"{out} holds an interrupted run started with other settings, so it cannot be resumed: "
                        + "; ".join(diffs) + ". Re-run with the recorded settings to resume, pass "
