@@ -24,12 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mft.errors import MftError
-from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, model_skeleton,
-                                   read_safetensors_header)
+from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, WeightLocator,
+                                   model_skeleton, read_safetensors_header)
 from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
-from mft.masking.inject import check_masks_match
-from mft.masking.layer import global_mask, local_mask
+from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
 from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
 
@@ -51,17 +50,20 @@ def random_masks(targets: list[Target], cfg: MaskConfig, seed: int = 42) -> Mask
 
 
 def l1_masks(checkpoint: Checkpoint, targets: list[Target], cfg: MaskConfig) -> MaskSet:
-    """Prune the `int((1 - k) * n)` smallest |W| of each matrix (published L1 baseline), same tie rule."""
+    """Prune the `int((1 - k) * n)` smallest |W| of each matrix (published L1 baseline), same tie rule; per
+    expert and per gate / up half of a fused expert weight, as the learned masks (`per_matrix_local_mask`).
+    The weights are read as `from_pretrained` would load them from the folder (`WeightLocator`)."""
     masks = {}
+    locator = WeightLocator(checkpoint)
     for t in tqdm(targets, desc="L1 masks", unit="matrix", leave=False):
-        key = checkpoint.weight_key(t.name)
-        masks[t.name] = local_mask(checkpoint.read([key])[key], cfg.keep_ratio(t.kind))
+        weight = locator.read(t.name, t.shape, t.layout)
+        masks[t.name] = per_matrix_local_mask(weight, cfg.keep_ratio(t.kind), t.layout, t.split)
     return _mask_set(masks, targets, cfg, "l1")
 
 
 def _mask_set(masks: dict, targets: list[Target], cfg: MaskConfig, source: str, base=None) -> MaskSet:
     return MaskSet(masks, {t.name: t.kind for t in targets}, {t.name: cfg.keep_ratio(t.kind) for t in targets},
-                   source, cfg.to_dict(), base)
+                   source, cfg.to_dict(), base, layouts={t.name: t.info() for t in targets})
 
 
 def masks_from_scores_checkpoint(checkpoint: Checkpoint, overrides: dict | None = None) -> MaskSet:
@@ -105,13 +107,14 @@ def masks_from_mask_model(path: str, overrides: dict | None = None) -> tuple[Mas
 
 
 # -- the streaming apply -----------------------------------------------------------------------------------
-def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[str, str]:
-    """{module: checkpoint key}; a clear error, before anything is written, if the masks do not fit."""
-    shapes = checkpoint.shapes()
-    keys = {name: checkpoint.weight_key(name) for name in mask_set.masks}
-    check_masks_match({name: shapes[key] for name, key in keys.items()}, mask_set.shapes,
-                      what=f"the checkpoint {checkpoint.path}")
-    return keys
+def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[str, list[str]]:
+    """{mask name: the checkpoint keys holding its weight} (one key unless the checkpoint stores the weight
+    in another layout, e.g. Mixtral's per-expert w1/w3 for a fused gate_up_proj: see `WeightLocator`); a clear
+    error, before anything is written, if the masks do not fit."""
+    locator = WeightLocator(checkpoint)
+    shapes = mask_set.shapes
+    return {name: list(locator.locate(name, shapes[name], mask_set.layout(name)["layout"])[0])
+            for name in mask_set.masks}
 
 
 def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, overwrite: bool = False,
@@ -123,9 +126,11 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     remove_leftovers(output_dir)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
+    locator = WeightLocator(checkpoint)
     by_shard: dict[str, list[str]] = {}
-    for name, key in keys.items():
-        by_shard.setdefault(checkpoint.weight_map[key], []).append(name)
+    for name, name_keys in keys.items():
+        for shard in dict.fromkeys(checkpoint.weight_map[key] for key in name_keys):
+            by_shard.setdefault(shard, []).append(name)
 
     tmp = temp_sibling(output_dir)
     try:
@@ -133,12 +138,12 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
         if checkpoint.format == "safetensors":
             _for_each(checkpoint.shards, bar, lambda shard: _apply_safetensors_shard(
-                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set))
+                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), locator, mask_set))
             for index in INDEX_FILES[:1]:
                 if (checkpoint.path / index).exists():
                     shutil.copyfile(checkpoint.path / index, tmp / index)
         else:
-            _apply_bin_shards(checkpoint, tmp, keys, mask_set, bar)
+            _apply_bin_shards(checkpoint, tmp, keys, locator, mask_set, bar)
         _copy_side_files(checkpoint.path, tmp)
         info = {"base_model": str(base), "source": mask_set.source, "fingerprint": mask_set.fingerprint,
                 "modules": len(mask_set.masks), "summary": mask_set.summary()}
@@ -173,20 +178,25 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
             bar.close()
 
 
-def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
-    """Write `dst` = `src` with the named modules' weights masked: the kernel copies the file, then each masked
-    tensor's byte range of the copy is mapped and zeroed where its mask prunes, in place (no user-space copy
-    of the data, one tensor mapped at a time)."""
+def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], locator: WeightLocator,
+                             mask_set: MaskSet) -> None:
+    """Write `dst` = `src` with the named masks applied to the tensors of this shard that hold their weights:
+    the kernel copies the file, then each masked tensor's byte range of the copy is mapped and zeroed where its
+    mask (converted to the on-disk layout by `locator`) prunes, in place (no user-space copy of the data, one
+    tensor mapped at a time)."""
     with open(src, "rb") as fin, open(dst, "w+b") as fout:
         _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
         if not names:
             return
         header, data_start = read_safetensors_header(src)
         for name in names:
-            info = header[keys[name]]
-            begin, end = (data_start + o for o in info["data_offsets"])
-            _mask_in_place(fout.fileno(), begin, end, ST_DTYPES[info["dtype"]], tuple(info["shape"]),
-                           mask_set.masks[name])
+            on_disk = locator.to_disk(name, mask_set.masks[name], mask_set.layout(name)["layout"])
+            for key, mask in on_disk.items():
+                if key not in header:
+                    continue  # in another shard
+                info = header[key]
+                begin, end = (data_start + o for o in info["data_offsets"])
+                _mask_in_place(fout.fileno(), begin, end, ST_DTYPES[info["dtype"]], tuple(info["shape"]), mask)
 
 
 def _mask_in_place(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tuple, mask: torch.Tensor) -> None:
@@ -212,11 +222,12 @@ def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
         start += n
 
 
-def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: MaskSet, bar) -> None:
+def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: WeightLocator, mask_set: MaskSet,
+                      bar) -> None:
     """Legacy pickled shards: load one (weights_only), mask, write it as a safetensors shard."""
     from safetensors.torch import save_file
 
-    masked_key = {key: name for name, key in keys.items()}
+    masked_key = {key: name for name, name_keys in keys.items() for key in name_keys}
     n = len(checkpoint.shards)
     weight_map, total = {}, 0
     for i, shard in enumerate(bar, start=1):
@@ -226,7 +237,9 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: M
             t = t.clone() if t.untyped_storage().data_ptr() in seen else t  # tied weights share storage
             seen.add(t.untyped_storage().data_ptr())
             if key in masked_key:
-                t = t.masked_fill(~mask_set.masks[masked_key[key]], 0)
+                name = masked_key[key]
+                mask = locator.to_disk(name, mask_set.masks[name], mask_set.layout(name)["layout"])[key]
+                t = t.masked_fill(~mask, 0)
             tensors[key] = t.contiguous()
             weight_map[key] = out_name
             total += t.numel() * t.element_size()
@@ -273,15 +286,18 @@ def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safet
 
 
 # -- provenance: is the checkpoint masked already? -----------------------------------------------------------
-def already_masked(checkpoint: Checkpoint, pruned: dict[str, int]) -> str | None:
+def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, str | None]]) -> str | None:
     """Why `checkpoint` looks masked already, or None.
 
-    `pruned`: {module: entries the new mask would prune}. Masked when the folder holds the record an apply
-    writes (`mft_masks.json`), or when a matrix to be masked already holds at least that many exact zeros
-    (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)`). Reads one matrix at a
-    time. Where the rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an
-    L1 mask of a masked matrix selects the same zeros again.
+    `pruned`: {mask name: (entries the new mask would prune, weight shape, layout)}. Masked when the folder holds
+    the record an apply writes (`mft_masks.json`), or when a weight to be masked already holds at least that
+    many exact zeros (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)` per
+    matrix, so a stack of expert matrices may hold one fewer per matrix). Reads one weight at a time. Where the
+    rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an L1 mask of a
+    masked matrix selects the same zeros again.
     """
+    from mft.masking.checkpoint import WeightLocator
+
     record = checkpoint.path / APPLY_INFO
     if record.exists():
         try:
@@ -290,15 +306,16 @@ def already_masked(checkpoint: Checkpoint, pruned: dict[str, int]) -> str | None
             info = {}
         return (f"it holds {APPLY_INFO}, the record of {info.get('source', 'unknown')} masks applied to "
                 f"{info.get('base_model', 'an unknown checkpoint')}")
-    for name, count in pruned.items():
+    locator = WeightLocator(checkpoint)
+    for name, (count, shape, layout) in pruned.items():
         if count <= 0:
             continue
-        key = checkpoint.weight_key(name)
-        weight = checkpoint.read([key])[key]
+        matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        weight = locator.read(name, tuple(shape), layout)
         zeros = int((weight == 0).sum())
-        if zeros >= count:
-            return (f"{key} already holds {zeros} exact zeros of {weight.numel()} ({zeros / weight.numel():.2%}), "
-                    f"at least the {count} the new mask prunes")
+        if zeros >= count - matrices:
+            return (f"{name} already holds {zeros} exact zeros of {weight.numel()} "
+                    f"({zeros / weight.numel():.2%}), at least the {count} the new mask prunes")
     return None
 
 
@@ -308,8 +325,11 @@ def check_not_masked(checkpoint: Checkpoint, mask_set: MaskSet, allow: bool, fla
         return
     # what a mask of this keep ratio prunes, int((1 - k) n) (a random mask's own count varies around it); the
     # mask's own count where the ratio is unknown
-    pruned = {name: int((1 - mask_set.keep_ratios[name]) * _entries(shape)) if mask_set.keep_ratios.get(name)
-              else _entries(shape) - mask_set.kept(name) for name, shape in mask_set.shapes.items()}
+    pruned = {}
+    for name, shape in mask_set.shapes.items():
+        n, ratio = _entries(shape), mask_set.keep_ratios.get(name)
+        count = int((1 - ratio) * n) if ratio else n - mask_set.kept(name)
+        pruned[name] = (count, tuple(shape), mask_set.layout(name).get("layout"))
     why = already_masked(checkpoint, pruned)
     if why:
         raise MftError(f"{checkpoint.path} is already masked: {why}. Masking it again compounds both masks while "

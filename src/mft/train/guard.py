@@ -112,14 +112,21 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
         return
     mask_cfg = cfg.mask_config()
     # local masks prune int((1 - k) n) per matrix; global ones have no fixed count, so only the record counts
-    pruned = {t.name: int((1 - mask_cfg.keep_ratio(t.kind)) * t.shape[0] * t.shape[1]) for t in targets
-              if mask_cfg.subnet_type == "local"}
+    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)), tuple(t.shape), t.layout)
+              for t in targets if mask_cfg.subnet_type == "local"}
     checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
     why = already_masked(checkpoint, pruned)
     if why:
         raise MftError(f"{cfg.model_name_or_path} is already masked: {why}. MFT on it would learn a mask on top of "
                        "the baked one; train from the unmasked (FFT) checkpoint, or set allow_masked_base: true if "
                        "this is intended")
+
+
+def _entries(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 # -- the run folder ---------------------------------------------------------------------------------------
