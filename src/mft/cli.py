@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from mft.errors import MftError
+from mft.errors import Interrupted, MftError
 
 # Order = order in `mft --help`: the pipeline's order.
 COMMAND_MODULES = [
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except MftError as exc:
         print(f"mft {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"mft {args.command}: {exc}", file=sys.stderr)
+        return Interrupted.exit_code
+    except KeyboardInterrupt:
+        print(f"mft {args.command}: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

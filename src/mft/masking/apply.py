@@ -17,7 +17,6 @@ import mmap
 import os
 import shutil
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
+from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
@@ -122,7 +122,9 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
                 save_masks: bool = False, save_masks_format: str = "safetensors", progress: bool = True) -> Path:
     """Write `base` with `mask_set` baked in to `output_dir` (see the module doc). Returns the folder."""
     output_dir = Path(output_dir)
+    check_writable(output_dir)
     _check_output(output_dir, overwrite)
+    remove_leftovers(output_dir)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
     locator = WeightLocator(checkpoint)
@@ -131,9 +133,9 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         for shard in dict.fromkeys(checkpoint.weight_map[key] for key in name_keys):
             by_shard.setdefault(shard, []).append(name)
 
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_sibling(output_dir)
     try:
+        tmp.mkdir(parents=True)
         total = sum((checkpoint.path / shard).stat().st_size for shard in checkpoint.shards)
         bar = tqdm(total=total, desc="apply masks", unit="B", unit_scale=True, disable=not progress)  # bytes copied
         if checkpoint.format == "safetensors":
@@ -150,9 +152,12 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         (tmp / APPLY_INFO).write_text(json.dumps(info, indent=1))
         if save_masks:
             _save_mask_file(tmp, mask_set, save_masks_format)
+        follow_umask(tmp)
         _move_into_place(tmp, output_dir, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno:  # disk full, read-only, ...: one line with path and errno
+            raise os_error(exc, output_dir) from None
         raise
     return output_dir
 
@@ -275,12 +280,7 @@ def _check_output(output_dir: Path, overwrite: bool) -> None:
 def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists():
         _check_output(output_dir, overwrite)
-        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)
+    swap_into_place(tmp, output_dir)
 
 
 def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors") -> Path:
@@ -288,3 +288,78 @@ def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safet
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return _save_mask_file(output_dir, mask_set, fmt)
+
+
+# -- provenance: is the checkpoint masked already? -----------------------------------------------------------
+def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, str | None]]) -> str | None:
+    """Why `checkpoint` looks masked already, or None.
+
+    `pruned`: {mask name: (entries the new mask would prune, weight shape, layout)}. Masked when the folder holds
+    the record an apply writes (`mft_masks.json`), or when a weight to be masked already holds at least that
+    many exact zeros (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)` per
+    matrix, so a stack of expert matrices may hold one fewer per matrix). Reads one weight at a time. Where the
+    rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an L1 mask of a
+    masked matrix selects the same zeros again.
+    """
+    from mft.masking.checkpoint import WeightLocator
+
+    record = checkpoint.path / APPLY_INFO
+    if record.exists():
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            info = {}
+        return (f"it holds {APPLY_INFO}, the record of {info.get('source', 'unknown')} masks applied to "
+                f"{info.get('base_model', 'an unknown checkpoint')}")
+    locator = WeightLocator(checkpoint)
+    for name, (count, shape, layout) in pruned.items():
+        if count <= 0:
+            continue
+        matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        weight = locator.read(name, tuple(shape), layout)
+        zeros = int((weight == 0).sum())
+        if zeros >= count - matrices:
+            return (f"{name} already holds {zeros} exact zeros of {weight.numel()} "
+                    f"({zeros / weight.numel():.2%}), at least the {count} the new mask prunes")
+    return None
+
+
+def check_not_masked(checkpoint: Checkpoint, mask_set: MaskSet, allow: bool, flag: str = "--allow_masked_base") -> None:
+    """Refuse to mask a checkpoint that is masked already (see `already_masked`) unless `allow`."""
+    if allow:
+        return
+    # what a mask of this keep ratio prunes, int((1 - k) n) (a random mask's own count varies around it); the
+    # mask's own count where the ratio is unknown
+    pruned = {}
+    for name, shape in mask_set.shapes.items():
+        n, ratio = _entries(shape), mask_set.keep_ratios.get(name)
+        count = int((1 - ratio) * n) if ratio else n - mask_set.kept(name)
+        pruned[name] = (count, tuple(shape), mask_set.layout(name).get("layout"))
+    why = already_masked(checkpoint, pruned)
+    if why:
+        raise MftError(f"{checkpoint.path} is already masked: {why}. Masking it again compounds both masks while "
+                       f"the output records only the new one; build masks on the unmasked (FFT) checkpoint, or "
+                       f"pass {flag} if this is intended")
+
+
+def check_not_tied(model, names) -> None:
+    """Refuse masks on a module whose weight is the input embedding (a tied `lm_head`): masking it would mask
+    the embedding too. `model`: a (meta) model as built from its config; `names`: module names."""
+    embedding = model.get_input_embeddings()
+    if embedding is None:
+        return
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(module, "weight", None) is embedding.weight:
+            raise MftError(f"cannot mask {name}: its weight is tied to the input embedding (tie_word_embeddings "
+                           "is true), so masking it would also mask the embedding; leave it out of target_modules")
+
+
+def _entries(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
