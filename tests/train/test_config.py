@@ -221,7 +221,8 @@ def test_every_field_has_help():
     assert (defaults["lora_rank"], defaults["lora_alpha"], defaults["lora_dropout"]) == (64, 16.0, 0.1)
     assert (defaults["learning_rate"], defaults["warmup_ratio"], defaults["seed"]) == (2e-5, 0.03, 42)
     assert defaults["chat_template_name"] == "tulu" and defaults["reduce_loss"] == "mean"
-    assert defaults["clip_grad_norm"] == -1.0
+    assert defaults["clip_grad_norm"] is None  # = 1.0 on every path, see test_loop
+    assert (defaults["strict_roles"], defaults["add_pad_token"], defaults["use_slow_tokenizer"]) == (False, False, False)
 
 
 # --- published configs --------------------------------------------------------------------------------

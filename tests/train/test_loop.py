@@ -210,3 +210,33 @@ def test_finished_run_is_not_overwritten(workspace, capsys):
             f"--output_dir={out}", "--report_to=[none]"]
     assert main(args) == 1
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip, expect", [(None, 1.0), ("0", 0.0)])
+def test_gradients_are_clipped_to_one_by_default_without_deepspeed(workspace, clip, expect):
+    """Every published run clipped at 1.0 (DeepSpeed's `auto`); without DeepSpeed the loop does it too.
+    reduce_loss: sum makes the raw gradient norm far above 1; a global optimizer hook reads the norm of the
+    gradients the optimizer actually steps with."""
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        extra = {} if clip is None else {"clip_grad_norm": clip}
+        result = run(workspace, f"clip_{clip}", reduce_loss="sum", max_train_steps=3, **extra)
+    finally:
+        handle.remove()
+    assert len(seen) == 3
+    info = json.loads((result.output_dir / FINISHED_MARKER).read_text())
+    assert info["gradient_clipping"] == expect
+    if expect:
+        logged = [json.loads(line)["grad_norm"] for line in (result.output_dir / TRAIN_LOG).read_text().splitlines()]
+        assert len(logged) == 3 and min(logged) > 10  # the norm before clipping
+        assert max(seen) <= 1.0 + 1e-5 and min(seen) > 0.99  # what the optimizer stepped with
+    else:
+        assert min(seen) > 10  # off: the raw gradients

@@ -127,6 +127,24 @@ def _setup_method(cfg: TrainConfig, model):
     return model, f"FFT: {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
+def _gradient_clipping(cfg: TrainConfig, ds_config: dict | None) -> float:
+    """The max gradient norm the run clips to (0.0: off). Unset `clip_grad_norm`: 1.0, the value of every
+    published run (DeepSpeed's `gradient_clipping: auto`, which accelerate fills with 1.0); under DeepSpeed a
+    number in its config file is kept. Set, `clip_grad_norm` wins on every path; under DeepSpeed it is written
+    into `ds_config` (before `accelerator.prepare`), so DeepSpeed clips to it."""
+    if cfg.clip_grad_norm is not None:
+        clip = max(float(cfg.clip_grad_norm), 0.0)
+        if ds_config is not None:
+            ds_config["gradient_clipping"] = clip
+        return clip
+    if ds_config is not None:
+        value = ds_config.get("gradient_clipping", "auto")
+        if value == "auto":
+            ds_config["gradient_clipping"] = value = 1.0
+        return max(float(value), 0.0)
+    return 1.0
+
+
 def _optimizer(cfg: TrainConfig, model, ds_config):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -292,6 +310,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info(description)
     optimizer = torch_optimizer = _optimizer(cfg, model, ds_config)
 
+    clip = _gradient_clipping(cfg, ds_config)
+    if main:
+        logger.info("gradient clipping: %s", f"max norm {clip:g}" if clip > 0 else "off")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ds = ds_config is not None
     if not ds:
@@ -338,6 +359,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = tqdm(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
     model.train()
     window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    grad_norm = None
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
@@ -347,8 +369,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             with accelerator.accumulate(model):
                 loss = _loss(model, batch, cfg.reduce_loss)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                if accelerator.sync_gradients and clip > 0 and not ds:  # DeepSpeed clips by its config
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 optimizer.zero_grad()
             batches_in_epoch += 1
@@ -366,6 +388,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
                 record = {"step": completed_steps, "epoch": epoch, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                           "tokens_per_s": tokens / (time.perf_counter() - window_start)}
+                if grad_norm is not None:  # of the last step, before clipping
+                    record["grad_norm"] = float(grad_norm)
                 if tracker is not None:
                     record.update(tracker.stats())
                 bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -388,7 +412,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # outputs
     base = cfg.model_name_or_path
-    info = {"method": method, "steps": completed_steps,
+    info = {"method": method, "steps": completed_steps, "gradient_clipping": clip,
             "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
     if method == "mft":
         _save_mft(accelerator, cfg, unwrapped, info, extract_masks)
