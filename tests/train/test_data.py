@@ -218,6 +218,63 @@ def test_tokenizer_without_template_cannot_use_its_own(tmp_path, byte_tokenizer,
         load_tokenizer(cfg)
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_folder(tmp_path_factory):
+    from mft.tiny import save_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("sp_tokenizer")
+    texts = [m["content"] for m in CONVERSATION] + ["<|user|>\nhello\n<|assistant|>\nhi there", "What is 2+2?"]
+    save_sentencepiece_tokenizer(texts * 30, folder, vocab_size=340)
+    return folder
+
+
+def test_slow_and_fast_tokenizers_label_the_same_assistant_tokens(tmp_path, sentencepiece_folder, byte_tokenizer,
+                                                                  data_file_factory):
+    train = data_file_factory([conv(0)])
+    base = [f"--model_name_or_path={sentencepiece_folder}", f"--train_file={train}"]
+    fast, _ = load_tokenizer(load_config(None, base))
+    slow, added = load_tokenizer(load_config(None, base + ["--use_slow_tokenizer"]))
+    assert fast.is_fast and type(slow).__name__ == "SentencePieceBackend" and not slow.is_fast
+    assert (len(slow), len(fast), added, slow.pad_token, slow.eos_token_id) == (340, 340, 0, "</s>", 2)
+    # one turn: the same ids and the same labels
+    one = [CONVERSATION[1], CONVERSATION[2]]
+    assert tokenize_messages(one, slow, TULU, 1000) == tokenize_messages(one, fast, TULU, 1000)
+    # two turns: the text after EOS starts with "▁" (LLaMA's legacy SentencePiece behaviour) in both; the slow
+    # one locates labels by prefix token counts, the fast one by offsets, with the same result
+    text = fast.apply_chat_template(CONVERSATION, chat_template=TULU, tokenize=False)
+    outs = {}
+    for name, tok in (("slow", slow), ("fast", fast)):
+        out = outs[name] = tokenize_messages(CONVERSATION, tok, TULU, 1000)
+        assert out["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        turns, current = [], []
+        for token, label in zip(out["input_ids"], out["labels"]):
+            if label == IGNORE_INDEX:
+                turns, current = turns + [current] if current else turns, []
+            else:
+                assert label == token
+                current.append(token)
+        assert [tok.decode(t) for t in turns + [current]] == ["4</s>", "ok</s>"]
+    assert outs["slow"] == outs["fast"]
+    assert slow.convert_ids_to_tokens(outs["slow"]["input_ids"])[22:25] == ["</s>", "▁", "\n<|"]
+    # no SentencePiece model: the fast tokenizer stays, as the original's use_fast=False did
+    byte_tokenizer.save_pretrained(tmp_path / "bytes")
+    kept, _ = load_tokenizer(load_config(None, [f"--model_name_or_path={tmp_path / 'bytes'}", f"--train_file={train}",
+                                                "--use_slow_tokenizer"]))
+    assert kept.is_fast and len(kept) == 260
+
+
+def test_add_pad_token_adds_pad_for_fft_only(sentencepiece_folder, data_file_factory):
+    base = [f"--model_name_or_path={sentencepiece_folder}", f"--train_file={data_file_factory([conv(0)])}"]
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token"]))
+    assert (added, len(tok), tok.pad_token, tok.pad_token_id) == (1, 341, "<pad>", 340)
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token", "--use_slow_tokenizer"]))
+    assert (added, len(tok), tok.pad_token, tok.pad_token_id) == (1, 341, "<pad>", 340)
+    # MFT and LoRA keep the embeddings frozen: padding with EOS changes nothing they compute
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token", "--subnet_mode=both",
+                                                          "--masked_layers=0"]))
+    assert (added, tok.pad_token) == (0, "</s>")
+
+
 @pytest.fixture()
 def data_file_factory(tmp_path):
     counter = iter(range(1000))

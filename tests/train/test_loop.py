@@ -240,3 +240,31 @@ def test_gradients_are_clipped_to_one_by_default_without_deepspeed(workspace, cl
         assert max(seen) <= 1.0 + 1e-5 and min(seen) > 0.99  # what the optimizer stepped with
     else:
         assert min(seen) > 10  # off: the raw gradients
+
+
+def test_published_tokenizer_handling_grows_to_a_multiple_of_8_and_mft_starts_from_it(workspace, tmp_path):
+    """use_slow_tokenizer + add_pad_token, as the published configs set them, on a LLaMA-2-style
+    SentencePiece tokenizer without pad (340 tokens): FFT adds <pad> (id 340) and grows the embeddings and
+    lm_head to 344 rows; MFT starts from that checkpoint and `mft apply` bakes it, the 344 rows kept."""
+    from transformers import AutoTokenizer
+
+    from mft.tiny import save_sentencepiece_tokenizer, tiny_model
+
+    base = tmp_path / "llama_sp"
+    texts = [line for line in workspace["data"].read_text().splitlines()] + ["<|user|>\n<|assistant|>\n"] * 20
+    save_sentencepiece_tokenizer(texts, base, vocab_size=340)
+    tiny_model("llama", vocab_size=340).save_pretrained(base)
+    common = {"use_slow_tokenizer": True, "add_pad_token": True, "max_train_steps": 2}
+    fft = run(workspace, "fft_padded", model_name_or_path=str(base), **common).output_dir
+    model = AutoModelForCausalLM.from_pretrained(fft)
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 344
+    assert model.config.vocab_size == 344
+    tok = AutoTokenizer.from_pretrained(fft)
+    assert (len(tok), tok.pad_token, tok.pad_token_id, tok.eos_token_id) == (341, "<pad>", 340, 2)
+    mft = run(workspace, "mft_from_padded", model_name_or_path=str(fft), subnet_mode="both", masked_layers="1",
+              **common).output_dir
+    assert main(["apply", "--mask_model_name_or_path", str(mft), "--output_dir", str(mft / "mask_applied"),
+                 "--quiet"]) == 0
+    applied = AutoModelForCausalLM.from_pretrained(mft / "mask_applied")
+    assert applied.get_input_embeddings().weight.shape[0] == 344
+    assert torch.equal(applied.get_input_embeddings().weight, model.get_input_embeddings().weight)

@@ -54,9 +54,14 @@ TULU_ROLES = ("system", "user", "assistant")
 # ------------------------------------------------------------------------------------------------------------
 # Tokenizer
 def load_tokenizer(cfg: TrainConfig):
-    """(tokenizer, number of tokens added). The chat template is set from `chat_template_name`; a missing pad
-    token becomes the EOS token (labels and attention already ignore padding, and no embedding grows), and
-    only a tokenizer without EOS gets a new `<pad>` token — then the caller must resize the embeddings."""
+    """(tokenizer, number of tokens added). The chat template is set from `chat_template_name`.
+
+    `use_slow_tokenizer`: the SentencePiece tokenizer where the model ships one (`tokenizer.model`, LLaMA-2),
+    as transformers' `SentencePieceBackend` (the slow LLaMA tokenizer's legacy behaviour: the text after a
+    special token such as EOS starts with "▁"); a model without one keeps its fast tokenizer, as the original's
+    `use_fast=False` did. A missing pad token: `add_pad_token` with FFT adds `<pad>` (the published runs; the
+    caller grows the embeddings, see mft.train.loop), otherwise it becomes the EOS token (labels and attention
+    ignore padding, and no embedding grows); a tokenizer without EOS always gets `<pad>`."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer_name or cfg.model_name_or_path
@@ -65,8 +70,8 @@ def load_tokenizer(cfg: TrainConfig):
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise MftError(f"cannot load the tokenizer of {name!r}: {exc}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise MftError(f"the tokenizer of {name!r} is not a fast (Rust) tokenizer; labels need its offset mapping")
+    if cfg.use_slow_tokenizer:
+        tokenizer = _slow_tokenizer(name, revision, tokenizer)
     tokenizer.chat_template = chat_template(cfg, tokenizer)
     if tokenizer.eos_token is None and cfg.chat_template_name != TOKENIZER_TEMPLATE:
         raise MftError(f"the tokenizer of {name!r} has no EOS token; the {cfg.chat_template_name} template ends "
@@ -75,11 +80,38 @@ def load_tokenizer(cfg: TrainConfig):
         raise MftError(f"add_bos is set but the tokenizer of {name!r} has no BOS token")
     added = 0
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
+        if tokenizer.eos_token is not None and not (cfg.add_pad_token and cfg.resolved_method == "fft"):
             tokenizer.pad_token = tokenizer.eos_token
         else:
             added = tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer, added
+
+
+def _slow_tokenizer(name: str, revision, fast):
+    """The SentencePiece tokenizer of `name` if it ships `tokenizer.model`, else `fast` (logged)."""
+    from transformers.utils import cached_file
+
+    try:
+        vocab = cached_file(name, "tokenizer.model", revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        vocab = None
+    if vocab is None:
+        logger.info("use_slow_tokenizer: %s has no SentencePiece model (tokenizer.model); using its fast tokenizer",
+                    name)
+        return fast
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise MftError("use_slow_tokenizer needs the sentencepiece package for the SentencePiece tokenizer of "
+                       f"{name!r}: pip install sentencepiece (or set use_slow_tokenizer: false)") from None
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    special = {k: v for k, v in fast.special_tokens_map.items() if isinstance(v, str)}
+    try:
+        return SentencePieceBackend.from_pretrained(name, revision=revision, **special)
+    except (OSError, ValueError) as exc:
+        raise MftError(f"use_slow_tokenizer: cannot load the SentencePiece tokenizer of {name!r}: {exc}") from None
 
 
 def chat_template(cfg: TrainConfig, tokenizer) -> str:

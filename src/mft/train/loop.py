@@ -105,6 +105,20 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
     return model
 
 
+def _grow_embeddings(cfg: TrainConfig, model, tokenizer, main: bool) -> None:
+    """After load_tokenizer added tokens: grow the input embeddings and lm_head to len(tokenizer) rows, rounded
+    up to a multiple of 8 with `add_pad_token` (the published runs: LLaMA-2 32,000 + <pad> -> 32,008), only when
+    the model has fewer rows (as the original). New rows are initialised as transformers does (the mean and
+    covariance of the old rows)."""
+    rows = model.get_input_embeddings().num_embeddings  # the full count, also for ZeRO-3-partitioned weights
+    if len(tokenizer) <= rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8 if cfg.add_pad_token else None)
+    if main:
+        logger.info("tokenizer: added %s; embeddings grown from %d to %d rows", tokenizer.pad_token, rows,
+                    model.get_input_embeddings().num_embeddings)
+
+
 def _setup_method(cfg: TrainConfig, model):
     """Turn the loaded model into what is trained; returns (model, description)."""
     method = cfg.resolved_method
@@ -304,7 +318,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise MftError(f"the tokenizer of {cfg.tokenizer_name or cfg.model_name_or_path} has neither a pad nor "
                            f"an EOS token, and {method} cannot grow the frozen embeddings; add a pad token when "
                            "fine-tuning the base model")
-        model.resize_token_embeddings(len(tokenizer))
+        _grow_embeddings(cfg, model, tokenizer, main)
     model, description = _setup_method(cfg, model)
     if main:
         logger.info(description)
