@@ -268,3 +268,55 @@ def test_published_tokenizer_handling_grows_to_a_multiple_of_8_and_mft_starts_fr
     applied = AutoModelForCausalLM.from_pretrained(mft / "mask_applied")
     assert applied.get_input_embeddings().weight.shape[0] == 344
     assert torch.equal(applied.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_checkpoint_due_for_steps_epochs_and_epoch_fractions():
+    from mft.train.loop import checkpoint_due
+
+    # 14 batches, accumulation 2: 7 steps per epoch; epoch/3 saves after steps ceil(7/3)=3, ceil(14/3)=5 and 7
+    due = [s for s in range(1, 8) if checkpoint_due("epoch/3", s, 2 * s, 14, 2)]
+    assert due == [3, 5, 7]
+    assert [s for s in range(1, 8) if checkpoint_due("epoch", s, 2 * s, 14, 2)] == [7]
+    assert [s for s in range(1, 8) if checkpoint_due(3, s, 2 * s, 14, 2)] == [3, 6]
+    assert not any(checkpoint_due(None, s, 2 * s, 14, 2) for s in range(1, 8))
+    # 13 batches: the last step has one batch; it still ends the epoch
+    assert [s for s in range(1, 8) if checkpoint_due("epoch/2", s, min(2 * s, 13), 13, 2)] == [4, 7]
+
+
+def test_epoch_thirds_write_loadable_snapshots_and_mft_starts_from_one(workspace, capsys):
+    fft = run(workspace, "fft_thirds", num_train_epochs=1, checkpointing_steps="epoch/3", save_model_snapshots=True,
+              keep_last_n_checkpoints=1, learning_rate=1e-3).output_dir
+    snapshots = fft / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_2", "step_4", "step_6"]  # 6 steps per epoch
+    assert [p.name for p in (fft / CHECKPOINTS).iterdir()] == ["step_6"]  # pruned; snapshots never are
+    models = {n: AutoModelForCausalLM.from_pretrained(snapshots / f"step_{n}") for n in (2, 4, 6)}
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(models[2].state_dict()[key], models[4].state_dict()[key])
+    final = AutoModelForCausalLM.from_pretrained(fft).state_dict()
+    assert all(torch.equal(final[k], v) for k, v in models[6].state_dict().items())
+    assert (snapshots / "step_2" / "tokenizer.json").exists()
+    assert json.loads((snapshots / "step_4" / "snapshot.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    assert main(["checkpoints", str(fft), "--json"]) == 0
+    listed = [(r["kind"], r["step"], r["epoch"]) for r in json.loads(capsys.readouterr().out)]
+    assert listed == [("snapshot", 2, 0), ("snapshot", 4, 0), ("checkpoint", 6, 0), ("snapshot", 6, 0)]
+
+    # MFT from the middle snapshot, with mask snapshots of its own
+    mft = run(workspace, "mft_from_snapshot", model_name_or_path=str(snapshots / "step_4"), subnet_mode="both",
+              masked_layers="1", num_train_epochs=1, checkpointing_steps="epoch/3", save_model_snapshots=True,
+              learning_rate=0.05).output_dir
+    info = json.loads((mft / "mft_run.json").read_text())
+    assert info["base_model"] == str((snapshots / "step_4").resolve())
+    mask_snapshots = mft / "snapshots"
+    assert sorted(p.name for p in mask_snapshots.iterdir()) == ["step_2", "step_4", "step_6"]
+    final_masks = read_masks(mft / "masks.safetensors").masks
+    last = read_masks(mask_snapshots / "step_6" / "masks.safetensors").masks
+    assert set(last) == set(final_masks) and all(torch.equal(last[n], final_masks[n]) for n in last)
+    assert not list(mask_snapshots.glob("step_2/*model*.safetensors"))  # the mask file, no weights
+    assert main(["apply", "--mask_model_name_or_path", str(mask_snapshots / "step_2"), "--output_dir",
+                 str(mft / "applied_2"), "--quiet"]) == 0
+    applied = load_file(str(mft / "applied_2" / "model.safetensors"))
+    early = read_masks(mask_snapshots / "step_2" / "masks.safetensors").masks
+    base4 = models[4].state_dict()
+    for name, mask in early.items():
+        assert torch.equal(applied[f"{name}.weight"], base4[f"{name}.weight"] * mask)

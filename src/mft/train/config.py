@@ -167,8 +167,12 @@ class TrainConfig:
     # --- output, checkpoints, logging ----------------------------------------------------------------
     output_dir: str = _help("run folder: final model or masks, checkpoints, resolved config", default="output/")
     overwrite_output_dir: bool = _help("replace a finished run in output_dir instead of refusing", default=False)
-    checkpointing_steps: int | str | None = _help("save a checkpoint every N optimizer steps, or 'epoch'",
-                                                  default=None)
+    checkpointing_steps: int | str | None = _help("save a checkpoint every N optimizer steps, at the end of "
+                                                  "each epoch ('epoch') or K times per epoch ('epoch/K', as the "
+                                                  "original's epoch/3)", default=None)
+    save_model_snapshots: bool = _help("with each checkpoint also write snapshots/step_N/: a loadable model "
+                                       "folder (FFT, LoRA merged) or the mask file (MFT), never pruned; list "
+                                       "them with `mft checkpoints OUTPUT_DIR`", default=False)
     keep_last_n_checkpoints: int = _help("checkpoints kept in output_dir; -1 keeps all", default=3)
     resume_from_checkpoint: str | None = _help("checkpoint folder to resume from (the loop otherwise "
                                                "resumes from the latest complete one by itself)", default=None)
@@ -255,6 +259,9 @@ class TrainConfig:
             raise MftError(f"keep_last_n_checkpoints must be -1 (keep all) or >= 1; got {self.keep_last_n_checkpoints}")
         if isinstance(self.checkpointing_steps, int):
             _positive("checkpointing_steps", self.checkpointing_steps)
+        if self.save_model_snapshots and self.checkpointing_steps is None:
+            raise MftError("save_model_snapshots writes a snapshot with each checkpoint, but checkpointing_steps "
+                           "is unset; set it (N, epoch or epoch/K)")
         if not self.learning_rate > 0:
             raise MftError(f"learning_rate must be > 0; got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -501,7 +508,7 @@ _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True
 _OTHER_DATA_EXTS = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".xml", ".tar")
 _KIND_NAMES = {"bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
                "list[str]": "a list of strings", "list[int]": "layer indices like \"4 5 6 7\"",
-               "dict": "a mapping {key: value}", "int|str": "a positive integer or 'epoch'"}
+               "dict": "a mapping {key: value}", "int|str": "a positive integer, 'epoch' or 'epoch/K'"}
 
 
 def _kind(f) -> str:
@@ -578,6 +585,8 @@ def _coerce(key: str, value, kind: str):
     if kind == "int|str":  # checkpointing_steps
         if isinstance(value, str) and value.strip().lower() == "epoch":
             return "epoch"
+        if isinstance(value, str) and re.fullmatch(r"epoch/[1-9]\d*", value.strip().lower()):
+            return value.strip().lower()
         if isinstance(value, str) and value.strip().isdigit():
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool):

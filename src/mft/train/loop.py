@@ -45,6 +45,8 @@ logger = logging.getLogger("mft.train")
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+SNAPSHOTS = "snapshots"  # save_model_snapshots: snapshots/step_N/, complete once renamed from .step_N.partial
+SNAPSHOT_INFO = "snapshot.json"  # FFT / LoRA snapshots: method, steps, epoch, base model
 
 
 # -- setup ---------------------------------------------------------------------------------------------------
@@ -210,6 +212,73 @@ def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
             for old in done[: -cfg.keep_last_n_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_due(every, completed_steps: int, batches_in_epoch: int, batches_per_epoch: int,
+                   accumulation: int) -> bool:
+    """Whether the optimizer step just completed is a checkpoint: `every` is checkpointing_steps (N: every N
+    steps; "epoch": the epoch's last step; "epoch/K": the steps ceil(j * S / K), j = 1..K, of each epoch of S
+    steps, so the last one ends the epoch)."""
+    if every is None:
+        return False
+    if isinstance(every, int):
+        return completed_steps % every == 0
+    if every == "epoch":
+        return batches_in_epoch == batches_per_epoch
+    k = int(every.split("/")[1])
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    step_in_epoch = math.ceil(batches_in_epoch / accumulation)
+    return step_in_epoch in {math.ceil(j * steps_per_epoch / k) for j in range(1, k + 1)}
+
+
+def _save_snapshot(accelerator, cfg, model, tokenizer, state: dict, extract_masks) -> Path:
+    """snapshots/step_N/: a from_pretrained folder (FFT; LoRA merged) or the mask file and mft_run.json (MFT),
+    written under a temporary name and renamed when complete. Never pruned."""
+    method = cfg.resolved_method
+    root = Path(cfg.output_dir) / SNAPSHOTS
+    final = root / f"step_{state['completed_steps']}"
+    partial = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    base = cfg.model_name_or_path
+    info = {"method": method, "steps": state["completed_steps"], "epoch": state["epoch"],
+            "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
+    if method == "mft":
+        _save_mft(accelerator, cfg, accelerator.unwrap_model(model), info, extract_masks, out=partial)
+    else:
+        _save_model(accelerator, cfg, model, tokenizer, method, out=partial, keep_training=True)
+        if accelerator.is_main_process:
+            (partial / SNAPSHOT_INFO).write_text(json.dumps(info, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[dict]:
+    """[{"kind": "checkpoint" | "snapshot", "step", "epoch", "path"}] of a run folder, complete ones only,
+    by step then kind. Checkpoints resume a run; snapshots are loadable models (FFT, LoRA) or mask files
+    (MFT): the model_name_or_path of an MFT config, or `mft apply --mask_model_name_or_path`."""
+    from mft.masking.apply import RUN_INFO
+
+    out = []
+    root = Path(output_dir)
+    for kind, folder, marker in (("checkpoint", CHECKPOINTS, TRAINER_STATE), ("snapshot", SNAPSHOTS, None)):
+        for path in sorted((root / folder).glob("step_*")) if (root / folder).is_dir() else []:
+            if not path.name.split("_")[1].isdigit():
+                continue
+            info_file = path / marker if marker else next((path / n for n in (SNAPSHOT_INFO, RUN_INFO)
+                                                          if (path / n).exists()), None)
+            if info_file is None or not info_file.exists():
+                continue
+            info = json.loads(info_file.read_text())
+            out.append({"kind": kind, "step": int(path.name.split("_")[1]), "epoch": info.get("epoch"),
+                        "path": str(path)})
+    return sorted(out, key=lambda r: (r["step"], r["kind"]))
 
 
 def _trainable_only_hooks(accelerator, model) -> None:
@@ -413,11 +482,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.with_tracking:
                     accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
                 window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            save_now = (isinstance(cfg.checkpointing_steps, int) and completed_steps % cfg.checkpointing_steps == 0) \
-                or (cfg.checkpointing_steps == "epoch" and batches_in_epoch == len(loader))
-            if save_now:
-                _save_checkpoint(accelerator, cfg, {"completed_steps": completed_steps, "epoch": epoch,
-                                                    "batches_in_epoch": batches_in_epoch}, ds)
+            if checkpoint_due(cfg.checkpointing_steps, completed_steps, batches_in_epoch, len(loader),
+                              cfg.gradient_accumulation_steps):
+                state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                _save_checkpoint(accelerator, cfg, state, ds)
+                if cfg.save_model_snapshots:
+                    _save_snapshot(accelerator, cfg, model, tokenizer, state, extract_masks)
             if completed_steps >= max_steps:
                 break
         if completed_steps >= max_steps:
@@ -454,7 +524,7 @@ def _loss(model, batch, reduce_loss: str):
                                              ignore_index=-100, reduction="sum")
 
 
-def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
+def _save_mft(accelerator, cfg, unwrapped, info, extract_masks, out: Path | None = None) -> None:
     from accelerate.utils import gather_object
 
     from mft.masking.apply import RUN_INFO
@@ -470,19 +540,27 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
         mask_cfg = cfg.mask_config()
         mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
                            "learned", mask_cfg.to_dict(), info["base_model"])
-        write_masks(Path(cfg.output_dir) / DEFAULT_NAME, mask_set)
+        out = Path(cfg.output_dir) if out is None else out
+        write_masks(out / DEFAULT_NAME, mask_set)
         entries = sum(m.numel() for m in masks.values())
         info.update({"mask_config": mask_cfg.to_dict(), "mask_digest_per_rank": digests,
                      "fingerprint": mask_set.fingerprint,
                      "kept_fraction": sum(int(m.sum()) for m in masks.values()) / entries})
-        (Path(cfg.output_dir) / RUN_INFO).write_text(json.dumps(info, indent=1))
+        (out / RUN_INFO).write_text(json.dumps(info, indent=1))
 
 
-def _save_model(accelerator, cfg, model, tokenizer, method) -> None:
-    out = Path(cfg.output_dir)
+def _save_model(accelerator, cfg, model, tokenizer, method, out: Path | None = None,
+                keep_training: bool = False) -> None:
+    """A from_pretrained folder in `out` (default output_dir). keep_training: the live model goes on training
+    (a snapshot), so LoRA merges a copy."""
+    out = Path(cfg.output_dir) if out is None else out
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards onto the main process
     unwrapped = accelerator.unwrap_model(model)
     if method == "lora":
+        if keep_training and accelerator.is_main_process and not any(p.numel() == 0 for p in unwrapped.parameters()):
+            import copy
+
+            unwrapped = copy.deepcopy(unwrapped)
         unwrapped, state_dict = _merged_lora(cfg, unwrapped, state_dict, accelerator)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
