@@ -1,4 +1,4 @@
-"""Training data: sources -> one shuffled mix of `messages` rows -> tokenized examples, loss on assistant tokens.
+"""Training data: sources -> the mix of `messages` rows -> tokenized examples, loss on assistant tokens.
 
     tokenizer, num_added = load_tokenizer(cfg)        # resize the embeddings if num_added > 0
     train, stats = build_train_dataset(cfg, tokenizer, main_process_first=accelerator.local_main_process_first)

@@ -11,7 +11,11 @@ weights, load data and model, set the method up, prepare, resume, loop, save. Wh
   `mft_run.json` (base model, mask settings, per-rank mask digests) — no copy of the weights. Bake it with
   `mft apply --mask_model_name_or_path OUTPUT_DIR --output_dir OUTPUT_DIR/mask_applied`.
 - all: `train_config.yaml` (resolved settings), `train_log.jsonl` (one line per logged step),
-  `checkpoints/step_N/` and, written last, `run_complete.json`.
+  `checkpoints/step_N/`, with `save_model_snapshots` `snapshots/step_N/` (a loadable model, or MFT's mask file:
+  see `_save_snapshot`, `list_checkpoints`) and, written last, `run_complete.json`.
+
+Gradient clipping is 1.0 unless `clip_grad_norm` says otherwise, with or without DeepSpeed (`_gradient_clipping`),
+as in every published run.
 
 Checkpoints hold what is trained (MFT: the scores only, never the frozen weights), the optimizer, the
 scheduler, every RNG and the data position; re-running the same command resumes from the newest complete
@@ -19,7 +23,9 @@ one and reproduces an uninterrupted run bit for bit.
 
 Under DeepSpeed the scores live in bf16 inside the model while the optimizer keeps fp32 master copies. The
 masks are computed from those fp32 masters (`safe_get_full_fp32_param`, identical on every rank) after
-every optimizer step, so bf16 ties never decide a mask and every rank holds the same one.
+every optimizer step, so bf16 ties never decide a mask and every rank holds the same one. (The authors' fork
+sorts the bf16 scores in every forward instead; `score_dtype: bfloat16` without DeepSpeed selects from bf16
+scores, see the README's fidelity table.)
 """
 
 from __future__ import annotations
