@@ -320,3 +320,20 @@ def test_epoch_thirds_write_loadable_snapshots_and_mft_starts_from_one(workspace
     base4 = models[4].state_dict()
     for name, mask in early.items():
         assert torch.equal(applied[f"{name}.weight"], base4[f"{name}.weight"] * mask)
+
+
+def test_lora_snapshots_merge_a_copy_and_training_goes_on(workspace):
+    out = run(workspace, "lora_halves", use_lora=True, lora_rank=4, num_train_epochs=1, learning_rate=1e-2,
+              checkpointing_steps="epoch/2", save_model_snapshots=True).output_dir
+    snapshots = out / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_3", "step_6"]
+    half = AutoModelForCausalLM.from_pretrained(snapshots / "step_3").state_dict()
+    end = AutoModelForCausalLM.from_pretrained(snapshots / "step_6").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert not any("lora" in k for k in half)  # merged, plain model folders
+    assert all(torch.equal(final[k], end[k]) for k in final)
+    # the live model was not merged at step 3: the adapters went on training and the final merge differs
+    key = "model.layers.0.self_attn.q_proj.weight"
+    before = base_weights(workspace)[key]
+    assert not torch.equal(half[key], before) and not torch.equal(half[key], end[key])
+    assert len(losses(out)) == 6
