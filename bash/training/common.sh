@@ -36,7 +36,8 @@ Environment (nothing secret is ever written in these files; tokens come from the
   REPORT_TO          trackers, e.g. wandb or tensorboard (default: the config's)
   HF_TOKEN, WANDB_API_KEY   read by the libraries from the environment, never passed on a command line
   PYTHON, ACCELERATE commands to use (default python, accelerate)
-  DRY_RUN=1          print the commands instead of running them
+  DRY_RUN=1          print the commands instead of running them (no cluster variable needed: without
+                     NUM_GPUS and a GPU it shows 8 GPUs per machine, MAIN_PROCESS_IP as a placeholder)
   WINDOWS            sweep only: layer windows (default "0-3 4-7 8-11 12-15 16-19 20-23 24-27 28-31")
   MODEL, DOMAIN      sweep only (default llama2-7b, math)
 EOF
@@ -53,9 +54,17 @@ mft_int() { # mft_int NAME VALUE: VALUE must be a non-negative integer
 
 # Cluster layout and derived numbers: NUM_GPUS, NUM_MACHINES, MACHINE_RANK, NUM_PROCESSES, GRAD_ACC, DS_CONFIG.
 mft_setup() {
+    local dry="${DRY_RUN:-0}"
     if [[ -z "${NUM_GPUS:-}" ]]; then
-        command -v nvidia-smi >/dev/null 2>&1 || mft_die "NUM_GPUS is not set and nvidia-smi is not available"
-        NUM_GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            NUM_GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
+        elif [[ "$dry" != 1 ]]; then
+            mft_die "NUM_GPUS is not set and nvidia-smi is not available"
+        fi
+        if [[ "$dry" == 1 && "${NUM_GPUS:-0}" == 0 ]]; then  # a dry run needs no cluster: show an 8-GPU machine
+            NUM_GPUS=8
+            echo "DRY_RUN: NUM_GPUS is not set and no GPU is visible; showing the commands for 8 GPUs per machine" >&2
+        fi
     fi
     NUM_MACHINES="${NUM_MACHINES:-1}"
     MACHINE_RANK="${MACHINE_RANK:-0}"
@@ -65,7 +74,9 @@ mft_setup() {
     ((NUM_GPUS > 0)) || mft_die "no GPU found (NUM_GPUS=0); set NUM_GPUS"
     ((NUM_MACHINES > 0 && PER_DEVICE_BATCH_SIZE > 0)) || mft_die "NUM_MACHINES and PER_DEVICE_BATCH_SIZE must be >= 1"
     ((MACHINE_RANK < NUM_MACHINES)) || mft_die "MACHINE_RANK=$MACHINE_RANK but NUM_MACHINES=$NUM_MACHINES"
-    if ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" ]]; then
+    if ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" && "$dry" == 1 ]]; then
+        MAIN_PROCESS_IP='$MAIN_PROCESS_IP'  # printed as a placeholder
+    elif ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" ]]; then
         mft_die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP (the address of machine rank 0)"
     fi
     NUM_PROCESSES=$((NUM_GPUS * NUM_MACHINES))

@@ -1,4 +1,4 @@
-"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, demo).
+"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, plot, demo).
 
 Each subcommand lives next to the code it drives and registers itself here.
 
@@ -20,7 +20,9 @@ COMMAND_MODULES = [
     "mft.train.cli",  # train
     "mft.masking.cli",  # apply, masks
     "mft.eval.cli",  # eval, report
+    "mft.plot",  # plot
     "mft.demo",  # demo
+    "mft.hub",  # models (list, get)
 ]
 
 

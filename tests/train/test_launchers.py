@@ -156,7 +156,7 @@ def test_gpus_counted_with_nvidia_smi(tmp_path):
 
 @pytest.mark.parametrize("env, message", [
     (dict(NUM_GPUS="3"), "GLOBAL_BATCH_SIZE=128 is not a multiple of 3 processes x 1 per device"),
-    (dict(NUM_GPUS="8", NUM_MACHINES="2"), "NUM_MACHINES=2 needs MAIN_PROCESS_IP"),
+    (dict(NUM_GPUS="8", NUM_MACHINES="2", DRY_RUN="0"), "NUM_MACHINES=2 needs MAIN_PROCESS_IP"),
     (dict(NUM_GPUS="8", NUM_MACHINES="2", MACHINE_RANK="2", MAIN_PROCESS_IP="h"), "MACHINE_RANK=2 but NUM_MACHINES=2"),
     (dict(NUM_GPUS="eight"), "NUM_GPUS must be a whole number, got 'eight'"),
     (dict(NUM_GPUS="8", LAYERS="four"), "LAYERS='four': expected indices"),
@@ -169,8 +169,25 @@ def test_bad_environment_is_refused(env, message):
 def test_no_gpu_count_without_nvidia_smi(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has nvidia-smi")
-    result = launch("run_fft_llama2-7b_math.sh")
+    result = launch("run_fft_llama2-7b_math.sh", dry=False)
     assert result.returncode == 1 and "NUM_GPUS is not set and nvidia-smi is not available" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in TRAINING.glob("*.sh") if p.name != "common.sh"))
+def test_dry_run_needs_no_cluster_variable(script):
+    """No NUM_GPUS, no nvidia-smi, no machine variables: every launcher prints its commands (8 GPUs shown)."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    result = launch(script)
+    cmds = commands(result)
+    launches = [c for c in cmds if "launch" in c]
+    assert launches and all(option(c, "--num_processes") == "8" for c in launches)
+    assert all(option(c, "--gradient_accumulation_steps") == "16" for c in launches)
+    assert "showing the commands for 8 GPUs per machine" in result.stderr
+    two = commands(launch(script, NUM_MACHINES="2"))
+    assert all(option(c, "--main_process_ip") == "$MAIN_PROCESS_IP" and option(c, "--num_processes") == "16"
+               for c in two if "launch" in c)
 
 
 def test_masktune_without_fft_model_stops_before_launching(tmp_path):

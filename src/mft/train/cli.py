@@ -11,7 +11,8 @@ USAGE = """usage: mft train [CONFIG.yaml] [--key=value ...]
 Full fine-tuning, mask fine-tuning or LoRA, as the config says (subnet_mode set -> MFT, use_lora -> LoRA,
 else FFT; or method: fft|mft|lora). Any key of the YAML file can be overridden on the command line:
 --key=value, --key value or key=value; values are read as YAML. Re-running a command resumes an interrupted
-run from its newest checkpoint.
+run from its newest checkpoint. --quiet: no progress bars (away from a terminal the bar is one plain log
+line per 10 % or minute either way).
 
 keys:
 """
@@ -76,12 +77,22 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    if "--quiet" in argv:
+        from mft.progress import set_quiet
+
+        argv = [a for a in argv if a != "--quiet"]
+        set_quiet()
     try:
+        from mft.hub import resolve_model
         from mft.train.config import load_config
         from mft.train.loop import train
 
         config, overrides = split_args(argv)
-        train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        # A short name (`mft models list`) becomes its cached folder; the saved config records that folder.
+        cfg.model_name_or_path = resolve_model(cfg.model_name_or_path)
+        cfg.tokenizer_name = resolve_model(cfg.tokenizer_name)
+        train(cfg)
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -83,20 +83,24 @@ def _preflight(cfg: TrainConfig) -> str:
     validate_against_model(cfg)
     if cfg.resolved_method == "mft":
         from mft.masking.checkpoint import model_skeleton, resolve_model_dir
-        from mft.masking.select import select_targets
+        from mft.masking.select import coverage_table, select_targets
 
-        select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        targets = select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        logger.info("mask selection (language model decoder layers %s, subnet_mode %s):\n%s",
+                    cfg.mask_config().masked_layers, cfg.mask_config().subnet_mode, coverage_table(targets))
     return state
 
 
 def _load_model(cfg: TrainConfig, accelerator, ds_config):
-    from transformers import AutoModelForCausalLM
+    from mft.models import load_pretrained
+    from mft.precision import training_dtype
 
     method = cfg.resolved_method
     # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
     dtype = torch.float32
     if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
         dtype = torch.bfloat16
+    dtype = training_dtype(accelerator, dtype, cfg.model_name_or_path, deepspeed=ds_config is not None)
     attn = "sdpa"
     if cfg.use_flash_attn:
         try:
@@ -105,8 +109,8 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
             attn = "flash_attention_2"
         except ImportError:
             logger.warning("use_flash_attn: flash-attn is not installed; using PyTorch SDPA attention")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, revision=cfg.model_revision, dtype=dtype,
-                                                 attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    model = load_pretrained(cfg.model_name_or_path, revision=cfg.model_revision, dtype=dtype,
+                            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -134,7 +138,7 @@ def _setup_method(cfg: TrainConfig, model):
         from mft.masking.inject import inject_masks
 
         targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed)
-        entries = sum(t.shape[0] * t.shape[1] for t in targets)
+        entries = sum(t.entries for t in targets)
         return model, f"MFT: {len(targets)} masked matrices, {entries:,} scores"
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -355,13 +359,15 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job `cfg` describes (see the module docstring)."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from mft.progress import progress, quiet_libraries_off_terminal
 
     from mft.masking.inject import extract_masks, refresh_masks
     from mft.train.data import Collator, build_train_dataset, load_tokenizer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_libraries_off_terminal()
     logger.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
     logging.getLogger("mft.train.data").setLevel(logging.INFO)
@@ -445,7 +451,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("%d optimizer steps (%d epochs x %d), %d processes x %d sequences x %d accumulation",
                     max_steps, epochs, steps_per_epoch, accelerator.num_processes, cfg.per_device_train_batch_size,
                     cfg.gradient_accumulation_steps)
-    bar = tqdm(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
+    bar = progress(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
     model.train()
     window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     grad_norm = None
@@ -471,7 +477,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             refresh()
             completed_steps += 1
-            bar.update(1)
             if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
                 loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
                 tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
@@ -488,6 +493,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.with_tracking:
                     accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
                 window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            bar.update(1)  # after set_postfix: a log line carries this step's loss
             if checkpoint_due(cfg.checkpointing_steps, completed_steps, batches_in_epoch, len(loader),
                               cfg.gradient_accumulation_steps):
                 state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
@@ -535,7 +541,7 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks, out: Path | None
 
     from mft.masking.apply import RUN_INFO
     from mft.masking.files import DEFAULT_NAME, MaskSet, write_masks
-    from mft.masking.inject import masked_modules
+    from mft.masking.inject import mask_layouts, masked_modules
 
     masks = extract_masks(unwrapped)
     digests = gather_object([_masks_digest(masks)])
@@ -545,7 +551,7 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks, out: Path | None
         layers = masked_modules(unwrapped)
         mask_cfg = cfg.mask_config()
         mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
-                           "learned", mask_cfg.to_dict(), info["base_model"])
+                           "learned", mask_cfg.to_dict(), info["base_model"], layouts=mask_layouts(layers))
         out = Path(cfg.output_dir) if out is None else out
         write_masks(out / DEFAULT_NAME, mask_set)
         entries = sum(m.numel() for m in masks.values())
@@ -578,9 +584,9 @@ def _merged_lora(cfg, peft_model, state_dict, accelerator):
     rebuilds it on the CPU from the gathered state dict and merges there."""
     if accelerator.is_main_process and state_dict is not None and any(p.numel() == 0 for p in peft_model.parameters()):
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
+        from mft.models import load_pretrained
 
-        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        base = load_pretrained(cfg.model_name_or_path, dtype=torch.float32)
         peft_model = get_peft_model(base, peft_model.peft_config["default"])
         peft_model.load_state_dict(state_dict)
     merged = peft_model.merge_and_unload() if accelerator.is_main_process else peft_model
