@@ -43,46 +43,141 @@ def num_pruned(numel: int, keep_ratio: float) -> int:
 
 
 # Integer views of non-negative floats order exactly like the values (NaN, whose bits are the largest, last
-# as in `torch.sort`): `local_mask` selects on them. (int view dtype, shift that leaves ~15 top bits)
-_ORDERED_BITS = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
+# as in `torch.sort`): the selection compares these. bf16/fp16 keep their own 16 bits (no widening).
+_ORDERED_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+                torch.float16: torch.int16}
+# The smallest NaN key (+inf's bits + 1): NaNs with other payloads are clamped to it wherever their order
+# among themselves could matter, so that all NaNs tie and fall by index, as in the sort.
+_NAN_KEY = {torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001, torch.bfloat16: 0x7F81,
+            torch.float16: 0x7C01}
+_SAMPLE = (1 << 14, 1 << 18)  # entries sampled per matrix to place the bracket: n / 256 within these bounds
+_DIRECT = 1 << 15  # matrices up to this size are selected by one stable sort: the bracket would not pay
 
 
 @torch.no_grad()
 def local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """Boolean mask keeping all but the `num_pruned` entries of smallest |scores| (tie rule: module doc).
 
-    A linear-time selection instead of a full sort: a radix pass over the integer view of |S| finds the
-    bucket that holds the cut-off, `kthvalue` runs on that bucket only (a few hundred entries for real
-    scores), and ties at the cut-off are resolved by index only when they straddle it.
+    `scores`: any shape, float32/float64/bfloat16/float16, any device; returns a bool tensor of its shape on
+    its device. One matrix of `local_masks`, which selects many with one host synchronisation.
     """
-    magnitude = scores.detach().abs().flatten()  # abs(-0.0) = +0.0: signed zeros tie, as in the sort
-    j = num_pruned(magnitude.numel(), keep_ratio)
-    if j <= 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    # bf16/fp16 are widened: the cast keeps every value and every tie.
-    if magnitude.dtype not in _ORDERED_BITS:
-        magnitude = magnitude.float()
-    int_dtype, shift = _ORDERED_BITS[magnitude.dtype]
-    key = magnitude.view(int_dtype)
-    cutoff, below, equal = _kth_smallest(key, j, shift)
-    if below + equal == j:  # no tie straddles the cut-off: prune everything <= cutoff
-        return (key > cutoff).view(scores.shape)
-    # ties straddle it: prune the first `j - below` of them in row-major order
-    prune = key < cutoff
-    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
-    return (~prune).view(scores.shape)
+    return local_masks([scores], [keep_ratio])[0]
 
 
-def _kth_smallest(key: torch.Tensor, j: int, shift: int) -> tuple[torch.Tensor, int, int]:
-    """(j-th smallest entry of the non-negative 1-d integer tensor `key` (1-based), entries below it,
-    entries equal to it): one histogram of the top bits, then `kthvalue` inside the one bucket."""
-    top = key >> shift
-    cumulative = torch.bincount(top).cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, j))  # the first bucket whose cumulative count reaches j
-    below = int(cumulative[bucket - 1]) if bucket else 0
-    members = key[top == bucket]
-    cutoff = members.kthvalue(j - below).values
-    return cutoff, below + int((members < cutoff).sum()), int((members == cutoff).sum())
+@torch.no_grad()
+def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[torch.Tensor]:
+    """`local_mask` of every `(scores, keep_ratio)` pair, bit for bit, with one host synchronisation for all.
+
+    The published rule is a stable ascending sort of |S| whose first `num_pruned(n, k)` entries are pruned.
+    Here, per matrix, with |S| viewed as ordered integers:
+
+    1. a strided sample of n / 256 entries (16k to 256k) is sorted and two sample quantiles a few standard errors
+       either side of the cut-off's rank give a bracket `[lo, hi]`;
+    2. one pass counts the entries below `lo` and up to `hi` (all matrices' counts come to the host together:
+       the only synchronisation). When `count(< lo) < j <= count(<= hi)` the cut-off lies in the bracket,
+       every entry below `lo` is pruned and the remaining `j - count(< lo)` come from the bracket's
+       candidates (about 4 / sqrt(sample) of the entries), taken in row-major order so that ties fall as
+       in the stable sort;
+    3. the candidates are selected exactly: a stable sort on CUDA (`method="sort"`), `kthvalue` plus the
+       row-major tie rule on the CPU (`method="kth"`). A bracket that misses (adversarial layouts that fool
+       the strided sample) falls back to the full stable sort for that matrix: slower, never different.
+
+    No histogram (CUDA's `bincount` serialises on atomics when N(0, 0.02) scores fill few buckets) and no
+    per-matrix synchronisation. Raises ValueError for a length mismatch or a dtype it cannot order.
+    """
+    scores_list = list(scores_list)
+    keep_ratios = list(keep_ratios)
+    if len(scores_list) != len(keep_ratios):
+        raise ValueError(f"local_masks got {len(scores_list)} score tensors but {len(keep_ratios)} keep ratios")
+    if method not in (None, "sort", "kth"):
+        raise ValueError(f"unknown candidate selection {method!r}; expected sort, kth or None (by device)")
+    for i, scores in enumerate(scores_list):
+        if scores.dtype not in _ORDERED_INT:
+            raise ValueError(f"local_mask: scores must be float32, float64, bfloat16 or float16; tensor {i} is "
+                             f"{scores.dtype}")
+    masks: list[torch.Tensor | None] = [None] * len(scores_list)
+    pending = []  # (i, flat scores, j, keep, in_bracket, counts tensor, lo == hi tensor)
+    for i, (scores, keep_ratio) in enumerate(zip(scores_list, keep_ratios)):
+        flat = scores.detach().reshape(-1)
+        n = flat.numel()
+        j = num_pruned(n, keep_ratio)
+        if j <= 0 or j >= n:
+            masks[i] = torch.full(scores.shape, j <= 0, dtype=torch.bool, device=scores.device)
+            continue
+        if n <= _DIRECT:
+            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(scores.shape)
+            continue
+        key = _keys(flat)  # NaN payloads not canonical: lo and hi below are, and the comparisons allow for it
+        stride = n // min(max(n >> 8, _SAMPLE[0]), _SAMPLE[1])
+        sample = _keys(flat[::stride], canonical=True).sort().values
+        m = sample.numel()
+        rank = j * m / n  # the cut-off's expected 0-based rank in the sample, give or take one
+        margin = 2 * math.isqrt(m) + 2  # > 4 standard errors of a sample quantile's rank
+        lo_rank, hi_rank = math.floor(rank) - margin, math.ceil(rank) + margin
+        lo = sample[lo_rank] if lo_rank > 0 else None
+        hi = sample[hi_rank] if hi_rank < m else None
+        if hi is not None:  # hi a NaN: every NaN is a candidate, none above (no synchronisation to find out)
+            hi = torch.where(hi == _NAN_KEY[flat.dtype], torch.iinfo(key.dtype).max, hi)
+        keep = key >= lo if lo is not None else torch.ones(n, dtype=torch.bool, device=key.device)
+        above = key > hi if hi is not None else torch.zeros(n, dtype=torch.bool, device=key.device)
+        counts = torch.stack([keep.count_nonzero(), above.count_nonzero()])  # n - count(< lo), n - count(<= hi)
+        same = (lo == hi) if lo is not None and hi is not None else torch.zeros((), dtype=torch.bool,
+                                                                                   device=key.device)
+        in_bracket = keep ^ above  # above implies keep: this is lo <= key <= hi
+        del key, above
+        pending.append((i, flat, j, keep, in_bracket, counts, same))
+    if not pending:
+        return masks
+    host = torch.cat([torch.cat([p[5], p[6].reshape(1).to(p[5].dtype)]) for p in pending]).tolist()  # the sync
+    for index, (i, flat, j, keep, in_bracket, _, _) in enumerate(pending):
+        n = flat.numel()
+        n_keep, n_above, same = host[3 * index: 3 * index + 3]
+        below, upto = n - n_keep, n - n_above
+        shape = scores_list[i].shape
+        if not below < j <= upto:  # the bracket missed the cut-off: the reference itself
+            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(shape)
+            continue
+        k = j - below  # how many candidates to prune, in (value, row-major index) order
+        # row-major order; on CUDA with the size known, so without a synchronisation
+        idx = (in_bracket.nonzero() if in_bracket.device.type == "cpu"
+               else torch.nonzero_static(in_bracket, size=upto - below)).squeeze(1)
+        del in_bracket
+        if same:  # all candidates are equal: the first k in row-major order go
+            keep_candidate = torch.arange(idx.numel(), device=idx.device) >= k
+        else:
+            keep_candidate = _select_candidates(_keys(flat[idx], canonical=True), k, method or
+                                                ("kth" if flat.device.type == "cpu" else "sort"))
+        keep.index_put_((idx,), keep_candidate)
+        masks[i] = keep.view(shape)
+    return masks
+
+
+def _keys(flat: torch.Tensor, canonical: bool = False) -> torch.Tensor:
+    """|x| as integers ordered like the values (abs(-0.0) = +0.0: signed zeros tie, as in the sort);
+    `canonical`: every NaN the same key, so that NaNs tie as in the sort (an extra pass over the keys)."""
+    key = flat.abs().view(_ORDERED_INT[flat.dtype])
+    return key.clamp_(max=_NAN_KEY[flat.dtype]) if canonical else key
+
+
+def _sorted_mask(key: torch.Tensor, j: int) -> torch.Tensor:
+    """The published rule literally: prune the first j of a stable ascending sort."""
+    mask = torch.ones(key.shape, dtype=torch.bool, device=key.device)
+    mask[key.sort(stable=True).indices[:j]] = False
+    return mask
+
+
+def _select_candidates(key: torch.Tensor, k: int, method: str) -> torch.Tensor:
+    """Which of the candidates `key` (1-d, row-major order) survive when the k smallest are pruned, ties
+    at the cut-off pruned lowest index first. No host synchronisation on either path."""
+    if method == "sort":
+        keep = torch.ones(key.shape, dtype=torch.bool, device=key.device)
+        keep[key.sort(stable=True).indices[:k]] = False
+        return keep
+    cutoff = key.kthvalue(k).values
+    below = key < cutoff
+    tie = key == cutoff
+    # the first (k - count below) entries equal to the cut-off are pruned
+    return ~(below | (tie & (tie.cumsum(0) <= k - below.sum())))
 
 
 @torch.no_grad()
