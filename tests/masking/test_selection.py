@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mft.masking import layer as layer_module
-from mft.masking.layer import _DIRECT, local_mask, local_masks, num_pruned
+from mft.masking.config import MaskConfig
+from mft.masking.inject import inject_masks, masked_modules
+from mft.masking.layer import _DIRECT, local_mask, local_masks, num_pruned, refresh_layers
+from mft.tiny import tiny_model
 
 
 def sort_reference(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -147,3 +151,77 @@ def test_bad_input_is_refused_before_any_work():
         local_masks([torch.zeros(3), torch.zeros(3, dtype=torch.int32)], [0.5, 0.5])
     with pytest.raises(ValueError, match="unknown candidate selection 'radix'"):
         local_masks([torch.zeros(3)], [0.5], method="radix")
+
+
+class _HostReads(TorchFunctionMode):
+    """Records the tensor operations that read device values on the host (a synchronisation on CUDA)."""
+
+    READS = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__", "nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS or name == "nonzero_static":
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device_path", ["cpu", "cuda"])
+def test_one_host_read_for_all_matrices(monkeypatch, device_path):
+    # "cuda": this machine has no GPU, so the CUDA code path (nonzero_static with the size known, candidate
+    # sort) is taken on CPU tensors by answering "not on the CPU" to the one per-device switch.
+    if device_path == "cuda":
+        monkeypatch.setattr(layer_module, "_on_cpu", lambda t: False)
+    g = torch.Generator().manual_seed(4)
+    scores = [torch.randn(300, 400, generator=g) * 0.02 for _ in range(5)]
+    scores += [(torch.randn(500, 300, generator=g) * 0.02).to(torch.bfloat16) for _ in range(2)]
+    with _HostReads() as spy:
+        masks = local_masks(scores, [0.9] * 5 + [0.5] * 2)
+    for s, k, m in zip(scores, [0.9] * 5 + [0.5] * 2, masks):
+        assert torch.equal(m, sort_reference(s, k))
+    expected = ["nonzero"] * 7 if device_path == "cpu" else ["nonzero_static"] * 7
+    assert spy.reads == ["tolist"] + expected  # the counts of all 7 matrices come over in one read
+
+
+def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=176, vocab_size=128)
+    inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
+    layers = masked_modules(model)
+    calls = []
+    real = layer_module.local_masks
+    monkeypatch.setattr(layer_module, "local_masks",
+                        lambda scores, keeps, method=None: calls.append(len(scores)) or real(scores, keeps, method))
+    optimizer = torch.optim.SGD([m.scores for m in layers.values()], lr=1.0)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model(input_ids=ids, labels=ids)
+    # the first forward: one call per layer (lazy, no group yet); after each of the 2 steps: one batched call
+    assert calls == [1] * len(layers) + [len(layers)] * 2
+    for name, layer in layers.items():
+        assert layer.mask_updates == 3, name
+        assert torch.equal(layer.mask, sort_reference(layer.scores.detach(), 0.9)), name
+
+
+def test_refresh_masks_batches_within_the_entry_budget(monkeypatch):
+    model = tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=176, vocab_size=128)
+    inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
+    layers = masked_modules(model)
+    calls = []
+    real = layer_module.local_masks
+    monkeypatch.setattr(layer_module, "local_masks",
+                        lambda scores, keeps, method=None: calls.append(sum(s.numel() for s in scores))
+                        or real(scores, keeps, method))
+    monkeypatch.setattr(layer_module, "_BATCH_ENTRIES", 3 * 64 * 176)
+    seen = []
+    refresh_layers(list(layers.values()), lambda p: seen.append(p) or p.detach() * 2, budget=3 * 64 * 176)
+    assert seen == [m.scores for m in layers.values()]  # full_scores: once per layer, in model order
+    assert sum(calls) == sum(m.scores.numel() for m in layers.values())
+    assert max(calls) <= 3 * 64 * 176 and len(calls) > 1
+    for name, layer in layers.items():
+        assert torch.equal(layer.mask, sort_reference(layer.scores.detach(), 0.9)), name

@@ -139,17 +139,22 @@ def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[tor
             continue
         k = j - below  # how many candidates to prune, in (value, row-major index) order
         # row-major order; on CUDA with the size known, so without a synchronisation
-        idx = (in_bracket.nonzero() if in_bracket.device.type == "cpu"
-               else torch.nonzero_static(in_bracket, size=upto - below)).squeeze(1)
+        on_cpu = _on_cpu(flat)
+        idx = (in_bracket.nonzero() if on_cpu else torch.nonzero_static(in_bracket, size=upto - below)).squeeze(1)
         del in_bracket
         if same:  # all candidates are equal: the first k in row-major order go
             keep_candidate = torch.arange(idx.numel(), device=idx.device) >= k
         else:
-            keep_candidate = _select_candidates(_keys(flat[idx], canonical=True), k, method or
-                                                ("kth" if flat.device.type == "cpu" else "sort"))
+            keep_candidate = _select_candidates(_keys(flat[idx], canonical=True), k,
+                                                method or ("kth" if on_cpu else "sort"))
         keep.index_put_((idx,), keep_candidate)
         masks[i] = keep.view(shape)
     return masks
+
+
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Whether `t` lives where a synchronisation costs nothing (the CPU): selects the per-device paths."""
+    return t.device.type == "cpu"
 
 
 def _keys(flat: torch.Tensor, canonical: bool = False) -> torch.Tensor:
@@ -272,6 +277,7 @@ class MaskedLinear(nn.Module):
         # managed: only refresh_mask()/set_mask() change the mask (a DeepSpeed loop owns it, see module doc)
         self.managed = False
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
+        self._refresh_group = None  # weakrefs to the layers the last optimizer step invalidated with this one
 
     def extra_repr(self) -> str:
         rule = f"keep_ratio={self.keep_ratio}" if self.subnet_type == "local" else f"threshold={self.threshold}"
@@ -298,11 +304,16 @@ class MaskedLinear(nn.Module):
     @torch.no_grad()
     def refresh_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Recompute and cache the mask, from `scores` if given (e.g. DeepSpeed's full fp32 master copy)."""
-        mask = self.compute_mask(scores).to(self.weight.device)
+        return self._store_mask(self.compute_mask(scores))
+
+    def _store_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Cache `mask` as the one the rule gave for the current scores (refresh_mask, refresh_layers)."""
+        mask = mask.to(self.weight.device)
         if tuple(mask.shape) != tuple(self.scores_shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
         self._mask, self._mask_key = mask, self._key()
         self._cached = None
+        self._refresh_group = None
         self.mask_updates += 1
         return mask
 
@@ -313,9 +324,14 @@ class MaskedLinear(nn.Module):
     @property
     def mask(self) -> torch.Tensor:
         """The current mask (bool, weight-shaped), recomputed first if the scores changed."""
-        if self._mask is None or (not self.managed and self._mask_key != self._key()):
-            self.refresh_mask()
+        if self._stale():
+            # the layers one optimizer step invalidated are selected together, with one synchronisation
+            peers = [m for m in (ref() for ref in self._refresh_group or ()) if m is not None and m is not self]
+            refresh_layers([self, *[m for m in peers if m._stale()]])
         return self._mask
+
+    def _stale(self) -> bool:
+        return self._mask is None or (not self.managed and self._mask_key != self._key())
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Pin an externally computed mask (valid until the scores change)."""
@@ -384,14 +400,54 @@ class MaskedLinear(nn.Module):
         return linear
 
 
+_BATCH_ENTRIES = 1 << 28  # score entries selected per `local_masks` call by refresh_layers (bounds the memory)
+
+
+@torch.no_grad()
+def refresh_layers(layers, full_scores=None, budget: int = _BATCH_ENTRIES) -> None:
+    """Recompute and cache the masks of `layers` (MaskedLinear, in order) now.
+
+    Local-rule layers with 2-D scores are selected together through `local_masks` (one host synchronisation
+    per batch of at most `budget` score entries; the bits are those of `refresh_mask`); any other layer
+    through its own `refresh_mask`. `full_scores(param)`, when given, supplies each layer's scores (e.g.
+    DeepSpeed's `safe_get_full_fp32_param`, a collective): it is called once per layer, in order.
+    """
+    batch, size = [], 0
+
+    def flush():
+        masks = local_masks([s for _, s in batch], [layer.keep_ratio for layer, _ in batch])
+        for (layer, _), mask in zip(batch, masks):
+            layer._store_mask(mask)
+        batch.clear()
+
+    for layer in layers:
+        scores = layer.scores if full_scores is None else full_scores(layer.scores)
+        if layer.subnet_type != "local" or scores.dim() != 2:
+            layer.refresh_mask(scores)
+            continue
+        if batch and size + scores.numel() > budget:
+            flush()
+            size = 0
+        batch.append((layer, scores.detach()))
+        size += scores.numel()
+    if batch:
+        flush()
+
+
 def _invalidate_after_step(optimizer, args, kwargs) -> None:
-    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale."""
+    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale, and group
+    the layers so that the first forward after the step selects all their masks in one batch."""
+    modules = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             ref = getattr(p, "_mft_module", None)
             module = ref() if ref is not None else None
             if module is not None:
                 module.invalidate()
+                modules.append(module)
+    refresh_group = [weakref.ref(m) for m in modules]
+    for module in modules:
+        module._refresh_group = refresh_group
 
 
 register_optimizer_step_post_hook(_invalidate_after_step)
