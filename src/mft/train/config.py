@@ -128,6 +128,8 @@ class TrainConfig:
     clip_grad_norm: float = _help("clip the gradient norm to this; <= 0 is off. Under DeepSpeed the config "
                                   "file's gradient_clipping applies ('auto' = 1.0 in accelerate)", default=-1.0)
     fused_optimizer: bool = _help("use the fused AdamW kernel", default=True)
+    shard_optimizer_state: bool = _help("MFT without DeepSpeed on several processes (DDP): shard the scores' AdamW "
+                                        "state over the processes (torch ZeroRedundancyOptimizer)", default=True)
     seed: int = _help("random seed: data order, score initialisation", default=42)
     timeout: int = _help("seconds the processes wait for each other (long tokenization)", default=1800)
 
