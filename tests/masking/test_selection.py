@@ -1,9 +1,9 @@
 """The selection behind the local rule (`local_mask` / `local_masks`, issue 12) against the published rule
 written literally: a stable ascending sort of |S| whose first `int((1 - k) * n)` entries are pruned.
 
-Matrices here are above the direct-sort size (`_DIRECT`), so the sampled bracket, the candidate selection
-(both the CUDA "sort" and the CPU "kth" method, run here on the CPU) and the fallback for a missed bracket
-are all exercised; every comparison is of the whole mask, bit for bit.
+Matrices here are above the direct-sort size (`_DIRECT`), so both methods run: "bracket" (CUDA's default,
+run here on CPU tensors: the sampled bracket, the candidate sort, the fallback for a missed bracket) and
+"radix" (the CPU's default); every comparison is of the whole mask, bit for bit.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _distributions(n: int, generator: torch.Generator) -> dict[str, torch.Tensor
     }
 
 
-@pytest.mark.parametrize("method", ["sort", "kth"])
+@pytest.mark.parametrize("method", ["bracket", "radix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bracketed_selection_equals_the_stable_sort(dtype, method):
     g = torch.Generator().manual_seed(12)
@@ -81,7 +81,9 @@ def test_sizes_around_the_direct_and_sample_edges():
     for n in (_DIRECT - 1, _DIRECT, _DIRECT + 1, 2 * _DIRECT - 1, 2 * _DIRECT + 1, 256 * 2**14 // 64):
         scores = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
         for keep in (0.9, 1 - 1 / n, 1 / n):
-            assert torch.equal(local_mask(scores, keep), sort_reference(scores, keep)), (n, keep)
+            for method in ("bracket", "radix"):
+                assert torch.equal(local_masks([scores], [keep], method=method)[0], sort_reference(scores, keep)), \
+                    (n, keep, method)
 
 
 @pytest.mark.parametrize("dtype,nans", [(torch.bfloat16, (0x7FC0, 0x7FFF, -0x3F)),  # -0x3F: 0xFFC1
@@ -97,7 +99,7 @@ def test_nans_with_different_payloads_tie_as_in_the_sort(dtype, nans):
     assert int(scores.isnan().sum()) > n // 2
     for keep in (0.001, 0.3, 0.55, 0.9):  # the cut-off among the NaNs, and below them
         assert torch.equal(local_mask(scores, keep), sort_reference(scores, keep)), keep
-        assert torch.equal(local_masks([scores], [keep], method="sort")[0], sort_reference(scores, keep)), keep
+        assert torch.equal(local_masks([scores], [keep], method="bracket")[0], sort_reference(scores, keep)), keep
 
 
 def test_cut_off_inside_a_long_run_of_ties_follows_row_major_order():
@@ -106,10 +108,11 @@ def test_cut_off_inside_a_long_run_of_ties_follows_row_major_order():
     scores = torch.ones(n)
     scores[::5] = 0.0
     scores[1::5] = -0.0
-    mask = local_mask(scores, 0.9)
     j = num_pruned(n, 0.9)
     zero_positions = (scores == 0).nonzero().squeeze(1)
-    assert torch.equal((~mask).nonzero().squeeze(1), zero_positions[:j])  # the first j zeros, by index
+    for method in ("bracket", "radix"):
+        mask = local_masks([scores], [0.9], method=method)[0]
+        assert torch.equal((~mask).nonzero().squeeze(1), zero_positions[:j]), method  # the first j zeros
 
 
 def test_a_missed_bracket_falls_back_to_the_sort(monkeypatch):
@@ -124,7 +127,7 @@ def test_a_missed_bracket_falls_back_to_the_sort(monkeypatch):
     real = layer_module._sorted_mask
     monkeypatch.setattr(layer_module, "_sorted_mask", lambda key, j: calls.append(key.numel()) or real(key, j))
     for keep in (0.9, 0.5):
-        assert torch.equal(local_mask(scores, keep), sort_reference(scores, keep)), keep
+        assert torch.equal(local_masks([scores], [keep], method="bracket")[0], sort_reference(scores, keep)), keep
     assert calls == [n, n]  # the fallback ran, once per call, over the whole matrix
 
 
@@ -149,8 +152,8 @@ def test_bad_input_is_refused_before_any_work():
         local_masks([torch.zeros(3), torch.zeros(3)], [0.5])
     with pytest.raises(ValueError, match=r"tensor 1 is torch.int32"):
         local_masks([torch.zeros(3), torch.zeros(3, dtype=torch.int32)], [0.5, 0.5])
-    with pytest.raises(ValueError, match="unknown candidate selection 'radix'"):
-        local_masks([torch.zeros(3)], [0.5], method="radix")
+    with pytest.raises(ValueError, match="unknown selection method 'kth'"):
+        local_masks([torch.zeros(3)], [0.5], method="kth")
 
 
 class _HostReads(TorchFunctionMode):
@@ -169,12 +172,10 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("device_path", ["cpu", "cuda"])
-def test_one_host_read_for_all_matrices(monkeypatch, device_path):
-    # "cuda": this machine has no GPU, so the CUDA code path (nonzero_static with the size known, candidate
-    # sort) is taken on CPU tensors by answering "not on the CPU" to the one per-device switch.
-    if device_path == "cuda":
-        monkeypatch.setattr(layer_module, "_on_cpu", lambda t: False)
+def test_one_host_read_for_all_matrices(monkeypatch):
+    # This machine has no GPU: CUDA's default path is taken on CPU tensors by answering "not on the CPU" to
+    # the one per-device switch (the CPU's radix path reads counts per matrix: free there).
+    monkeypatch.setattr(layer_module, "_on_cpu", lambda t: False)
     g = torch.Generator().manual_seed(4)
     scores = [torch.randn(300, 400, generator=g) * 0.02 for _ in range(5)]
     scores += [(torch.randn(500, 300, generator=g) * 0.02).to(torch.bfloat16) for _ in range(2)]
@@ -182,8 +183,7 @@ def test_one_host_read_for_all_matrices(monkeypatch, device_path):
         masks = local_masks(scores, [0.9] * 5 + [0.5] * 2)
     for s, k, m in zip(scores, [0.9] * 5 + [0.5] * 2, masks):
         assert torch.equal(m, sort_reference(s, k))
-    expected = ["nonzero"] * 7 if device_path == "cpu" else ["nonzero_static"] * 7
-    assert spy.reads == ["tolist"] + expected  # the counts of all 7 matrices come over in one read
+    assert spy.reads == ["tolist"] + ["nonzero_static"] * 7  # the counts of all 7 matrices come over in one read
 
 
 def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):

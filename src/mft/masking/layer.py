@@ -78,19 +78,22 @@ def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[tor
        every entry below `lo` is pruned and the remaining `j - count(< lo)` come from the bracket's
        candidates (about 4 / sqrt(sample) of the entries), taken in row-major order so that ties fall as
        in the stable sort;
-    3. the candidates are selected exactly: a stable sort on CUDA (`method="sort"`), `kthvalue` plus the
-       row-major tie rule on the CPU (`method="kth"`). A bracket that misses (adversarial layouts that fool
-       the strided sample) falls back to the full stable sort for that matrix: slower, never different.
+    3. the candidates are selected exactly by a stable sort. A bracket that misses (adversarial layouts
+       that fool the strided sample) falls back to the full stable sort for that matrix: slower, never
+       different.
 
-    No histogram (CUDA's `bincount` serialises on atomics when N(0, 0.02) scores fill few buckets) and no
-    per-matrix synchronisation. Raises ValueError for a length mismatch or a dtype it cannot order.
+    That is the `"bracket"` method, the default off the CPU: no histogram (CUDA's `bincount` serialises on
+    atomics when N(0, 0.02) scores fill few buckets) and no per-matrix synchronisation. On the CPU, where a
+    synchronisation costs nothing and a histogram is one cheap pass, the default is `"radix"`
+    (`_radix_mask`: a histogram of the keys' top bits, then `kthvalue` in the cut-off's bucket). Both give
+    the stable sort's bits. Raises ValueError for a length mismatch or a dtype it cannot order.
     """
     scores_list = list(scores_list)
     keep_ratios = list(keep_ratios)
     if len(scores_list) != len(keep_ratios):
         raise ValueError(f"local_masks got {len(scores_list)} score tensors but {len(keep_ratios)} keep ratios")
-    if method not in (None, "sort", "kth"):
-        raise ValueError(f"unknown candidate selection {method!r}; expected sort, kth or None (by device)")
+    if method not in (None, "bracket", "radix"):
+        raise ValueError(f"unknown selection method {method!r}; expected bracket, radix or None (by device)")
     for i, scores in enumerate(scores_list):
         if scores.dtype not in _ORDERED_INT:
             raise ValueError(f"local_mask: scores must be float32, float64, bfloat16 or float16; tensor {i} is "
@@ -106,6 +109,9 @@ def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[tor
             continue
         if n <= _DIRECT:
             masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(scores.shape)
+            continue
+        if (method or ("radix" if _on_cpu(flat) else "bracket")) == "radix":
+            masks[i] = _radix_mask(_keys(flat), j, flat.dtype).view(scores.shape)
             continue
         key = _keys(flat)  # NaN payloads not canonical: lo and hi below are, and the comparisons allow for it
         stride = n // min(max(n >> 8, _SAMPLE[0]), _SAMPLE[1])
@@ -138,15 +144,13 @@ def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[tor
             masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(shape)
             continue
         k = j - below  # how many candidates to prune, in (value, row-major index) order
-        # row-major order; on CUDA with the size known, so without a synchronisation
-        on_cpu = _on_cpu(flat)
-        idx = (in_bracket.nonzero() if on_cpu else torch.nonzero_static(in_bracket, size=upto - below)).squeeze(1)
+        # row-major order, the size known: no synchronisation on CUDA
+        idx = torch.nonzero_static(in_bracket, size=upto - below).squeeze(1)
         del in_bracket
         if same:  # all candidates are equal: the first k in row-major order go
             keep_candidate = torch.arange(idx.numel(), device=idx.device) >= k
         else:
-            keep_candidate = _select_candidates(_keys(flat[idx], canonical=True), k,
-                                                method or ("kth" if on_cpu else "sort"))
+            keep_candidate = _sorted_mask(_keys(flat[idx], canonical=True), k)
         keep.index_put_((idx,), keep_candidate)
         masks[i] = keep.view(shape)
     return masks
@@ -171,18 +175,35 @@ def _sorted_mask(key: torch.Tensor, j: int) -> torch.Tensor:
     return mask
 
 
-def _select_candidates(key: torch.Tensor, k: int, method: str) -> torch.Tensor:
-    """Which of the candidates `key` (1-d, row-major order) survive when the k smallest are pruned, ties
-    at the cut-off pruned lowest index first. No host synchronisation on either path."""
-    if method == "sort":
-        keep = torch.ones(key.shape, dtype=torch.bool, device=key.device)
-        keep[key.sort(stable=True).indices[:k]] = False
-        return keep
-    cutoff = key.kthvalue(k).values
-    below = key < cutoff
-    tie = key == cutoff
-    # the first (k - count below) entries equal to the cut-off are pruned
-    return ~(below | (tie & (tie.cumsum(0) <= k - below.sum())))
+# bits below the histogram's: about 2^15 buckets for fp32/fp64 keys; bf16/fp16 keys are counted exactly
+_RADIX_SHIFT = {torch.int32: 16, torch.int64: 48, torch.int16: 0}
+
+
+def _radix_mask(key: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU path: the keep mask pruning the j smallest of `key` (1-d, non-canonical NaNs allowed), ties
+    by row-major index. A histogram of the top bits finds the cut-off's bucket, `kthvalue` runs in that
+    bucket only; ties at the cut-off are resolved by index only when they straddle it."""
+    shift = _RADIX_SHIFT[key.dtype]
+    top = key >> shift if shift else key
+    cumulative = torch.bincount(top).cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, j))  # the first bucket whose cumulative count reaches j
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    members = key[top == bucket]
+    del top
+    cutoff = members.kthvalue(j - below).values
+    nan_key = _NAN_KEY[dtype]
+    if int(cutoff) >= nan_key:  # the cut-off is a NaN: all NaNs tie, whatever their payload
+        cutoff = torch.tensor(nan_key, dtype=key.dtype)
+        prune = key < cutoff
+        need = j - int(prune.sum())
+        prune[(key >= cutoff).nonzero().squeeze(1)[:need]] = True
+        return ~prune
+    below += int((members < cutoff).sum())
+    if below + int((members == cutoff).sum()) == j:  # no tie straddles the cut-off
+        return key > cutoff
+    prune = key < cutoff
+    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
+    return ~prune
 
 
 @torch.no_grad()
