@@ -22,7 +22,8 @@ Usage: ./setup_eval_env.sh [--prefix PATH] [--conda] [--python PYTHON] [--vllm S
   --prefix PATH     where the environment lives (default \$MFT_EVAL_ENV or ~/venvs/mft-eval)
   --conda           create a conda environment at PATH instead of a venv (needs conda on PATH)
   --python PYTHON   interpreter for a new venv (default python3.11 or python3)
-  --vllm SPEC       pin vLLM, e.g. "vllm==0.10.1" (default: what the [vllm] extra allows)
+  --vllm SPEC       pin vLLM, e.g. "vllm==0.11.1" (default: the newest the [vllm] extra allows, >=0.11.1;
+                    0.11.1 is the oldest that declares the transformers it works with)
   --no-check        skip the final GPU / sandbox check (e.g. on a login node without GPUs)
   --help            this text
 
@@ -62,14 +63,27 @@ if ((CHECK)); then
     say "checking vLLM, the GPUs and the code sandbox"
     "$PY" - <<'EOF_CHECK'
 import torch
-import vllm
 
+from mft.errors import MftError
 from mft.eval import sandbox
+from mft.eval.vllm_backend import check_vllm_version, cuda_problem, driver_cuda_version
 
 gpus = torch.cuda.device_count()
-print(f"vllm {vllm.__version__}, torch {torch.__version__}, {gpus} GPU(s) visible")
-if gpus == 0:
-    raise SystemExit("no GPU visible: evaluate on a GPU node, or pass --no-check on a login node")
+driver = driver_cuda_version()
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), NVIDIA driver for CUDA "
+      f"{'.'.join(map(str, driver)) if driver else 'none'}, {gpus} GPU(s) visible")
+problem = cuda_problem(driver, torch.version.cuda, gpus)
+if problem and problem[0]:
+    raise SystemExit(f"the GPU is not usable: {problem[1]}")
+if problem:
+    print(f"warning: {problem[1]}")
+import vllm
+
+print(f"vllm {vllm.__version__}")
+try:
+    check_vllm_version(vllm.__version__)
+except MftError as exc:
+    raise SystemExit(str(exc))
 ok, hostile = sandbox.run_programs(["assert 1 + 1 == 2", "import os\nos._exit(0)"], timeout_s=3, workers=2)
 if not ok.passed or hostile.passed:
     raise SystemExit(f"the code sandbox does not work here: {ok} {hostile}")

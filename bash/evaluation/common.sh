@@ -21,6 +21,9 @@ Environment:
   OUTPUT_ROOT    where run folders live (default output)
   EVAL_OUTPUT    results folder (default: as above)
   MODEL_TYPE     vllm (default) | hf | auto
+  TENSOR_PARALLEL_SIZE, DTYPE, GPU_MEMORY_UTILIZATION
+                 passed to mft eval as --tensor-parallel-size, --dtype, --gpu-memory-utilization when set
+                 (default: mft eval's, which it logs)
   EVAL_HARNESS   mft (default) | olmes: run a real `olmes` per task, as the authors did, then
                  scripts/get_math_score.py for MATH
   MFT, OLMES, PYTHON   commands to use (default mft, olmes, python)
@@ -97,10 +100,13 @@ mft_eval_main() { # mft_eval_main DOMAIN MODEL [extra flags...]
             mft_run "${PYTHON:-python}" "$MFT_ROOT/scripts/get_math_score.py" "$EVAL_OUTPUT"
         fi
     elif [[ "${EVAL_HARNESS:-mft}" == mft ]]; then
-        local -a task_args=()
+        local -a task_args=() vllm_args=()
         for spec in "${specs[@]}"; do task_args+=(--task "$spec"); done
+        [[ -n "${TENSOR_PARALLEL_SIZE:-}" ]] && vllm_args+=(--tensor-parallel-size "$TENSOR_PARALLEL_SIZE")
+        [[ -n "${DTYPE:-}" ]] && vllm_args+=(--dtype "$DTYPE")
+        [[ -n "${GPU_MEMORY_UTILIZATION:-}" ]] && vllm_args+=(--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION")
         mft_run "${MFT:-mft}" eval --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
-            "${task_args[@]}" --output-dir "$EVAL_OUTPUT" "$@"
+            "${task_args[@]}" "${vllm_args[@]}" --output-dir "$EVAL_OUTPUT" "$@"
     else
         echo "error: EVAL_HARNESS must be mft or olmes, got '${EVAL_HARNESS}'" >&2
         return 1

@@ -1,9 +1,6 @@
-"""Generation: batched == one prompt at a time, stop strings, left truncation, no BOS; vLLM at its edge."""
+"""Generation: batched == one prompt at a time, stop strings, left truncation, no BOS (vLLM: test_vllm.py)."""
 
 from __future__ import annotations
-
-import sys
-import types
 
 import pytest
 
@@ -67,39 +64,3 @@ def test_generation_stops_at_the_first_stop_string(backends):
             assert stopped.num_tokens < 24
     rows = batched.generate(PROMPTS, ["\n"], 24)  # a batch where rows stop at different steps
     assert [g.text for g in rows] == [cut_at_stop(g.text, ["\n"]) for g in free]
-
-
-def test_vllm_backend_sends_every_prompt_in_one_call(monkeypatch, backends):
-    """vLLM needs CUDA, so here (and only here) the `vllm` module itself is replaced by a recorder:
-    everything on our side of the vLLM API (truncation, stops, sampling settings, cutting) is real."""
-    tokenizer = backends[0].tokenizer
-    calls = {}
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LLM:
-        def __init__(self, **kwargs):
-            calls["init"] = kwargs
-
-        def get_tokenizer(self):
-            return tokenizer
-
-        def generate(self, prompts, params, use_tqdm=True):
-            calls.setdefault("generate", []).append((prompts, params.kwargs))
-            completion = types.SimpleNamespace(text="x = 4\n\nProblem: next", token_ids=[5, 6, 7, 8])
-            return [types.SimpleNamespace(outputs=[completion]) for _ in prompts]
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    from mft.eval.vllm_backend import VLLMBackend
-
-    backend = VLLMBackend("some/model")
-    long_prompt = PROMPTS[3] * 40
-    outputs = backend.generate([PROMPTS[1], long_prompt], ["Problem:", "\n\n"], 1024)
-    assert calls["init"] == {"model": "some/model", "tensor_parallel_size": 1, "max_model_len": 2048, "dtype": "auto"}
-    (prompts, params), = calls["generate"]
-    assert params == {"temperature": 0.0, "max_tokens": 1024, "stop": ["Problem:", "\n\n", "</s>"]}
-    assert prompts[0]["prompt_token_ids"] == tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
-    assert prompts[1]["prompt_token_ids"] == tokenizer(long_prompt, add_special_tokens=False)["input_ids"][-1024:]
-    assert [(o.text, o.num_tokens) for o in outputs] == [("x = 4", 4), ("x = 4", 4)]

@@ -51,6 +51,26 @@ def test_a_correct_program_passes_and_a_wrong_one_fails():
     assert not wrong.passed and wrong.status == "failed" and "AssertionError" in wrong.stderr_tail
 
 
+FORGED_MARKERS = {
+    # Today's scheme appended a completion token to the program file and trusted stdout: copy the file to
+    # stdout (token included), then leave before the tests run.
+    "print own file, exit 0": "import os, sys\nos.write(1, open(__file__, 'rb').read())\nsys.stdout.flush()\n"
+                              "os._exit(0)\nassert False",
+    # Write the file to every descriptor this process holds (stdout, any verdict pipe), then leave.
+    "write every descriptor, exit 0": "import os\ndata = open(__file__, 'rb').read()\n"
+                                      "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                                      "    try:\n        os.write(fd, data)\n    except OSError:\n        pass\n"
+                                      "os._exit(0)\nassert False",
+}
+
+
+def test_a_forged_completion_marker_fails():
+    """Whatever an early exit prints or writes, the verdict is the launcher's: failed, status 125."""
+    results = sandbox.run_programs(list(FORGED_MARKERS.values()), timeout_s=3, workers=2)
+    assert [(r.passed, r.status, r.returncode) for r in results] == [(False, "failed", sandbox.EARLY_EXIT)] * 2
+    assert sandbox.run_program("x = 1\nassert x == 1", timeout_s=3).returncode == 0  # the same path, run to its end
+
+
 def test_time_limits_are_the_protocol_ones():
     assert HumanEval.timeout_s == 3.0 and HumanEvalPlus.timeout_s == 20.0
 

@@ -55,3 +55,11 @@ def test_get_math_score_on_olmes_style_folders(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "math/task_scores_flex.jsonl").read_text().splitlines()]
     assert lines == [{"task": "minerva_math_algebra", "score": 0.25}, {"task": "minerva_math_geometry", "score": 0.5},
                      {"task": "average", "score": 0.375}]
+
+
+def test_vllm_settings_pass_through_the_launchers():
+    (line,) = dry_run("llama3.1-8b_if.sh", "fft_x", "--limit", "2", TENSOR_PARALLEL_SIZE="4", DTYPE="bfloat16",
+                      GPU_MEMORY_UTILIZATION="0.8")
+    assert "--tensor-parallel-size 4 --dtype bfloat16 --gpu-memory-utilization 0.8 --output-dir" in line
+    (plain,) = dry_run("llama3.1-8b_if.sh", "fft_x")
+    assert "--tensor-parallel-size" not in plain and "--dtype" not in plain and "--gpu-memory" not in plain

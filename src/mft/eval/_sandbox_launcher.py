@@ -2,7 +2,19 @@
 
     python -I -B _sandbox_launcher.py WORKDIR WALL_SECONDS MEMORY_BYTES MAX_PROCS PIDS_CGROUP|- PROGRAM
 
-Exit status: the program's (128 + signal when it was killed), or 124 when it ran out of time.
+Exit status: 0 only when the program ran to its end and then exited 0; 125 when it exited 0 before its
+end (`sys.exit(0)`, `os._exit(0)`, ...); otherwise the program's status (128 + signal when it was killed),
+or 124 when it ran out of time.
+
+"Ran to its end" is proven through a channel the program cannot read from its source or its memory
+while it runs: before the program starts, this launcher puts 32 random bytes into a pipe and keeps them
+in its own memory (a separate process the program cannot read: it is made non-dumpable). The program
+runs under a small runner (`RUNNER`) holding that pipe's read end and the write end of a verdict pipe,
+both non-inheritable; only after `runpy.run_path` has returned (the last line of the program ran,
+no exception, no `SystemExit`) does the runner move the secret from one pipe to the other. The launcher
+compares the bytes after the program has ended. Nothing the program prints counts, and its source holds
+no token to copy. (A program that deliberately reads the runner's descriptors could still move the bytes
+itself; no check inside the program's own process can rule that out, the olmes one included.)
 
 Only the standard library is used, so nothing of the evaluator's state reaches the program. Each layer is
 applied where the OS allows it and skipped otherwise (the parent reports which were active):
@@ -30,7 +42,9 @@ import struct
 import sys
 
 CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER = 0x40000000, 0x20000000, 0x10000000
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+EARLY_EXIT = 125  # exited 0 without the runner's proof that the program ran to its end
+SECRET_BYTES = 32
 SYS_LANDLOCK = {"create": 444, "add_rule": 445, "restrict": 446}  # x86_64 and the generic (arm64) table
 FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # EXECUTE, READ_FILE, READ_DIR
 FS_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1}  # all handled rights per ABI (no IOCTL_DEV)
@@ -38,6 +52,17 @@ NO_SOCKETS = (
     "import socket as _s\n"
     "def _no_network(*a, **k):\n    raise OSError('network access is disabled in the sandbox')\n"
     "_s.socket = _s.create_connection = _s.socketpair = _s.fromfd = _no_network\n"
+)
+
+# Run as `python -I -B -c RUNNER SECRET_FD VERDICT_FD PROGRAM`: the program sees sys.argv == [PROGRAM].
+RUNNER = (
+    "import os as _os, sys as _sys, runpy as _runpy\n"
+    "_fds = int(_sys.argv[1]), int(_sys.argv[2])\n"
+    "_sys.argv = _sys.argv[3:]\n"
+    "for _fd in _fds:\n    _os.set_inheritable(_fd, False)\n"
+    "{no_sockets}"
+    "_runpy.run_path(_sys.argv[0], run_name='__main__')\n"
+    "_os.write(_fds[1], _os.read(_fds[0], {size}))\n"
 )
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -112,20 +137,18 @@ def landlock(workdir):
     return ok and handled_net != 0
 
 
-def run_program(workdir, program, isolated_net):
-    """In the child: become the program (PID 1 of the new namespace when there is one)."""
+def run_program(workdir, program, isolated_net, secret_fd, verdict_fd):
+    """In the child: become the program (PID 1 of the new namespace when there is one) under `RUNNER`."""
     os.setsid()
     drop_capabilities()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     net_blocked = landlock(workdir) or isolated_net
     os.chdir(workdir)
-    argv = [sys.executable, "-I", "-B"]
-    if net_blocked:
-        argv.append(program)
-    else:
-        argv += ["-c", NO_SOCKETS + f"import runpy\nrunpy.run_path({program!r}, run_name='__main__')"]
-    os.execv(sys.executable, argv)
+    runner = RUNNER.format(no_sockets="" if net_blocked else NO_SOCKETS, size=SECRET_BYTES)
+    for fd in (secret_fd, verdict_fd):
+        os.set_inheritable(fd, True)  # through this exec only: the runner closes them on exec again
+    os.execv(sys.executable, [sys.executable, "-I", "-B", "-c", runner, str(secret_fd), str(verdict_fd), program])
 
 
 def kill_program(pid):
@@ -141,12 +164,21 @@ def main():
     set_limits(int(float(wall_seconds)) + 1, int(memory_bytes), int(max_procs))
     join_cgroup(cgroup)
     isolated_net = enter_namespaces()
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace or /proc/PID/mem reads of this process
+    secret = os.urandom(SECRET_BYTES)
+    secret_read, secret_write = os.pipe()
+    os.write(secret_write, secret)
+    os.close(secret_write)
+    verdict_read, verdict_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            run_program(workdir, program, isolated_net)
+            os.close(verdict_read)
+            run_program(workdir, program, isolated_net, secret_read, verdict_write)
         finally:
             os._exit(126)
+    os.close(secret_read)
+    os.close(verdict_write)
     expired = []
 
     def on_alarm(signum, frame):
@@ -159,7 +191,26 @@ def main():
     signal.setitimer(signal.ITIMER_REAL, 0)
     kill_program(pid)  # whatever it left behind, when there is no PID namespace to end it
     code = os.waitstatus_to_exitcode(status)
-    os._exit(124 if expired else code if code >= 0 else 128 - code)
+    if expired:
+        os._exit(124)
+    if code == 0 and read_available(verdict_read) != secret:
+        os._exit(EARLY_EXIT)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def read_available(fd):
+    """What is in the pipe now, without waiting for writers the program may have left open."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) <= SECRET_BYTES:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 if __name__ == "__main__":

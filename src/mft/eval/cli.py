@@ -8,6 +8,8 @@ EVAL_EXAMPLE = """example:
   mft eval --model output/llama2_fft --task gsm8k --task minerva_math --output-dir results/fft
   mft eval --model M --task '{"task_name": "gsm8k", "num_shots": 8}' --model-type hf --limit 20 \\
       --data-dir packaged --output-dir /tmp/smoke
+  mft eval --model M --task ifeval --model-type vllm --tensor-parallel-size 4 --gpu-memory-utilization 0.8 \\
+      --output-dir results/m
 tasks: gsm8k, minerva_math (the 7 minerva_math_<subject> tasks), codex_humaneval, codex_humanevalplus, ifeval
 """
 
@@ -31,12 +33,23 @@ def register(subparsers) -> None:
                    "copies shipped in the package (GSM8K test, MATH-500)")
     p.add_argument("--max-model-len", type=int, default=2048, help="model length (prompt + generation), 2048")
     p.add_argument("--workers", type=int, default=None, help="scoring/sandbox processes (default: CPU count)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="vllm: GPUs per model (default: the largest that fits the visible GPUs and divides the "
+                   "model's attention heads; logged)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weights' dtype (vllm auto: the checkpoint's, bfloat16 for a float32 checkpoint; "
+                   "hf auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="vllm: fraction of each GPU's memory vLLM may take, in (0, 1] (default: vLLM's)")
     p.set_defaults(func=run_eval_command)
 
     r = subparsers.add_parser("report", help="compare result folders: markdown table and PNG bar chart",
-                              description="Read metrics.json files under each folder and compare the models.")
-    r.add_argument("dirs", nargs="+", metavar="DIR", help="result folders; the first one is the baseline")
-    r.add_argument("--labels", nargs="+", default=None, help="model names for the columns (default: folder names)")
+                              description="Find each model's result folder (a folder with a metrics.json) in "
+                              "the folders given and compare the models, one column each.")
+    r.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="result folders, or folders holding several; the first column found is the baseline")
+    r.add_argument("--labels", nargs="+", default=None,
+                   help="one name per result folder found, in order (default: folder names)")
     r.add_argument("--output", default="report.png", help="where to write the bar chart (PNG)")
     r.set_defaults(func=run_report_command)
 
@@ -46,7 +59,8 @@ def run_eval_command(args) -> int:
 
     summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
                        batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,
-                       workers=args.workers)
+                       workers=args.workers, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     print("\n".join(summary["all_primary_scores"]))
     return 0
 

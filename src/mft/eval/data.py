@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,10 @@ from pathlib import Path
 from mft.errors import MftError
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
+# sha256 of the MATH-500 file (OpenAI's PRM800K subset of the MATH test set), as shipped in the package.
+MATH500_SHA256 = "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132"
+MATH500_NOTE = "MATH-500 subset (500 of MATH's 5000 test problems; not comparable with full-MATH numbers)"
+_HUB_REVISIONS: dict[tuple, str | None] = {}  # (path, config, split) -> commit read from the datasets cache
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,43 @@ class Source:
         if self.local:
             return self.path
         return f"hf:{self.path}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+
+    def record(self) -> dict:
+        """Where the documents came from, for `task_config["data_source"]`.
+
+        A local file: {"file": absolute path, "sha256": hex digest of its bytes}, plus "note": `MATH500_NOTE`
+        when it is the MATH-500 file (by sha256, or by its `math500/` folder). A hub dataset: {"hub": id,
+        "config", "split", "revision": the commit the `datasets` cache was built from, None when it does not
+        say}. Call after the documents were read.
+        """
+        if not self.local:
+            revision = _HUB_REVISIONS.get((self.path, self.config, self.split))
+            return {"hub": self.path, "config": self.config, "split": self.split, "revision": revision}
+        path = Path(self.path).expanduser().resolve()
+        digest = file_sha256(path)
+        record = {"file": str(path), "sha256": digest}
+        if digest == MATH500_SHA256 or path.parent.name == "math500":
+            record["note"] = MATH500_NOTE
+        return record
+
+
+def describe_record(record: dict | None) -> str:
+    """A `data_source` record as one line (console, `mft report`)."""
+    if not record:
+        return "data source not recorded"
+    if "hub" in record:
+        name = record["hub"] + (f"/{record['config']}" if record.get("config") else "") + f"[{record.get('split')}]"
+        return f"hub dataset {name} revision {record.get('revision') or 'unknown'}"
+    line = f"local file {record['file']} sha256 {record['sha256']}"
+    return f"{record['note']}: {line}" if record.get("note") else line
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def looks_like_file(path: str) -> bool:
@@ -65,6 +108,10 @@ def load_hub(source: Source) -> list[dict]:
         import datasets
 
         rows = datasets.load_dataset(source.path, source.config, split=source.split)
+        # The cache of a hub dataset lives under .../<commit sha>/...; record it when it is there.
+        found = [m.group(1) for f in getattr(rows, "cache_files", []) or []
+                 for m in [re.search(r"/([0-9a-f]{40})/", str(f.get("filename", "")))] if m]
+        _HUB_REVISIONS[(source.path, source.config, source.split)] = found[0] if found else None
     except Exception as exc:  # datasets raises many types for "offline", "not found", "gated"
         raise MftError(
             f"cannot load {source.describe()} from the Hugging Face hub ({type(exc).__name__}: "

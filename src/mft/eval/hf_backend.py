@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from mft.eval.backends import MAX_MODEL_LEN, Generation, cut_at_stop, encode_prompts, prompt_budget, stop_list
+from mft.eval.backends import (MAX_MODEL_LEN, Generation, cut_at_stop, decode_continuation, encode_prompts,
+                               prompt_budget, stop_list)
 
 
 def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int | None):
     """A StoppingCriteria for one batch: a row is done once its new text holds a stop string or EOS.
 
     `done_at[row]` is the number of new tokens the row had when it finished, which is its `num_tokens`.
-    The whole new text is decoded (not a tail), so the check agrees with the final cut at the stop.
+    The whole new text is decoded (not a tail) by the same rule as the final text (`decode_continuation`,
+    special tokens kept), so the check agrees with the final cut at the stop.
     """
     import torch
     from transformers import StoppingCriteria
@@ -21,7 +23,8 @@ def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int
         def __call__(self, input_ids, scores, **kwargs):
             new = input_ids[:, prompt_len:]
             open_rows = [row for row in range(new.shape[0]) if row not in self.done_at]
-            texts = tokenizer.batch_decode(new[open_rows], skip_special_tokens=True) if stops else []
+            texts = [decode_continuation(tokenizer, input_ids[row, :prompt_len], new[row]) for row in open_rows] \
+                if stops else []
             for i, row in enumerate(open_rows):
                 if (eos_id is not None and new[row, -1].item() == eos_id) or any(s in texts[i] for s in stops):
                     self.done_at[row] = new.shape[1]
@@ -82,6 +85,6 @@ class HFBackend:
         for row in range(len(rows)):
             new = output[row, width:]
             num_tokens = criteria.done_at.get(row, new.shape[0])
-            text = self.tokenizer.decode(new[:num_tokens], skip_special_tokens=True)
+            text = decode_continuation(self.tokenizer, rows[row], new[:num_tokens].tolist())
             generations.append(Generation(cut_at_stop(text, stops), int(num_tokens)))
         return generations

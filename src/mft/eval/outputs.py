@@ -1,7 +1,9 @@
 """The olmes output layout, and finding finished work to reuse.
 
-Per task: `task-NNN-<task>-requests.jsonl` (the prompts), `-predictions.jsonl` (one line per document) and
-`-metrics.json`; per run: `metrics.json` with every task of the folder; for MATH subjects also
+Per task: `task-NNN-<task>-requests.jsonl` (the prompts), `-predictions.jsonl` (one line per document),
+`-metrics.json` and `-provenance.json` (what produced the predictions: `model_config` with the model's file
+fingerprint, and `task_config`; written after the predictions, so predictions without it are never
+reused); per run: `metrics.json` with every task of the folder; for MATH subjects also
 `math/<subject>/metrics.json` and `math/task_scores_flex.jsonl`, the layout the authors'
 `get_math_score.py` read and wrote.
 """
@@ -10,16 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from mft.errors import MftError
+from mft.eval.fingerprint import fingerprint_change
 
 MATH_PREFIX = "minerva_math_"
 
 
 def task_path(out: Path, index: int, task: str, kind: str) -> Path:
-    """kind: requests.jsonl | predictions.jsonl | metrics.json"""
+    """kind: requests.jsonl | predictions.jsonl | metrics.json | provenance.json"""
     return out / f"task-{index:03d}-{task}-{kind}"
 
 
@@ -65,30 +69,74 @@ def prepare_dir(output_dir: str, model_config: dict) -> Path:
     return out
 
 
-def reusable(out: Path, task: str, requests: list[dict], task_config: dict):
-    """(predictions, metrics) stored for exactly these requests, else (None, None).
+def _changed_keys(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
-    Predictions are reused when the stored prompts, stops and generation settings are the same; the
-    stored metrics too when the task configuration is also unchanged.
+
+def producer_change(stored: dict, model_config: dict, task_config: dict) -> str | None:
+    """Why a stored {"model_config", "task_config"} record does not match this run; None when it does."""
+    old_model = stored.get("model_config") or {}
+    changed = fingerprint_change(old_model.get("fingerprint") or {}, model_config.get("fingerprint") or {})
+    if changed:
+        return f"the model's files changed ({changed})"
+    rest = {k: v for k, v in old_model.items() if k != "fingerprint"}
+    now = {k: v for k, v in model_config.items() if k != "fingerprint"}
+    if rest != now:
+        return f"the model settings changed ({_changed_keys(rest, now)})"
+    if stored.get("task_config") != task_config:
+        return f"the task config changed ({_changed_keys(stored.get('task_config') or {}, task_config)})"
+    return None
+
+
+def reusable(out: Path, task: str, requests: list[dict], task_config: dict, model_config: dict):
+    """(predictions, metrics, reason): what earlier runs stored for exactly this work, and why not the rest.
+
+    Predictions are reused only when their `-provenance.json` names the same model settings and file
+    fingerprint (`mft.eval.fingerprint`) and the same full task config, and the stored requests (prompts,
+    stops, generation settings) are the same; the metrics too when their file records the same model and
+    task config. `reason` is one line saying why stored files are not reused (None when nothing was stored
+    or everything is reused).
     """
+    reason = None
     for requests_file in reversed(existing(out, task, "requests.jsonl")):
-        predictions_file = Path(str(requests_file).replace("-requests.jsonl", "-predictions.jsonl"))
-        if not predictions_file.is_file() or read_jsonl(requests_file) != requests:
+        def sibling(kind: str) -> Path:
+            return Path(str(requests_file).removesuffix("requests.jsonl") + kind)
+
+        predictions_file, provenance_file = sibling("predictions.jsonl"), sibling("provenance.json")
+        if not predictions_file.is_file():
+            reason = reason or "its stored predictions file is missing"
+            continue
+        if not provenance_file.is_file():
+            reason = reason or f"no record of the model that produced its stored predictions ({provenance_file.name})"
+            continue
+        changed = producer_change(json.loads(provenance_file.read_text()), model_config, task_config)
+        if changed:
+            reason = reason or changed
+            continue
+        if read_jsonl(requests_file) != requests:
+            reason = reason or "its prompts or generation settings changed"
             continue
         predictions = read_jsonl(predictions_file)
         if len(predictions) != len(requests):
+            reason = reason or f"{len(predictions)} stored predictions for {len(requests)} requests"
             continue
-        metrics_file = Path(str(requests_file).replace("-requests.jsonl", "-metrics.json"))
+        metrics_file = sibling("metrics.json")
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        if metrics is not None and metrics.get("task_config") != task_config:
-            metrics = None
-        return predictions, metrics
-    return None, None
+        if metrics is not None and producer_change(metrics, model_config, task_config):
+            return predictions, None, f"scoring again: {producer_change(metrics, model_config, task_config)}"
+        return predictions, metrics, None
+    return None, None, reason
+
+
+def write_provenance(out: Path, index: int, task: str, model_config: dict, task_config: dict) -> None:
+    write_json(task_path(out, index, task, "provenance.json"), {"model_config": model_config,
+                                                                "task_config": task_config})
 
 
 def remove_stale(out: Path, task: str, index: int) -> None:
     """Files of `task` under another index (an earlier run ordered its tasks differently)."""
-    for kind in ("requests.jsonl", "predictions.jsonl", "metrics.json"):
+    for kind in ("requests.jsonl", "predictions.jsonl", "metrics.json", "provenance.json"):
         for path in existing(out, task, kind):
             if path != task_path(out, index, task, kind):
                 path.unlink()
@@ -105,10 +153,13 @@ def math_group_entry(entries: list[dict], subjects: list[str]) -> dict | None:
         return None
     members = [by_task[s] for s in subjects]
     mean = {k: sum(m[k] for m in members) / len(members) for k in ("exact_match", "exact_match_flex")}
+    sources = [m.get("task_config", {}).get("data_source") for m in members]
     return {"task": "minerva_math", **mean, "primary_score": mean["exact_match_flex"],
             "num_instances": sum(m["num_instances"] for m in members),
             "task_config": {"task_name": "minerva_math", "subtasks": subjects,
-                            "aggregation": "unweighted mean of the subjects' exact_match_flex"}}
+                            "aggregation": "unweighted mean of the subjects' exact_match_flex",
+                            # the subjects' common source (one MATH-500 file); None when they differ
+                            "data_source": sources[0] if all(s == sources[0] for s in sources) else None}}
 
 
 def primary_line(entry: dict) -> str:
@@ -116,10 +167,19 @@ def primary_line(entry: dict) -> str:
 
 
 def write_summary(out: Path, entries: list[dict], model_config: dict) -> Path:
-    """`metrics.json`: this run's tasks, plus tasks of earlier runs in the same folder that it did not redo."""
+    """`metrics.json`: this run's tasks, plus tasks of earlier runs in the same folder that it did not redo
+    when those ran with the same `model_config` (model file fingerprint included); other ones are left out
+    of the summary (their task files stay) and named on stderr."""
     path = out / "metrics.json"
-    old = json.loads(path.read_text()).get("metrics", []) if path.is_file() else []
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    old = previous.get("metrics", [])
     ran = {e["task"] for e in entries}
+    if previous.get("model_config") != model_config:
+        dropped = [e["task"] for e in old if e["task"] not in ran and e["task"] != "minerva_math"]
+        if dropped:
+            print(f"metrics.json: leaving out {', '.join(dropped)}: scored by an earlier run with other model "
+                  "files or settings; evaluate them again to include them", file=sys.stderr, flush=True)
+        old = []
     merged = [e for e in old if e["task"] not in ran and e["task"] != "minerva_math"] + entries
     from mft.eval.tasks import GROUPS
 

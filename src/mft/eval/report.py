@@ -6,27 +6,68 @@ import json
 from pathlib import Path
 
 from mft.errors import MftError
+from mft.eval.data import describe_record
 
 # Paper order; anything else found follows alphabetically.
 TASK_ORDER = ["gsm8k", "minerva_math", "codex_humaneval", "codex_humanevalplus", "ifeval"]
 
 
-def collect_scores(folder: str) -> dict[str, float]:
-    """task -> primary score from every metrics.json below `folder` (newest file wins for a task)."""
+def result_folders(folder: str) -> list[Path]:
+    """Each model's result folder at or below `folder`, in path order: every folder holding a metrics.json.
+
+    The one exception is the authors' MATH layout: `X/math/<subject>/metrics.json` belongs to X's results.
+    Two folders are never merged into one, whatever model they name.
+    """
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise MftError(f"result folder {folder} does not exist")
-    files = sorted(root.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    files = list(root.rglob("metrics.json"))
     if not files:
         raise MftError(f"no metrics.json under {folder}; run `mft eval --output-dir {folder}` first")
+    return sorted({_owner(path, root) for path in files})
+
+
+def _owner(path: Path, root: Path) -> Path:
+    subject = path.parent
+    if subject.parent.name == "math" and subject.parent != root and root in subject.parent.parents:
+        return subject.parent.parent
+    return subject
+
+
+def _files_of(result_folder: Path) -> list[Path]:
+    """Its metrics.json files: the MATH subjects' first, the folder's own (the summary) last, so it wins."""
+    own = result_folder / "metrics.json"
+    subjects = sorted((result_folder / "math").glob("*/metrics.json"))
+    return subjects + ([own] if own.is_file() else [])
+
+
+def collect_results(result_folder: Path) -> tuple[dict[str, float], dict[str, dict]]:
+    """(task -> primary score, task -> data_source record) of one model's result folder."""
     scores: dict[str, float] = {}
-    for path in files:
+    sources: dict[str, dict] = {}
+    models: dict[str, Path] = {}
+    for path in _files_of(result_folder):
         try:
-            entries = json.loads(path.read_text())["metrics"]
+            summary = json.loads(path.read_text())
+            entries = summary["metrics"]
             scores.update({e["task"]: float(e["primary_score"]) for e in entries})
         except (ValueError, KeyError, TypeError) as exc:
             raise MftError(f"{path} is not an olmes metrics.json (needs metrics[].task/primary_score): {exc}") from exc
-    return scores
+        sources.update({e["task"]: e["task_config"]["data_source"] for e in entries
+                        if isinstance(e.get("task_config"), dict) and e["task_config"].get("data_source")})
+        model = (summary.get("model_config") or {}).get("model")
+        if model:
+            models.setdefault(model, path)
+    if len(models) > 1:
+        (a, path_a), (b, path_b) = list(models.items())[:2]
+        raise MftError(f"{result_folder} mixes two models' results: {path_a} is {a}, {path_b} is {b}; "
+                       "keep one model per folder")
+    return scores, sources
+
+
+def collect_scores(folder: str) -> dict[str, float]:
+    """task -> primary score of the one result folder `folder` (see `result_folders`)."""
+    return collect_results(Path(folder).expanduser())[0]
 
 
 def ordered_tasks(all_scores: list[dict[str, float]]) -> list[str]:
@@ -40,6 +81,37 @@ def default_labels(dirs: list[str]) -> list[str]:
         path = Path(d).expanduser().resolve()
         labels.append(f"{path.parent.name}/{path.name}" if path.name in {"eval_output", "results", "eval"} else path.name)
     return labels
+
+
+def folder_labels(found: list[tuple[str, Path]]) -> list[str]:
+    """A column name per result folder: as `default_labels` for a folder given itself, else its path below
+    the folder it was found in (prefixed with that folder's name when two would read the same)."""
+    labels = []
+    for given, folder in found:
+        root = Path(given).expanduser()
+        labels.append(default_labels([given])[0] if folder == root else folder.relative_to(root).as_posix())
+    if len(set(labels)) < len(labels):
+        labels = [label if folder == Path(given).expanduser() else f"{Path(given).expanduser().resolve().name}/{label}"
+                  for label, (given, folder) in zip(labels, found)]
+    return labels
+
+
+def data_source_lines(tasks: list[str], labels: list[str], all_sources: list[dict[str, dict]]) -> list[str]:
+    """'- task[, task...]: source' per group of tasks read from the same data (per model where they differ)."""
+    groups: dict[tuple, list[str]] = {}
+    for task in tasks:
+        lines = [(label, describe_record(sources[task])) for label, sources in zip(labels, all_sources)
+                 if task in sources]
+        if lines:
+            key = (lines[0][1],) if len({line for _, line in lines}) == 1 else tuple(lines)
+            groups.setdefault(key, []).append(task)
+    out = []
+    for key, names in groups.items():
+        if len(key) == 1 and isinstance(key[0], str):
+            out.append(f"- {', '.join(names)}: {key[0]}")
+        else:
+            out += [f"- {', '.join(names)} ({label}): {line}" for label, line in key]
+    return out
 
 
 def markdown_table(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]]) -> str:
@@ -80,13 +152,21 @@ def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, fl
 
 
 def run_report(dirs: list[str], output: str, labels: list[str] | None = None) -> str:
-    """The markdown table (returned) and the PNG chart (written to `output`)."""
-    if labels is not None and len(labels) != len(dirs):
-        raise MftError(f"--labels has {len(labels)} names for {len(dirs)} folders; give one per folder")
-    all_scores = [collect_scores(d) for d in dirs]
-    labels = labels or default_labels(dirs)
+    """The markdown table (returned) and the PNG chart (written to `output`): one column per model's
+    result folder found in `dirs` (see `result_folders`), in the order given, then path order."""
+    found = [(d, folder) for d in dirs for folder in result_folders(d)]
+    if labels is not None and len(labels) != len(found):
+        names = ", ".join(str(folder) for _, folder in found)
+        raise MftError(f"--labels has {len(labels)} names for {len(found)} result folders ({names}); "
+                       "give one per result folder")
+    results = [collect_results(folder) for _, folder in found]
+    all_scores = [scores for scores, _ in results]
+    labels = labels or folder_labels(found)
     tasks = ordered_tasks(all_scores)
     table = markdown_table(tasks, labels, all_scores)
     headline = [t for t in tasks if not (t.startswith("minerva_math_") and "minerva_math" in tasks)]
     path = bar_chart(headline, labels, all_scores, output)  # the paper's five numbers, not the subjects
-    return f"{table}\n\nchart: {path}"
+    folders = "\n".join(f"- {label}: {folder}" for label, (_, folder) in zip(labels, found))
+    sources = data_source_lines(tasks, labels, [s for _, s in results])
+    data = "\n\ndata sources:\n" + "\n".join(sources) if sources else ""
+    return f"{table}\n\nresult folders:\n{folders}{data}\n\nchart: {path}"

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from mft.errors import MftError
 from mft.eval import outputs
-from mft.eval.backends import MAX_MODEL_LEN, Generation, check_model_path, load_backend, resolve_model_type
-from mft.eval.data import packaged_data_dir
+from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, check_backend_options, check_model_path,
+                               load_backend, resolve_model_type)
+from mft.eval.data import describe_record, packaged_data_dir
+from mft.eval.fingerprint import model_fingerprint
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -44,12 +46,15 @@ def build_requests(task: Task, docs: list[dict]) -> list[dict]:
              "label": task.label(d)} for d in docs]
 
 
-def plan_tasks(tasks: list[Task], out: Path) -> list[Plan]:
+def plan_tasks(tasks: list[Task], out: Path, model_config: dict) -> list[Plan]:
     plans = []
     for index, task in enumerate(tasks):
         docs = task.load_docs()
+        log(f"{task.name}: data: {describe_record(task.data_source)}")
         requests = build_requests(task, docs)
-        predictions, metrics = outputs.reusable(out, task.name, requests, task.config())
+        predictions, metrics, reason = outputs.reusable(out, task.name, requests, task.config(), model_config)
+        if reason:
+            log(f"{task.name}: recomputing: {reason}" if predictions is None else f"{task.name}: {reason}")
         plans.append(Plan(index, task, docs, requests, predictions, metrics))
     return plans
 
@@ -65,14 +70,17 @@ def predictions_rows(plan: Plan, generations: list[Generation], scored: list[dic
     return rows
 
 
-def generate(plan: Plan, backend, out: Path) -> list[Generation]:
+def generate(plan: Plan, backend, out: Path, model_config: dict) -> list[Generation]:
     task = plan.task
     prompts = [r["request"]["context"] for r in plan.requests]
     generations = backend.generate(prompts, task.stops, task.max_gen_toks, desc=f"generating {task.name}")
-    # Written before scoring, so that a crash while scoring does not cost the generations.
+    # Written before scoring, so that a crash while scoring does not cost the generations; the record of
+    # what produced them goes last (and the old one first), so predictions never sit beside a wrong record.
+    outputs.task_path(out, plan.index, task.name, "provenance.json").unlink(missing_ok=True)
     outputs.write_jsonl(outputs.task_path(out, plan.index, task.name, "requests.jsonl"), plan.requests)
     outputs.write_jsonl(outputs.task_path(out, plan.index, task.name, "predictions.jsonl"),
                         predictions_rows(plan, generations, None))
+    outputs.write_provenance(out, plan.index, task.name, model_config, task.config())
     plan.generated = True
     return generations
 
@@ -85,6 +93,7 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
     outputs.write_jsonl(outputs.task_path(out, plan.index, name, "requests.jsonl"), plan.requests)
     outputs.write_jsonl(outputs.task_path(out, plan.index, name, "predictions.jsonl"),
                         predictions_rows(plan, generations, scored))
+    outputs.write_provenance(out, plan.index, name, model_config, task.config())
     record = {"task_name": name, "task_idx": plan.index, "metrics": metrics, "num_instances": len(plan.docs),
               "task_config": task.config(), "model_config": model_config,
               "processing_time": round(time.time() - seconds, 3), "current_date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -94,10 +103,13 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
              batch_size: int = 8, data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
-             workers: int | None = None) -> dict:
+             workers: int | None = None, tensor_parallel_size: int | None = None, dtype: str | None = None,
+             gpu_memory_utilization: float | None = None) -> dict:
     """Evaluate `model` on the tasks; returns the metrics.json content.
 
     `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
+    `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`: see `VLLMBackend` (the first and last only
+    with vllm; `dtype` also sets the hf backend's weights when not None/"auto").
     """
     if data_dir == "packaged":
         data_dir = str(packaged_data_dir())
@@ -108,11 +120,16 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
     model_type = resolve_model_type(model_type)
+    check_backend_options(model_type, tensor_parallel_size, dtype, gpu_memory_utilization)
     local = Path(model).expanduser()
+    # The settings that shape the generations (reuse compares them): the decode rule too, so predictions
+    # decoded by an earlier rule are generated again.
     model_config = {"model": str(local.resolve()) if local.exists() else model, "model_type": model_type,
-                    "max_model_len": max_model_len}
+                    "max_model_len": max_model_len, "dtype": dtype or "auto",
+                    "tensor_parallel_size": tensor_parallel_size, "decode": dict(DECODE_KWARGS),
+                    "fingerprint": model_fingerprint(model)}
     out = outputs.prepare_dir(output_dir, model_config)
-    plans = plan_tasks(tasks, out)
+    plans = plan_tasks(tasks, out, model_config)
     backend, entries = None, []
     for plan in plans:
         started, name = time.time(), plan.task.name
@@ -123,8 +140,9 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         else:
             if backend is None:
                 log(f"loading {model} with the {model_type} backend")
-                backend = load_backend(model_type, model, batch_size, max_model_len)
-            generations = generate(plan, backend, out)
+                backend = load_backend(model_type, model, batch_size, max_model_len, tensor_parallel_size, dtype,
+                                       gpu_memory_utilization)
+            generations = generate(plan, backend, out, model_config)
         record = plan.metrics if plan.metrics and not plan.generated else None
         if record is None:
             record = score_and_write(plan, generations, out, model_config, workers, started)

@@ -21,6 +21,7 @@ class Task:
     fewshot_source: str | None = None
     max_gen_toks: int | None = None
     source: data.Source | None = field(default=None, init=False)
+    data_source: dict | None = field(default=None, init=False)  # `Source.record()` once the docs are read
 
     # Set by subclasses (class attributes, not constructor arguments).
     default_shots: ClassVar[int] = 0
@@ -50,6 +51,7 @@ class Task:
             else:
                 self.source = self.hub
         rows = self.select(self.read(self.source))
+        self.data_source = self.source.record()
         if not rows:
             raise MftError(f"{self.name}: no documents in {self.source.describe()}")
         docs = [self.prepare(row, index) for index, row in enumerate(rows)]
@@ -92,7 +94,7 @@ class Task:
         return {
             "task_name": self.name, "num_shots": self.num_shots, "limit": self.limit,
             "primary_metric": self.primary_metric, "fewshot_source": self.fewshot_source if self.num_shots else None,
-            "dataset": self.source.describe() if self.source else None,
+            "dataset": self.source.describe() if self.source else None, "data_source": self.data_source,
             "generation_kwargs": {"max_gen_toks": self.max_gen_toks, "temperature": 0.0, "do_sample": False,
                                   "stop_sequences": list(self.stops)},
         }

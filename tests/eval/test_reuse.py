@@ -1,0 +1,138 @@
+"""`mft eval` reuses stored work only when the same model files and task config produced it; data sources.
+
+Real tiny models saved to disk, real generation on the CPU, real files: nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from mft.cli import main
+from mft.eval import outputs
+from mft.eval.data import MATH500_NOTE, MATH500_SHA256
+
+from .conftest import read_jsonl
+
+SHORT = {"max_gen_toks": 8}
+
+
+def run(model, out, *tasks: str) -> tuple[int, str]:
+    """`mft eval` on the packaged data (2 documents per task); (exit code, stderr)."""
+    args = ["eval", "--model", str(model), "--output-dir", str(out), "--model-type", "hf", "--limit", "2",
+            "--data-dir", "packaged", "--workers", "1"]
+    for task in tasks:
+        args += ["--task", json.dumps({"task_name": task, "generation_kwargs": SHORT})]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, err.getvalue()
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """A copy of the session's tiny model that a test may overwrite."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, path)
+    return path
+
+
+@pytest.mark.slow
+def test_changed_weights_under_the_same_output_are_generated_again(model_copy, tmp_path):
+    from mft.tiny import tiny_model
+
+    out = tmp_path / "results"
+    code, _ = run(model_copy, out, "gsm8k")
+    assert code == 0
+    before = read_jsonl(out / "task-000-gsm8k-predictions.jsonl")
+    config = json.loads((model_copy / "config.json").read_text())
+    # Other weights, same file name, same architecture: a retrained checkpoint saved to the same path.
+    tiny_model("llama", seed=1, vocab_size=config["vocab_size"], hidden=64, num_layers=2).save_pretrained(model_copy)
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0
+    (line,) = [line for line in err.splitlines() if "recomputing" in line]
+    assert line.startswith("gsm8k: recomputing: the model's files changed (") and "model.safetensors rewritten" in line
+    assert "loading" in err and "reusing" not in err
+    after = read_jsonl(out / "task-000-gsm8k-predictions.jsonl")
+    code, _ = run(model_copy, tmp_path / "fresh", "gsm8k")  # what the new weights give in an empty folder
+    assert code == 0
+    assert after == read_jsonl(tmp_path / "fresh" / "task-000-gsm8k-predictions.jsonl")
+    assert [p["model_output"][0]["continuation"] for p in after] != \
+        [p["model_output"][0]["continuation"] for p in before]  # the reuse would have kept the old weights' text
+    stored = json.loads((out / "task-000-gsm8k-provenance.json").read_text())["model_config"]["fingerprint"]
+    assert stored["weights"]["model.safetensors"]["bytes"] == (model_copy / "model.safetensors").stat().st_size
+    assert stored["weights"]["model.safetensors"]["mtime_ns"] == (model_copy / "model.safetensors").stat().st_mtime_ns
+    # Unchanged files: reused, and the model is not loaded.
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0 and "reusing 2 predictions" in err and "loading" not in err and "recomputing" not in err
+
+
+@pytest.mark.slow
+def test_changed_tokenizer_or_task_config_is_recomputed_and_said_why(model_copy, tmp_path):
+    out = tmp_path / "results"
+    assert run(model_copy, out, "gsm8k")[0] == 0
+    special = model_copy / "tokenizer_config.json"
+    special.write_text(special.read_text() + " ")  # same tokens, but the file is not the one that produced them
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0 and "gsm8k: recomputing: the model's files changed (tokenizer_config.json" in err
+    (out / "task-000-gsm8k-provenance.json").unlink()  # predictions nobody recorded the producer of
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0 and "gsm8k: recomputing: no record of the model that produced its stored predictions" in err
+    provenance = json.loads((out / "task-000-gsm8k-provenance.json").read_text())
+    provenance["task_config"]["num_shots"] = 4  # as if an earlier run had used 4 shots
+    outputs.write_json(out / "task-000-gsm8k-provenance.json", provenance)
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0 and "gsm8k: recomputing: the task config changed (num_shots 4 -> 8)" in err
+
+
+@pytest.mark.slow
+def test_every_task_names_its_data_source(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    code, err = run(tiny_model_dir, out, "gsm8k", "minerva_math_algebra")
+    assert code == 0
+    entries = {e["task"]: e for e in json.loads((out / "metrics.json").read_text())["metrics"]}
+    math = entries["minerva_math_algebra"]["task_config"]["data_source"]
+    assert math["sha256"] == MATH500_SHA256 and math["note"] == MATH500_NOTE
+    assert math["file"].endswith("mft/data/benchmarks/math500/test.jsonl")
+    gsm8k = entries["gsm8k"]["task_config"]["data_source"]
+    assert gsm8k["sha256"] == "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"
+    assert "note" not in gsm8k
+    record = json.loads((out / "task-001-minerva_math_algebra-metrics.json").read_text())
+    assert record["task_config"]["data_source"] == math
+    assert f"minerva_math_algebra: data: {MATH500_NOTE}: local file {math['file']} sha256 {MATH500_SHA256}" in err
+    assert f"gsm8k: data: local file {gsm8k['file']} sha256 {gsm8k['sha256']}" in err
+    capsys.readouterr()
+    assert main(["report", str(out), "--output", str(tmp_path / "chart.png")]) == 0
+    report = capsys.readouterr().out
+    assert f"- minerva_math_algebra: {MATH500_NOTE}: local file {math['file']} sha256 {MATH500_SHA256}" in report
+    assert f"- gsm8k: local file {gsm8k['file']} sha256 {gsm8k['sha256']}" in report
+
+
+def test_a_hub_dataset_is_recorded_with_its_revision(monkeypatch):
+    """The hub cannot be reached here: a stand-in `datasets` module returns rows from a cache path that
+    names the commit, as `datasets` lays out its cache for a hub dataset."""
+    import sys
+    import types
+
+    from mft.eval.data import describe_record
+    from mft.eval.tasks.gsm8k import GSM8K
+
+    commit = "e53f048856ff4f594e959d75785d2c2d37b678ee"
+
+    class Rows(list):
+        cache_files = [{"filename": f"/cache/openai___gsm8k/main/0.0.0/{commit}/gsm8k-test.arrow"}]
+
+    def load_dataset(path, config, split):
+        assert (path, config, split) == ("openai/gsm8k", "main", "test")
+        return Rows([{"question": "1+1?", "answer": "#### 2"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = GSM8K(name="gsm8k")
+    assert len(task.load_docs()) == 1
+    record = task.config()["data_source"]
+    assert record == {"hub": "openai/gsm8k", "config": "main", "split": "test", "revision": commit}
+    assert describe_record(record) == f"hub dataset openai/gsm8k/main[test] revision {commit}"
