@@ -127,6 +127,18 @@ def check_backend_options(model_type: str, tensor_parallel_size=None, dtype: str
                            "use --model-type vllm or drop them")
 
 
+def hf_device_dtype(dtype: str | None = None) -> tuple[str, str]:
+    """(device, dtype name) the hf backend generates with: cuda when torch sees a GPU, else cpu; `dtype`
+    when given (not None/"auto"), else bfloat16 on cuda and float32 on cpu. Known before the model loads,
+    so that `mft eval` can key stored predictions by them (CPU float32 text is not reused on a GPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype not in (None, "auto"):
+        return device, dtype
+    return device, "bfloat16" if device == "cuda" else "float32"
+
+
 def load_backend(model_type: str, model: str, batch_size: int, max_model_len: int, tensor_parallel_size=None,
                  dtype: str | None = None, gpu_memory_utilization: float | None = None):
     """The backend, loaded. `dtype` None or "auto" = each backend's default; the two vLLM settings are
@@ -140,9 +152,9 @@ def load_backend(model_type: str, model: str, batch_size: int, max_model_len: in
     if model_type == "hf":
         from mft.eval.hf_backend import HFBackend
 
-        if dtype not in (None, "auto"):
-            import torch
+        import torch
 
-            return HFBackend(model, batch_size=batch_size, max_model_len=max_model_len, dtype=getattr(torch, dtype))
-        return HFBackend(model, batch_size=batch_size, max_model_len=max_model_len)
+        device, name = hf_device_dtype(dtype)
+        return HFBackend(model, batch_size=batch_size, max_model_len=max_model_len, device=device,
+                         dtype=getattr(torch, name))
     raise MftError(f"unknown model type {model_type!r}; expected vllm, hf or auto")

@@ -39,12 +39,14 @@ class HFBackend:
     def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int = MAX_MODEL_LEN,
                  device: str | None = None, dtype=None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from mft.models import load_pretrained
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = load_pretrained(model_path, dtype=dtype).to(self.device).eval()  # image-text models too
         self.batch_size = max(1, batch_size)
         self.max_model_len = max_model_len
         self.pad_id = self.tokenizer.pad_token_id

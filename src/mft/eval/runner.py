@@ -15,7 +15,7 @@ from pathlib import Path
 from mft.errors import MftError
 from mft.eval import outputs
 from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, check_backend_options, check_model_path,
-                               load_backend, resolve_model_type)
+                               hf_device_dtype, load_backend, resolve_model_type)
 from mft.eval.data import describe_record, packaged_data_dir
 from mft.eval.fingerprint import model_fingerprint
 from mft.eval.specs import build_tasks
@@ -117,6 +117,8 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         raise MftError(f"--data-dir {data_dir} is not a folder")
     if limit is not None and limit < 1:
         raise MftError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise MftError(f"--batch-size must be at least 1, got {batch_size}")
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
     model_type = resolve_model_type(model_type)
@@ -128,6 +130,13 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
                     "max_model_len": max_model_len, "dtype": dtype or "auto",
                     "tensor_parallel_size": tensor_parallel_size, "decode": dict(DECODE_KWARGS),
                     "fingerprint": model_fingerprint(model)}
+    if model_type == "hf":
+        # The hf backend's device and effective dtype change the arithmetic, and so can the batch size
+        # (rows are left-padded to the batch's longest prompt, and kernels sum in another order for
+        # another shape): predictions made on the CPU in float32, or in batches of 8, are not reused on
+        # a GPU in bfloat16 or in batches of 16. (vLLM schedules its own batches; --batch-size is unused.)
+        device, hf_dtype = hf_device_dtype(dtype)
+        model_config.update({"dtype": hf_dtype, "device": device, "batch_size": batch_size})
     out = outputs.prepare_dir(output_dir, model_config)
     plans = plan_tasks(tasks, out, model_config)
     backend, entries = None, []
