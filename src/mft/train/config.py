@@ -141,6 +141,8 @@ class TrainConfig:
                                          "'auto' = 1.0); set, it wins on every path, DeepSpeed included",
                                          default=None)
     fused_optimizer: bool = _help("use the fused AdamW kernel", default=True)
+    shard_optimizer_state: bool = _help("MFT without DeepSpeed on several processes (DDP): shard the scores' AdamW "
+                                        "state over the processes (torch ZeroRedundancyOptimizer)", default=True)
     seed: int = _help("random seed: data order, score initialisation", default=42)
     timeout: int = _help("seconds the processes wait for each other (long tokenization)", default=1800)
 

@@ -31,6 +31,7 @@ scores, see the README's fidelity table.)
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -187,6 +188,44 @@ def _optimizer(cfg: TrainConfig, model, ds_config):
 
         return DummyOptim(groups, lr=cfg.learning_rate)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_optimizer or None)
+
+
+def _shard_optimizer_state(cfg: TrainConfig, optimizer, accelerator, ds_config):
+    """The MFT layout without DeepSpeed (issue 12): frozen weights replicated in their training precision under
+    plain DDP (no gradients, no master copies, nothing gathered), the scores' gradients all-reduced by DDP,
+    and their AdamW state sharded over the processes (`ZeroRedundancyOptimizer`: each rank steps its shard
+    and broadcasts the new scores, so every rank holds the same scores and computes the same masks).
+    Returns `optimizer` unchanged for one process, DeepSpeed, other methods or `shard_optimizer_state: false`."""
+    if (ds_config is not None or accelerator.num_processes == 1 or not cfg.shard_optimizer_state
+            or cfg.resolved_method != "mft" or not isinstance(optimizer, torch.optim.AdamW)):
+        return optimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class ShardedAdamW(ZeroRedundancyOptimizer):
+        """`state_dict()` is called on every rank at the same points (accelerate's prepare and save_state).
+        Once it has stepped, it is a collective that consolidates the full state on rank 0 (the rank that
+        writes it; the others return their local view, which nobody writes). `load_state_dict` takes the
+        full state and keeps each rank's shard."""
+
+        stepped = False
+
+        def step(self, *args, **kwargs):
+            self.stepped = True
+            return super().step(*args, **kwargs)
+
+        def state_dict(self):
+            if not self.stepped:  # nothing to consolidate yet (accelerate's prepare round-trips the state)
+                return torch.optim.Optimizer.state_dict(self)
+            self.consolidate_state_dict(to=0)
+            return super().state_dict() if torch.distributed.get_rank() == 0 else torch.optim.Optimizer.state_dict(self)
+
+    accepted = inspect.signature(torch.optim.AdamW).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "differentiable"}
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    if accelerator.is_main_process:
+        logger.info("MFT layout: DDP, frozen weights replicated; the scores' AdamW state sharded over %d processes",
+                    accelerator.num_processes)
+    return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **defaults)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -409,7 +448,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model, description = _setup_method(cfg, model)
     if main:
         logger.info(description)
-    optimizer = torch_optimizer = _optimizer(cfg, model, ds_config)
+    optimizer = torch_optimizer = _shard_optimizer_state(cfg, _optimizer(cfg, model, ds_config), accelerator, ds_config)
 
     clip = _gradient_clipping(cfg, ds_config)
     if main:
