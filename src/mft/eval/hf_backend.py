@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from mft.eval.backends import (MAX_MODEL_LEN, Generation, cut_at_stop, decode_continuation, encode_prompts,
-                               prompt_budget, stop_list)
+from mft.eval.backends import (Generation, cut_at_stop, decode_continuation, encode_prompts, greedy_generation_config,
+                               hf_settings, prompt_budget, stop_list, stop_token_ids)
 
 
-def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int | None):
-    """A StoppingCriteria for one batch: a row is done once its new text holds a stop string or EOS.
+def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, stop_ids):
+    """A StoppingCriteria for one batch: a row is done once its new text holds a stop string or its last
+    token is one of `stop_ids` (`backends.stop_token_ids`).
 
     `done_at[row]` is the number of new tokens the row had when it finished, which is its `num_tokens`.
     The whole new text is decoded (not a tail) by the same rule as the final text (`decode_continuation`,
@@ -26,7 +27,7 @@ def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int
             texts = [decode_continuation(tokenizer, input_ids[row, :prompt_len], new[row]) for row in open_rows] \
                 if stops else []
             for i, row in enumerate(open_rows):
-                if (eos_id is not None and new[row, -1].item() == eos_id) or any(s in texts[i] for s in stops):
+                if new[row, -1].item() in stop_ids or any(s in texts[i] for s in stops):
                     self.done_at[row] = new.shape[1]
             return torch.tensor([row in self.done_at for row in range(new.shape[0])], device=input_ids.device)
 
@@ -36,17 +37,18 @@ def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, eos_id: int
 class HFBackend:
     """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time."""
 
-    def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int = MAX_MODEL_LEN,
+    def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int | None = None,
                  device: str | None = None, dtype=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        settings = hf_settings(model_path, max_model_len, dtype, device)  # checked before loading
+        self.device, self.max_model_len = settings["device"], settings["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings["dtype"]))
+        self.model = self.model.to(self.device).eval()
+        self.stop_ids = set(stop_token_ids(model_path, self.tokenizer))
         self.batch_size = max(1, batch_size)
-        self.max_model_len = max_model_len
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -69,15 +71,14 @@ class HFBackend:
 
     def _generate_batch(self, rows: list[list[int]], stops: list[str], max_gen_toks: int) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        eos_id = self.tokenizer.eos_token_id
-        criteria = make_stop_criteria(self.tokenizer, stops, width, eos_id)
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_gen_toks, pad_token_id=self.pad_id,
-                                  eos_token_id=eos_id)
+        criteria = make_stop_criteria(self.tokenizer, stops, width, self.stop_ids)
+        config = greedy_generation_config(max_gen_toks, self.pad_id, sorted(self.stop_ids) or None)
+        self.model.generation_config = config  # nothing of the checkpoint's generation_config.json applies
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                          stopping_criteria=StoppingCriteriaList([criteria]))
@@ -85,6 +86,9 @@ class HFBackend:
         for row in range(len(rows)):
             new = output[row, width:]
             num_tokens = criteria.done_at.get(row, new.shape[0])
-            text = decode_continuation(self.tokenizer, rows[row], new[:num_tokens].tolist())
+            kept = new[:num_tokens].tolist()
+            if kept and kept[-1] in self.stop_ids:  # counted, not decoded: as vLLM does with EOS / stop ids
+                kept = kept[:-1]
+            text = decode_continuation(self.tokenizer, rows[row], kept)
             generations.append(Generation(cut_at_stop(text, stops), int(num_tokens)))
         return generations
