@@ -498,3 +498,11 @@ def test_the_olmes_route_refuses_mft_settings():
     assert result.returncode == 1 and result.stdout == ""
     assert "error: TENSOR_PARALLEL_SIZE is an mft eval setting; with EVAL_HARNESS=olmes pass olmes' own flags" \
         in result.stderr
+
+
+def test_tiny_models_stop_only_on_the_tokenizers_eos(chatml_model_dir):
+    """mft.tiny's config EOS used to be id 2 (`<unk>` for its tokenizer): vLLM would stop on `<unk>` too."""
+    from mft.eval.backends import stop_token_ids
+
+    tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
+    assert stop_token_ids(str(chatml_model_dir), tokenizer) == [tokenizer.eos_token_id] == [1]

@@ -46,12 +46,11 @@ def build_requests(task: Task, docs: list[dict]) -> list[dict]:
              "label": task.label(d)} for d in docs]
 
 
-def load_requests(tasks: list[Task], max_model_len: int) -> list[tuple[Task, list[dict], list[dict]]]:
-    """(task, docs, requests) per task, checked before anything is created or loaded: each task's
-    max_gen_toks leaves room for a prompt, and no prompt is empty (vLLM refuses an empty one)."""
+def load_requests(tasks: list[Task]) -> list[tuple[Task, list[dict], list[dict]]]:
+    """(task, docs, requests) per task, checked before anything is created or loaded: no prompt is empty
+    (vLLM refuses an empty one)."""
     loaded = []
     for task in tasks:
-        prompt_budget(max_model_len, task.max_gen_toks)
         docs = task.load_docs()
         log(f"{task.name}: data: {describe_record(task.data_source)}")
         requests = build_requests(task, docs)
@@ -139,11 +138,13 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     if why:
         log(why)
     check_backend_options(model_type, tensor_parallel_size, dtype, gpu_memory_utilization, why)
+    loaded = load_requests(tasks)
     settings = resolve_settings(model_type, model, max_model_len, tensor_parallel_size, dtype)
     if model_type == "hf":  # VLLMBackend logs its own when it loads
         for line in settings["log"]:
             log(f"hf: {line}")
-    loaded = load_requests(tasks, settings["max_model_len"])
+    for task in tasks:  # each task's max_gen_toks leaves room for a prompt
+        prompt_budget(settings["max_model_len"], task.max_gen_toks)
     local = Path(model).expanduser()
     # The settings that shape the generations (reuse compares them), as resolved: `--dtype auto` is
     # float32 on a CPU and bfloat16 on most GPUs; the decode rule too, so predictions decoded by an
