@@ -164,8 +164,12 @@ def resolve_vllm_settings(model_path: str, max_model_len: int | None = None, ten
     """The settings `LLM()` gets, resolved and checked without loading anything: `max_model_len`
     (`backends.resolve_max_model_len`), `tensor_parallel_size` (`choose_tensor_parallel_size` over the
     visible GPUs), `dtype` (`choose_dtype` for the first GPU's compute capability), and `log`: the lines
-    that say how each was chosen. MftError for a setting that cannot work."""
+    that say how each was chosen. MftError for a setting that cannot work, or for a vLLM older than
+    VLLM_MIN_VERSION."""
     import torch
+    import vllm  # first: the installed vLLM is checked before anything else, and it initialises CUDA
+
+    check_vllm_version(vllm.__version__)
 
     config = config if config is not None else load_config(model_path)
     heads, kv_heads, divided, checkpoint, source = checkpoint_settings(model_path, config)
