@@ -154,6 +154,9 @@ def not_a_model(tmp_path):
     ('{"task_name": "gsm8k", "num_shots": 8', "is not valid JSON"),
     ('{"task_name": "gsm8k", "shots": 8}', "unknown key(s) ['shots']"),
     ('{"task_name": "gsm8k", "num_shots": 9}', "num_shots 9 > the 8 exemplars"),
+    ('{"task_name": "gsm8k", "limit": 0}', "gsm8k: limit must be a positive integer, got 0"),  # as --limit 0
+    ('{"task_name": "gsm8k", "generation_kwargs": {"max_gen_toks": 0}}',
+     "gsm8k: max_gen_toks must be a positive integer, got 0"),  # used to become the default 512
     ('{"task_name": "gsm8k", "dataset_path": "/nonexistent/gsm8k.jsonl"}', "/nonexistent/gsm8k.jsonl does not exist"),
     ("ifeval", "cannot load hf:google/IFEval[train]"),
 ])

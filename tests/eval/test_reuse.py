@@ -136,3 +136,102 @@ def test_a_hub_dataset_is_recorded_with_its_revision(monkeypatch):
     record = task.config()["data_source"]
     assert record == {"hub": "openai/gsm8k", "config": "main", "split": "test", "revision": commit}
     assert describe_record(record) == f"hub dataset openai/gsm8k/main[test] revision {commit}"
+
+
+def eval_into(model, out, *extra: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["eval", "--model", str(model), "--task", "gsm8k", "--output-dir", str(out), "--model-type", "hf",
+                     *extra])
+    return code, err.getvalue()
+
+
+@pytest.fixture
+def not_a_model(tmp_path):
+    """Passes the path check but no backend could load it: these refusals come before any model loads."""
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_an_interrupted_run_of_another_model_is_not_taken_over(not_a_model, tmp_path):
+    """A run stopped before its metrics.json leaves task files and their provenance: another model's run
+    into the same folder is refused as when metrics.json exists, and nothing there changes."""
+    out = tmp_path / "results"
+    out.mkdir()
+    outputs.write_jsonl(out / "task-000-gsm8k-predictions.jsonl", [{"doc_id": 0}])
+    outputs.write_provenance(out, 0, "gsm8k", {"model": "/ckpt/fft", "model_type": "hf"}, {"task_name": "gsm8k"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = eval_into(not_a_model, out)
+    assert code == 1 and "Traceback" not in err
+    assert (f"mft eval: error: {out} holds results of model /ckpt/fft (task-000-gsm8k-provenance.json), "
+            f"not {not_a_model}; use a separate --output-dir per model") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_corrupt_metrics_json_is_one_line_naming_it(not_a_model, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"metrics": [')  # cut short
+    code, err = eval_into(not_a_model, out)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"mft eval: error: {out / 'metrics.json'} is not readable JSON (")
+    (out / "metrics.json").write_text("[]")
+    code, err = eval_into(not_a_model, out)
+    assert code == 1 and f"{out / 'metrics.json'} holds a JSON list, not an object" in err
+
+
+def test_batch_size_below_one_is_refused(not_a_model, tmp_path):
+    code, err = eval_into(not_a_model, tmp_path / "o", "--batch-size", "0")
+    assert code == 1 and "--batch-size must be at least 1, got 0" in err
+
+
+@pytest.mark.slow
+def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_path):
+    """What the hf backend generated with is recorded, and predictions made otherwise are not reused: CPU
+    float32 text is not passed off as a GPU bfloat16 run (only the CPU exists here; dtype stands in)."""
+    from mft.eval.backends import hf_device_dtype
+
+    assert hf_device_dtype() == ("cpu", "float32") and hf_device_dtype("bfloat16") == ("cpu", "bfloat16")
+    out = tmp_path / "results"
+    assert run(model_copy, out, "gsm8k")[0] == 0
+    config = json.loads((out / "metrics.json").read_text())["model_config"]
+    assert (config["device"], config["dtype"], config["batch_size"]) == ("cpu", "float32", 8)
+    stored = json.loads((out / "task-000-gsm8k-provenance.json").read_text())["model_config"]
+    assert (stored["device"], stored["dtype"], stored["batch_size"]) == ("cpu", "float32", 8)
+    args = ["eval", "--model", str(model_copy), "--output-dir", str(out), "--model-type", "hf", "--limit", "2",
+            "--data-dir", "packaged", "--workers", "1", "--task", json.dumps({"task_name": "gsm8k",
+                                                                               "generation_kwargs": SHORT})]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([*args, "--batch-size", "1"]) == 0
+    assert "gsm8k: recomputing: the model settings changed (batch_size 8 -> 1)" in err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([*args, "--batch-size", "1", "--dtype", "bfloat16"]) == 0
+    assert "gsm8k: recomputing: the model settings changed (dtype 'float32' -> 'bfloat16')" in err.getvalue()
+
+
+def test_math500_is_recognised_by_its_content(tmp_path):
+    """A re-serialized MATH-500 copy under any name (other sha256) carries the note; a full-MATH-like
+    file does not, even in a folder named math500/."""
+    from mft.eval.data import is_math500, packaged_data_dir
+    from mft.eval.tasks.minerva_math import MinervaMath
+
+    rows = read_jsonl(packaged_data_dir() / "math500" / "test.jsonl")
+    copy = tmp_path / "data" / "my_math_test.jsonl"
+    copy.parent.mkdir()
+    copy.write_text("".join(json.dumps({**row, "problem": row["problem"] + "\n"}) + "\n" for row in rows))
+    task = MinervaMath(name="minerva_math_algebra", dataset_path=str(copy))
+    docs = task.load_docs()
+    record = task.config()["data_source"]
+    assert len(docs) == sum(row["subject"] == "Algebra" for row in rows) == 124
+    assert record["sha256"] != MATH500_SHA256 and record["note"] == MATH500_NOTE
+    other = {"problem": "What is $1+1$?", "solution": "$\\boxed{2}$", "subject": "Algebra"}
+    bigger = tmp_path / "math500" / "test.jsonl"  # the folder's name no longer decides
+    bigger.parent.mkdir()
+    bigger.write_text("".join(json.dumps(row) + "\n" for row in [*rows, other]))
+    task = MinervaMath(name="minerva_math_algebra", data_dir=str(tmp_path))
+    assert len(task.load_docs()) == 125 and "note" not in task.config()["data_source"]
+    assert is_math500(rows[:3]) and not is_math500([]) and not is_math500([{"question": "1+1?"}])

@@ -85,7 +85,7 @@ def test_unrecognised_architecture_lists_what_it_found():
             super().__init__()
             self.blocks = nn.ModuleList([Block(), Block()])
 
-    with pytest.raises(MftError, match=r"layer 0 \(`blocks.0`\) has no attn or mlp linears.*mixer \(unclassified\)"):
+    with pytest.raises(MftError, match=r"layer 0 \(`blocks.0`\) has no attn or mlp weights.*mixer \(unclassified\)"):
         select_targets(Odd(), MaskConfig(masked_layers=[0]))
 
 

@@ -151,6 +151,25 @@ def check_backend_options(model_type: str, tensor_parallel_size=None, dtype: str
                            "use --model-type vllm or drop them")
 
 
+def hf_device_dtype(dtype: str | None = None, model: str | None = None, config=None) -> tuple[str, str]:
+    """(device, dtype name) the hf backend generates with: cuda when torch sees a GPU, else cpu; `dtype`
+    when given (not None/"auto"), else float32 on cpu and on cuda `auto_dtype` for the checkpoint `model`
+    (vLLM's rule for this GPU; bfloat16 when no model is named). Known before the model loads, so that
+    `mft eval` can key stored predictions by them (CPU float32 text is not reused on a GPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype not in (None, "auto"):
+        return device, dtype
+    if device == "cpu":
+        return device, "float32"
+    if model is None:
+        return device, "bfloat16"
+    config = config if config is not None else load_config(model)
+    checkpoint = checkpoint_dtype(model, config)[0]
+    return device, auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), gpu_capability())
+
+
 def load_backend(model_type: str, model: str, batch_size: int, max_model_len: int | None = None,
                  tensor_parallel_size=None, dtype: str | None = None, gpu_memory_utilization: float | None = None):
     """The backend, loaded. `max_model_len` None = the protocol's, capped at the model's context
@@ -375,19 +394,19 @@ def hf_settings(model: str, max_model_len: int | None = None, dtype=None, device
     import torch
 
     config = config if config is not None else load_config(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     log_lines = []
     if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    elif dtype in (None, "auto"):
-        checkpoint, source = checkpoint_dtype(model, config)
-        capability = gpu_capability() if device.startswith("cuda") else None
-        name = auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), capability)
-        log_lines.append(f"dtype {name} (auto on {device}; checkpoint: {checkpoint} from its {source})")
-    elif dtype in DTYPES:
-        name = dtype
-    else:
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in (None, *DTYPES):
         raise MftError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    found, name = hf_device_dtype(dtype, model, config)
+    if device is None:
+        device = found
+    elif dtype in (None, "auto"):  # a device given by the caller: auto for that device
+        name = "float32" if device == "cpu" else hf_device_dtype(dtype, model, config)[1]
+    if dtype in (None, "auto"):
+        checkpoint, source = checkpoint_dtype(model, config)
+        log_lines.append(f"dtype {name} (auto on {device}; checkpoint: {checkpoint} from its {source})")
     length, note = resolve_max_model_len(max_model_len, config, model)
     log_lines += [note] if note else []
     return {"device": device, "dtype": name, "max_model_len": length, "log": log_lines}

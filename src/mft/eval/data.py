@@ -40,23 +40,47 @@ class Source:
             return self.path
         return f"hf:{self.path}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
 
-    def record(self) -> dict:
+    def record(self, rows: list[dict] | None = None) -> dict:
         """Where the documents came from, for `task_config["data_source"]`.
 
-        A local file: {"file": absolute path, "sha256": hex digest of its bytes}, plus "note": `MATH500_NOTE`
-        when it is the MATH-500 file (by sha256, or by its `math500/` folder). A hub dataset: {"hub": id,
+        A local file: {"file": absolute path, "sha256": hex digest of its bytes}. A hub dataset: {"hub": id,
         "config", "split", "revision": the commit the `datasets` cache was built from, None when it does not
-        say}. Call after the documents were read.
+        say}. Either gets "note": `MATH500_NOTE` when it is MATH-500: the shipped file's sha256, or by content,
+        every one of its `rows` (all rows read, before any selection) being a MATH-500 problem (see
+        `is_math500`), whatever the file or folder is called. Call after the documents were read.
         """
         if not self.local:
             revision = _HUB_REVISIONS.get((self.path, self.config, self.split))
-            return {"hub": self.path, "config": self.config, "split": self.split, "revision": revision}
-        path = Path(self.path).expanduser().resolve()
-        digest = file_sha256(path)
-        record = {"file": str(path), "sha256": digest}
-        if digest == MATH500_SHA256 or path.parent.name == "math500":
+            record = {"hub": self.path, "config": self.config, "split": self.split, "revision": revision}
+            digest = None
+        else:
+            path = Path(self.path).expanduser().resolve()
+            digest = file_sha256(path)
+            record = {"file": str(path), "sha256": digest}
+        if digest == MATH500_SHA256 or (rows is not None and is_math500(rows)):
             record["note"] = MATH500_NOTE
         return record
+
+
+def _problem_key(text: str) -> str:
+    return " ".join(text.split())  # the same problem however its whitespace was re-serialized
+
+
+@functools.lru_cache(maxsize=1)
+def math500_problems() -> frozenset[str]:
+    """The 500 problems of the MATH-500 file shipped in the package, whitespace-normalized."""
+    path = packaged_data_dir() / "math500" / "test.jsonl"
+    return frozenset(_problem_key(row["problem"]) for row in read_records(path))
+
+
+def is_math500(rows: list[dict]) -> bool:
+    """True when there are rows and every one has a `problem` that is one of MATH-500's 500 problems: a copy
+    of MATH-500 (or part of it) under any name, not the full MATH test set (whose 5000 problems include
+    4500 others)."""
+    if not rows or not all(isinstance(row, dict) and isinstance(row.get("problem"), str) for row in rows):
+        return False
+    known = math500_problems()
+    return all(_problem_key(row["problem"]) in known for row in rows)
 
 
 def describe_record(record: dict | None) -> str:
@@ -65,8 +89,9 @@ def describe_record(record: dict | None) -> str:
         return "data source not recorded"
     if "hub" in record:
         name = record["hub"] + (f"/{record['config']}" if record.get("config") else "") + f"[{record.get('split')}]"
-        return f"hub dataset {name} revision {record.get('revision') or 'unknown'}"
-    line = f"local file {record['file']} sha256 {record['sha256']}"
+        line = f"hub dataset {name} revision {record.get('revision') or 'unknown'}"
+    else:
+        line = f"local file {record['file']} sha256 {record['sha256']}"
     return f"{record['note']}: {line}" if record.get("note") else line
 
 

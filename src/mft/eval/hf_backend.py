@@ -40,12 +40,14 @@ class HFBackend:
     def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int | None = None,
                  device: str | None = None, dtype=None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from mft.models import load_pretrained
 
         settings = hf_settings(model_path, max_model_len, dtype, device)  # checked before loading
         self.device, self.max_model_len = settings["device"], settings["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings["dtype"]))
+        self.model = load_pretrained(model_path, dtype=getattr(torch, settings["dtype"]))  # image-text models too
         self.model = self.model.to(self.device).eval()
         self.stop_ids = set(stop_token_ids(model_path, self.tokenizer))
         self.batch_size = max(1, batch_size)

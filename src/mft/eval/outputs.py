@@ -10,6 +10,7 @@ reused); per run: `metrics.json` with every task of the folder; for MATH subject
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -53,20 +54,53 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; MftError naming the file when it is not one (a truncated or edited file)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MftError(f"{path} is not readable JSON ({exc}); restore it or remove it, or choose another "
+                       "--output-dir") from exc
+    if not isinstance(data, dict):
+        raise MftError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it or remove it")
+    return data
+
+
+def _recorded_model(data: dict) -> str | None:
+    model = (data.get("model_config") or {}).get("model") if isinstance(data.get("model_config"), dict) else None
+    return model if isinstance(model, str) else None
+
+
 def prepare_dir(output_dir: str, model_config: dict) -> Path:
-    """Create the folder; refuse one that holds another model's results (reuse would mix models)."""
+    """Create the folder; refuse one that holds another model's results (reuse would mix models).
+
+    The model is read from `metrics.json` and from every task's `-provenance.json` and `-metrics.json`,
+    so the folder of a run interrupted before its `metrics.json` is guarded too. A file that is not
+    readable JSON is an MftError naming it.
+    """
     out = Path(output_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MftError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --output-dir") from exc
-    summary = out / "metrics.json"
-    if summary.is_file():
-        previous = json.loads(summary.read_text()).get("model_config", {}).get("model")
-        if previous and previous != model_config["model"]:
-            raise MftError(f"{out} holds results of model {previous}, not {model_config['model']}; "
-                           "use a separate --output-dir per model")
+    check_dir(out, model_config["model"])
     return out
+
+
+def check_dir(output_dir, model: str) -> None:
+    """`prepare_dir`'s refusal without creating anything: MftError when an existing folder holds results
+    of a model other than `model` (or a record that is not readable JSON). Nothing when it does not exist."""
+    out = Path(output_dir).expanduser()
+    if not out.is_dir():
+        return
+    records = [out / "metrics.json", *existing(out, "*", "provenance.json"), *existing(out, "*", "metrics.json")]
+    for path in records:
+        if not path.is_file():
+            continue
+        previous = _recorded_model(read_json(path))
+        if previous and previous != model:
+            raise MftError(f"{out} holds results of model {previous} ({path.name}), not {model}; "
+                           "use a separate --output-dir per model")
 
 
 def _changed_keys(old: dict, new: dict) -> str:
@@ -110,19 +144,34 @@ def reusable(out: Path, task: str, requests: list[dict], task_config: dict, mode
         if not provenance_file.is_file():
             reason = reason or f"no record of the model that produced its stored predictions ({provenance_file.name})"
             continue
-        changed = producer_change(json.loads(provenance_file.read_text()), model_config, task_config)
+        try:
+            changed = producer_change(read_json(provenance_file), model_config, task_config)
+        except MftError:
+            reason = reason or f"{provenance_file.name} is not readable JSON"
+            continue
         if changed:
             reason = reason or changed
             continue
-        if read_jsonl(requests_file) != requests:
+        try:
+            same_requests = read_jsonl(requests_file) == requests
+        except (UnicodeDecodeError, ValueError):
+            same_requests = False
+        if not same_requests:
             reason = reason or "its prompts or generation settings changed"
             continue
-        predictions = read_jsonl(predictions_file)
+        try:
+            predictions = read_jsonl(predictions_file)
+        except (UnicodeDecodeError, ValueError):
+            reason = reason or f"{predictions_file.name} is not readable JSON lines"
+            continue
         if len(predictions) != len(requests):
             reason = reason or f"{len(predictions)} stored predictions for {len(requests)} requests"
             continue
         metrics_file = sibling("metrics.json")
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        try:
+            metrics = read_json(metrics_file) if metrics_file.is_file() else None
+        except MftError:
+            metrics = None  # scored again below
         if metrics is not None and producer_change(metrics, model_config, task_config):
             return predictions, None, f"scoring again: {producer_change(metrics, model_config, task_config)}"
         return predictions, metrics, None
@@ -171,7 +220,7 @@ def write_summary(out: Path, entries: list[dict], model_config: dict) -> Path:
     when those ran with the same `model_config` (model file fingerprint included); other ones are left out
     of the summary (their task files stay) and named on stderr."""
     path = out / "metrics.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous = read_json(path) if path.is_file() else {}
     old = previous.get("metrics", [])
     ran = {e["task"] for e in entries}
     if previous.get("model_config") != model_config:
@@ -193,8 +242,28 @@ def write_summary(out: Path, entries: list[dict], model_config: dict) -> Path:
 
 
 def write_math_layout(out: Path, entries: list[dict], model_config: dict) -> None:
-    """`math/<subject>/metrics.json` per MATH subject, then `math/task_scores_flex.jsonl`."""
+    """`math/<subject>/metrics.json` per MATH subject, then `math/task_scores_flex.jsonl`.
+
+    The folder mirrors `metrics.json`: a subject file an earlier run wrote with other model files or
+    settings (a subject this run's `metrics.json` left out) is removed and named on stderr, so neither the
+    MATH average nor `mft report` counts another checkpoint's scores; the subject's task files stay.
+    """
     subjects = [e for e in entries if e["task"].startswith(MATH_PREFIX)]
+    written = {entry["task"].removeprefix(MATH_PREFIX) for entry in subjects}
+    for stale in sorted((out / "math").glob("*/metrics.json")):
+        if stale.parent.name in written:
+            continue
+        try:
+            recorded = read_json(stale).get("model_config")
+        except MftError:
+            continue  # not ours to judge; write_math_scores names it
+        if isinstance(recorded, dict) and "fingerprint" in recorded and recorded != model_config:
+            stale.unlink()
+            with contextlib.suppress(OSError):
+                stale.parent.rmdir()  # only when nothing else is in it
+            print(f"removed {stale}: scored by an earlier run with other model files or settings "
+                  f"(its task files stay); evaluate minerva_math_{stale.parent.name} again to include it",
+                  file=sys.stderr, flush=True)
     for entry in subjects:
         write_json(out / "math" / entry["task"].removeprefix(MATH_PREFIX) / "metrics.json",
                    {"all_primary_scores": [primary_line(entry)], "metrics": [entry], "model_config": model_config})
@@ -206,8 +275,12 @@ def write_math_scores(out: Path) -> Path:
     """What the authors' get_math_score.py wrote: each subject's exact_match_flex, then their average."""
     scores = []
     for metrics_file in sorted((out / "math").glob("*/metrics.json")):
-        first = json.loads(metrics_file.read_text())["metrics"][0]
-        scores.append({"task": first["task"], "score": first["exact_match_flex"]})
+        try:
+            first = read_json(metrics_file)["metrics"][0]
+            scores.append({"task": first["task"], "score": first["exact_match_flex"]})
+        except (KeyError, IndexError, TypeError) as exc:
+            raise MftError(f"{metrics_file} is not an olmes metrics.json (needs metrics[0].task and "
+                           f"exact_match_flex): {exc!r}") from exc
     if not scores:
         raise MftError(f"no {out}/math/*/metrics.json found; run the minerva_math tasks first")
     average = round(sum(s["score"] for s in scores) / len(scores), 6)

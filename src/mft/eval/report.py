@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mft.errors import MftError
@@ -12,50 +13,94 @@ from mft.eval.data import describe_record
 TASK_ORDER = ["gsm8k", "minerva_math", "codex_humaneval", "codex_humanevalplus", "ifeval"]
 
 
-def result_folders(folder: str) -> list[Path]:
+def _folders(root: Path):
+    """(folder, file names) of `root` and everything below it, following symlinked folders, each real
+    folder once (a link back up the tree is not followed again)."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        yield Path(dirpath), filenames
+
+
+def result_folders(folder: str, unfinished: list[Path] | None = None) -> list[Path]:
     """Each model's result folder at or below `folder`, in path order: every folder holding a metrics.json.
 
-    The one exception is the authors' MATH layout: `X/math/<subject>/metrics.json` belongs to X's results.
-    Two folders are never merged into one, whatever model they name.
+    Symlinked folders are followed. The one exception is the authors' MATH layout: `X/math/<subject>/
+    metrics.json`, with <subject> one of the seven minerva_math subjects, belongs to X's results. Two
+    folders are never merged into one, whatever model they name. Folders with `task-NNN-*` files but no
+    metrics.json (a run that did not finish) are not results; they are appended to `unfinished` when given.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise MftError(f"result folder {folder} does not exist")
-    files = list(root.rglob("metrics.json"))
+    files, started = [], []
+    for path, names in _folders(root):
+        if "metrics.json" in names:
+            files.append(path / "metrics.json")
+        elif any(name.startswith("task-") and name.endswith(("-predictions.jsonl", "-metrics.json"))
+                 for name in names):
+            started.append(path)
+    if unfinished is not None:
+        unfinished += started
     if not files:
-        raise MftError(f"no metrics.json under {folder}; run `mft eval --output-dir {folder}` first")
+        hint = (f" (unfinished runs without one: {', '.join(map(str, started))}; finish them with the same "
+                "`mft eval` command)") if started else ""
+        raise MftError(f"no metrics.json under {folder}{hint}; run `mft eval --output-dir {folder}` first")
     return sorted({_owner(path, root) for path in files})
 
 
 def _owner(path: Path, root: Path) -> Path:
+    from mft.eval.tasks.minerva_math import SUBJECTS
+
     subject = path.parent
-    if subject.parent.name == "math" and subject.parent != root and root in subject.parent.parents:
+    if (subject.name in SUBJECTS and subject.parent.name == "math" and subject.parent != root
+            and root in subject.parent.parents):
         return subject.parent.parent
     return subject
 
 
 def _files_of(result_folder: Path) -> list[Path]:
     """Its metrics.json files: the MATH subjects' first, the folder's own (the summary) last, so it wins."""
+    from mft.eval.tasks.minerva_math import SUBJECTS
+
     own = result_folder / "metrics.json"
-    subjects = sorted((result_folder / "math").glob("*/metrics.json"))
+    subjects = sorted(path for path in (result_folder / "math").glob("*/metrics.json") if path.parent.name in SUBJECTS)
     return subjects + ([own] if own.is_file() else [])
 
 
-def collect_results(result_folder: Path) -> tuple[dict[str, float], dict[str, dict]]:
-    """(task -> primary score, task -> data_source record) of one model's result folder."""
+def collect_results(result_folder: Path, notes: list[str] | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """(task -> primary score, task -> data_source record) of one model's result folder.
+
+    A MATH subject file of the same model but other files or settings than the folder's metrics.json
+    (left by an earlier run on other weights) is not counted; a line saying so goes to `notes`.
+    """
     scores: dict[str, float] = {}
     sources: dict[str, dict] = {}
     models: dict[str, Path] = {}
+    own = result_folder / "metrics.json"
+    own_config = _model_config(own) if own.is_file() else None
     for path in _files_of(result_folder):
         try:
             summary = json.loads(path.read_text())
             entries = summary["metrics"]
+            model_config = summary.get("model_config") or {}
+            if (path != own and own_config is not None and model_config.get("model") == own_config.get("model")
+                    and model_config != own_config):
+                if notes is not None:
+                    notes.append(f"{path}: not counted, scored with other model files or settings than "
+                                 f"{own} (re-run its task to include it)")
+                continue
             scores.update({e["task"]: float(e["primary_score"]) for e in entries})
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MftError(f"{path} is not an olmes metrics.json (needs metrics[].task/primary_score): {exc}") from exc
         sources.update({e["task"]: e["task_config"]["data_source"] for e in entries
                         if isinstance(e.get("task_config"), dict) and e["task_config"].get("data_source")})
-        model = (summary.get("model_config") or {}).get("model")
+        model = model_config.get("model")
         if model:
             models.setdefault(model, path)
     if len(models) > 1:
@@ -63,6 +108,14 @@ def collect_results(result_folder: Path) -> tuple[dict[str, float], dict[str, di
         raise MftError(f"{result_folder} mixes two models' results: {path_a} is {a}, {path_b} is {b}; "
                        "keep one model per folder")
     return scores, sources
+
+
+def _model_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text()).get("model_config")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise MftError(f"{path} is not an olmes metrics.json (not readable JSON: {exc})") from exc
+    return config if isinstance(config, dict) else {}
 
 
 def collect_scores(folder: str) -> dict[str, float]:
@@ -76,9 +129,11 @@ def ordered_tasks(all_scores: list[dict[str, float]]) -> list[str]:
 
 
 def default_labels(dirs: list[str]) -> list[str]:
+    """The folder's name as given (a symlink's own name, not its target's), with its parent's name for the
+    generic names `eval_output`, `results`, `eval`."""
     labels = []
     for d in dirs:
-        path = Path(d).expanduser().resolve()
+        path = Path(os.path.abspath(Path(d).expanduser()))
         labels.append(f"{path.parent.name}/{path.name}" if path.name in {"eval_output", "results", "eval"} else path.name)
     return labels
 
@@ -91,7 +146,8 @@ def folder_labels(found: list[tuple[str, Path]]) -> list[str]:
         root = Path(given).expanduser()
         labels.append(default_labels([given])[0] if folder == root else folder.relative_to(root).as_posix())
     if len(set(labels)) < len(labels):
-        labels = [label if folder == Path(given).expanduser() else f"{Path(given).expanduser().resolve().name}/{label}"
+        labels = [f"{Path(os.path.abspath(folder)).parent.name}/{Path(folder).name}" if folder == Path(given).expanduser()
+                  else f"{Path(os.path.abspath(Path(given).expanduser())).name}/{label}"
                   for label, (given, folder) in zip(labels, found)]
     return labels
 
@@ -154,12 +210,14 @@ def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, fl
 def run_report(dirs: list[str], output: str, labels: list[str] | None = None) -> str:
     """The markdown table (returned) and the PNG chart (written to `output`): one column per model's
     result folder found in `dirs` (see `result_folders`), in the order given, then path order."""
-    found = [(d, folder) for d in dirs for folder in result_folders(d)]
+    unfinished: list[Path] = []
+    found = [(d, folder) for d in dirs for folder in result_folders(d, unfinished)]
     if labels is not None and len(labels) != len(found):
         names = ", ".join(str(folder) for _, folder in found)
         raise MftError(f"--labels has {len(labels)} names for {len(found)} result folders ({names}); "
                        "give one per result folder")
-    results = [collect_results(folder) for _, folder in found]
+    notes: list[str] = []
+    results = [collect_results(folder, notes) for _, folder in found]
     all_scores = [scores for scores, _ in results]
     labels = labels or folder_labels(found)
     tasks = ordered_tasks(all_scores)
@@ -169,4 +227,7 @@ def run_report(dirs: list[str], output: str, labels: list[str] | None = None) ->
     folders = "\n".join(f"- {label}: {folder}" for label, (_, folder) in zip(labels, found))
     sources = data_source_lines(tasks, labels, [s for _, s in results])
     data = "\n\ndata sources:\n" + "\n".join(sources) if sources else ""
-    return f"{table}\n\nresult folders:\n{folders}{data}\n\nchart: {path}"
+    skipped = [f"- {folder}: task files but no metrics.json (an unfinished run; finish it with the same "
+               "`mft eval` command)" for folder in unfinished] + [f"- {note}" for note in notes]
+    left_out = "\n\nleft out:\n" + "\n".join(skipped) if skipped else ""
+    return f"{table}\n\nresult folders:\n{folders}{data}{left_out}\n\nchart: {path}"

@@ -132,8 +132,12 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         raise MftError(f"--data-dir {data_dir} is not a folder")
     if limit is not None and limit < 1:
         raise MftError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise MftError(f"--batch-size must be at least 1, got {batch_size}")
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
+    local = Path(model).expanduser()
+    outputs.check_dir(output_dir, str(local.resolve()) if local.exists() else model)  # before any slow work
     model_type, why = resolve_model_type_why(model_type)
     if why:
         log(why)
@@ -145,7 +149,6 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
             log(f"hf: {line}")
     for task in tasks:  # each task's max_gen_toks leaves room for a prompt
         prompt_budget(settings["max_model_len"], task.max_gen_toks)
-    local = Path(model).expanduser()
     # The settings that shape the generations (reuse compares them), as resolved: `--dtype auto` is
     # float32 on a CPU and bfloat16 on most GPUs; the decode rule too, so predictions decoded by an
     # earlier rule are generated again.
@@ -153,6 +156,11 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
                     "max_model_len": settings["max_model_len"], "dtype": settings["dtype"],
                     "device": settings["device"], "tensor_parallel_size": settings["tensor_parallel_size"],
                     "decode": dict(DECODE_KWARGS), "fingerprint": model_fingerprint(model)}
+    if model_type == "hf":
+        # The hf backend's batch size can change the arithmetic too (rows are left-padded to the batch's
+        # longest prompt, and kernels sum in another order for another shape): predictions made in batches
+        # of 8 are not reused for batches of 16. (vLLM schedules its own batches; --batch-size is unused.)
+        model_config["batch_size"] = batch_size
     out = outputs.prepare_dir(output_dir, model_config)
     plans = plan_tasks(loaded, out, model_config)
     backend, entries = None, []

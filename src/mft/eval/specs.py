@@ -42,10 +42,16 @@ def parse_spec(text: str) -> dict:
 
 def _options(spec: dict, limit: int | None, data_dir: str | None) -> dict:
     generation = spec.get("generation_kwargs") or {}
-    for key, value in (("num_shots", spec.get("num_shots")), ("limit", spec.get("limit")),
-                       ("max_gen_toks", generation.get("max_gen_toks"))):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise MftError(f"{spec['task_name']}: {key} must be a non-negative integer, got {value!r}")
+    if not isinstance(generation, dict):
+        raise MftError(f"{spec['task_name']}: generation_kwargs must be an object like {{\"max_gen_toks\": 512}}, "
+                       f"got {generation!r}")
+    # As on the command line (--limit): 0 documents or 0 new tokens is no evaluation, and 0 used to fall
+    # back silently to the task's default for max_gen_toks.
+    for key, value, least in (("num_shots", spec.get("num_shots"), 0), ("limit", spec.get("limit"), 1),
+                              ("max_gen_toks", generation.get("max_gen_toks"), 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            kind = "a non-negative integer" if least == 0 else "a positive integer"
+            raise MftError(f"{spec['task_name']}: {key} must be {kind}, got {value!r}")
     return {"num_shots": spec.get("num_shots"), "limit": spec.get("limit", limit),
             "dataset_path": spec.get("dataset_path"), "data_dir": data_dir,
             "fewshot_source": spec.get("fewshot_source"), "max_gen_toks": generation.get("max_gen_toks")}

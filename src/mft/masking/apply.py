@@ -25,12 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mft.errors import MftError
-from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, model_skeleton,
-                                   read_safetensors_header)
+from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, WeightLocator,
+                                   model_skeleton, read_safetensors_header)
 from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
-from mft.masking.inject import check_masks_match
-from mft.masking.layer import global_mask, local_mask
+from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
@@ -51,17 +50,20 @@ def random_masks(targets: list[Target], cfg: MaskConfig, seed: int = 42) -> Mask
 
 
 def l1_masks(checkpoint: Checkpoint, targets: list[Target], cfg: MaskConfig) -> MaskSet:
-    """Prune the `int((1 - k) * n)` smallest |W| of each matrix (published L1 baseline), same tie rule."""
+    """Prune the `int((1 - k) * n)` smallest |W| of each matrix (published L1 baseline), same tie rule; per
+    expert and per gate / up half of a fused expert weight, as the learned masks (`per_matrix_local_mask`).
+    The weights are read as `from_pretrained` would load them from the folder (`WeightLocator`)."""
     masks = {}
+    locator = WeightLocator(checkpoint)
     for t in tqdm(targets, desc="L1 masks", unit="matrix", leave=False):
-        key = checkpoint.weight_key(t.name)
-        masks[t.name] = local_mask(checkpoint.read([key])[key], cfg.keep_ratio(t.kind))
+        weight = locator.read(t.name, t.shape, t.layout)
+        masks[t.name] = per_matrix_local_mask(weight, cfg.keep_ratio(t.kind), t.layout, t.split)
     return _mask_set(masks, targets, cfg, "l1")
 
 
 def _mask_set(masks: dict, targets: list[Target], cfg: MaskConfig, source: str, base=None) -> MaskSet:
     return MaskSet(masks, {t.name: t.kind for t in targets}, {t.name: cfg.keep_ratio(t.kind) for t in targets},
-                   source, cfg.to_dict(), base)
+                   source, cfg.to_dict(), base, layouts={t.name: t.info() for t in targets})
 
 
 def masks_from_scores_checkpoint(checkpoint: Checkpoint, overrides: dict | None = None) -> MaskSet:
@@ -105,13 +107,14 @@ def masks_from_mask_model(path: str, overrides: dict | None = None) -> tuple[Mas
 
 
 # -- the streaming apply -----------------------------------------------------------------------------------
-def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[str, str]:
-    """{module: checkpoint key}; a clear error, before anything is written, if the masks do not fit."""
-    shapes = checkpoint.shapes()
-    keys = {name: checkpoint.weight_key(name) for name in mask_set.masks}
-    check_masks_match({name: shapes[key] for name, key in keys.items()}, mask_set.shapes,
-                      what=f"the checkpoint {checkpoint.path}")
-    return keys
+def check_against_checkpoint(checkpoint: Checkpoint, mask_set: MaskSet) -> dict[str, list[str]]:
+    """{mask name: the checkpoint keys holding its weight} (one key unless the checkpoint stores the weight
+    in another layout, e.g. Mixtral's per-expert w1/w3 for a fused gate_up_proj: see `WeightLocator`); a clear
+    error, before anything is written, if the masks do not fit."""
+    locator = WeightLocator(checkpoint)
+    shapes = mask_set.shapes
+    return {name: list(locator.locate(name, shapes[name], mask_set.layout(name)["layout"])[0])
+            for name in mask_set.masks}
 
 
 def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, overwrite: bool = False,
@@ -121,9 +124,11 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     _check_output(output_dir, overwrite)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
+    locator = WeightLocator(checkpoint)
     by_shard: dict[str, list[str]] = {}
-    for name, key in keys.items():
-        by_shard.setdefault(checkpoint.weight_map[key], []).append(name)
+    for name, name_keys in keys.items():
+        for shard in dict.fromkeys(checkpoint.weight_map[key] for key in name_keys):
+            by_shard.setdefault(shard, []).append(name)
 
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -131,12 +136,12 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
         if checkpoint.format == "safetensors":
             _for_each(checkpoint.shards, bar, lambda shard: _apply_safetensors_shard(
-                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), keys, mask_set))
+                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), locator, mask_set))
             for index in INDEX_FILES[:1]:
                 if (checkpoint.path / index).exists():
                     shutil.copyfile(checkpoint.path / index, tmp / index)
         else:
-            _apply_bin_shards(checkpoint, tmp, keys, mask_set, bar)
+            _apply_bin_shards(checkpoint, tmp, keys, locator, mask_set, bar)
         _copy_side_files(checkpoint.path, tmp)
         info = {"base_model": str(base), "source": mask_set.source, "fingerprint": mask_set.fingerprint,
                 "modules": len(mask_set.masks), "summary": mask_set.summary()}
@@ -168,20 +173,25 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
             bar.close()
 
 
-def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], keys: dict, mask_set: MaskSet) -> None:
-    """Write `dst` = `src` with the named modules' weights masked: the kernel copies the file, then each masked
-    tensor's byte range of the copy is mapped and zeroed where its mask prunes, in place (no user-space copy
-    of the data, one tensor mapped at a time)."""
+def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], locator: WeightLocator,
+                             mask_set: MaskSet) -> None:
+    """Write `dst` = `src` with the named masks applied to the tensors of this shard that hold their weights:
+    the kernel copies the file, then each masked tensor's byte range of the copy is mapped and zeroed where its
+    mask (converted to the on-disk layout by `locator`) prunes, in place (no user-space copy of the data, one
+    tensor mapped at a time)."""
     with open(src, "rb") as fin, open(dst, "w+b") as fout:
         _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
         if not names:
             return
         header, data_start = read_safetensors_header(src)
         for name in names:
-            info = header[keys[name]]
-            begin, end = (data_start + o for o in info["data_offsets"])
-            _mask_in_place(fout.fileno(), begin, end, ST_DTYPES[info["dtype"]], tuple(info["shape"]),
-                           mask_set.masks[name])
+            on_disk = locator.to_disk(name, mask_set.masks[name], mask_set.layout(name)["layout"])
+            for key, mask in on_disk.items():
+                if key not in header:
+                    continue  # in another shard
+                info = header[key]
+                begin, end = (data_start + o for o in info["data_offsets"])
+                _mask_in_place(fout.fileno(), begin, end, ST_DTYPES[info["dtype"]], tuple(info["shape"]), mask)
 
 
 def _mask_in_place(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tuple, mask: torch.Tensor) -> None:
@@ -207,11 +217,12 @@ def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
         start += n
 
 
-def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: MaskSet, bar) -> None:
+def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: WeightLocator, mask_set: MaskSet,
+                      bar) -> None:
     """Legacy pickled shards: load one (weights_only), mask, write it as a safetensors shard."""
     from safetensors.torch import save_file
 
-    masked_key = {key: name for name, key in keys.items()}
+    masked_key = {key: name for name, name_keys in keys.items() for key in name_keys}
     n = len(checkpoint.shards)
     weight_map, total = {}, 0
     for i, shard in enumerate(bar, start=1):
@@ -221,7 +232,9 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, mask_set: M
             t = t.clone() if t.untyped_storage().data_ptr() in seen else t  # tied weights share storage
             seen.add(t.untyped_storage().data_ptr())
             if key in masked_key:
-                t = t.masked_fill(~mask_set.masks[masked_key[key]], 0)
+                name = masked_key[key]
+                mask = locator.to_disk(name, mask_set.masks[name], mask_set.layout(name)["layout"])[key]
+                t = t.masked_fill(~mask, 0)
             tensors[key] = t.contiguous()
             weight_map[key] = out_name
             total += t.numel() * t.element_size()

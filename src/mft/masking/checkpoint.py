@@ -130,10 +130,10 @@ class Checkpoint:
             raise MftError(f"{self.path} has no config.json")
         return json.loads(path.read_text())
 
-    def weight_key(self, module: str) -> str:
+    def weight_key(self, module: str, suffix: str = ".weight") -> str:
         """The checkpoint key of `module`'s weight: `<module>.weight`, else the one key that equals it up to a
         leading prefix."""
-        key = f"{module}.weight"
+        key = f"{module}{suffix}"
         if key in self.weight_map:
             return key
         # The same module under another prefix (e.g. a bare `LlamaModel` checkpoint without "model."):
@@ -146,12 +146,105 @@ class Checkpoint:
 
 
 def model_skeleton(path: Path):
-    """The model built from config.json on the meta device: module names and shapes, no memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model built from config.json on the meta device: module names and shapes, no memory. Built with the
+    class `from_pretrained` would use (`mft.models.auto_class`: image-text checkpoints as image-text models)."""
+    from transformers import AutoConfig
+
+    from mft.models import skeleton_from_config
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise MftError(f"cannot read the model config in {path}: {exc}") from None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return skeleton_from_config(config)
+
+
+def param_name(mask_name: str, shape: tuple[int, ...], layout: str | None = None) -> str:
+    """The model parameter a mask belongs to: the mask's own name for a 3-D expert parameter (layout `experts*`,
+    or any 3-D mask when the layout is not recorded), `<module>.weight` for linear and Conv1D weights."""
+    if layout is not None:
+        return mask_name if layout.startswith("experts") else f"{mask_name}.weight"
+    return mask_name if len(shape) == 3 else f"{mask_name}.weight"
+
+
+class WeightLocator:
+    """Where a model parameter's entries live in a checkpoint folder, as `from_pretrained` would read them.
+
+    1. Under its own name (`model.layers.0.self_attn.q_proj.weight`, Llama 4's fused
+       `feed_forward.experts.gate_up_proj`): read and written as stored.
+    2. Otherwise through transformers' own weight conversion mapping (`revert_weight_conversion`, what
+       `save_pretrained` uses): Mixtral's per-expert `block_sparse_moe.experts.N.w1/w3` hold the gate / up
+       halves of `mlp.experts.gate_up_proj[N]`, Qwen-MoE's `mlp.experts.N.gate_proj/up_proj`, Gemma 3's
+       `language_model.model.layers...` is memory's `model.language_model.layers...`. A tensor in memory layout
+       (a mask, an index map) is converted by the same call into the on-disk tensors and layouts; every key it
+       gives must be in the checkpoint with that shape.
+    3. Otherwise the one key equal to the name up to a leading prefix (a bare `LlamaModel` checkpoint).
+    Anything else is refused naming the parameter and the candidates.
+    """
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self._skeleton = None
+
+    @property
+    def skeleton(self):
+        if self._skeleton is None:
+            self._skeleton = model_skeleton(self.checkpoint.path)
+        return self._skeleton
+
+    def _revert(self, param: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.skeleton, {param: tensor})
+
+    def locate(self, mask_name: str, shape: tuple[int, ...], layout: str | None = None) -> tuple[dict, bool]:
+        """({checkpoint key: shape on disk}, whether the conversion mapping is needed)."""
+        param = param_name(mask_name, shape, layout)
+        shapes = self.checkpoint.shapes()
+        if param in shapes:
+            if tuple(shapes[param]) != tuple(shape):
+                raise MftError(f"mask for {mask_name} has shape {tuple(shape)} but the checkpoint "
+                               f"{self.checkpoint.path} has {tuple(shapes[param])} there; were these masks made for "
+                               "another model?")
+            return {param: tuple(shape)}, False
+        try:
+            reverted = self._revert(param, torch.empty(shape, dtype=torch.bool, device="meta"))
+        except MftError:
+            raise
+        except Exception:  # a name the mapping does not know: not a conversion case
+            reverted = {}
+        on_disk = {k: tuple(v.shape) for k, v in reverted.items()}
+        if on_disk and param not in on_disk and all(shapes.get(k) == s for k, s in on_disk.items()):
+            return on_disk, True
+        key = self.checkpoint.weight_key(param[: -len(".weight")] if param.endswith(".weight") else param,
+                                         suffix="" if not param.endswith(".weight") else ".weight")
+        if tuple(shapes[key]) != tuple(shape):
+            raise MftError(f"mask for {mask_name} has shape {tuple(shape)} but the checkpoint {self.checkpoint.path} "
+                           f"has {tuple(shapes[key])} at {key}; were these masks made for another model?")
+        return {key: tuple(shape)}, False
+
+    def to_disk(self, mask_name: str, tensor: torch.Tensor, layout: str | None = None) -> dict[str, torch.Tensor]:
+        """`tensor` (memory layout of the parameter) as the checkpoint stores it: {checkpoint key: tensor}."""
+        keys, converted = self.locate(mask_name, tuple(tensor.shape), layout)
+        if not converted:
+            return {next(iter(keys)): tensor}
+        return self._revert(param_name(mask_name, tuple(tensor.shape), layout), tensor)
+
+    def read(self, mask_name: str, shape: tuple[int, ...], layout: str | None = None) -> torch.Tensor:
+        """The parameter in memory layout, assembled from the checkpoint exactly as stored (no arithmetic)."""
+        keys, converted = self.locate(mask_name, shape, layout)
+        if not converted:
+            key = next(iter(keys))
+            return self.checkpoint.read([key])[key]
+        n = int(torch.Size(shape).numel())
+        index = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64).view(shape)
+        where = self._revert(param_name(mask_name, shape, layout), index)  # memory positions, in disk layout
+        tensors = self.checkpoint.read(list(where))
+        out = torch.empty(n, dtype=next(iter(tensors.values())).dtype)
+        filled = 0
+        for key, positions in where.items():
+            out[positions.flatten().long()] = tensors[key].flatten()
+            filled += positions.numel()
+        if filled != n:
+            raise MftError(f"the checkpoint tensors {', '.join(where)} hold {filled} entries, but {mask_name} has {n}")
+        return out.view(shape)

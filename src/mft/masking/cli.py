@@ -109,6 +109,10 @@ def run_apply(args) -> int:
         return 0
     if not base:
         raise MftError("--base_model_name_or_path is required: the masks do not record which checkpoint to mask")
+    if not args.quiet:
+        from mft.masking.select import coverage_table, targets_of_masks
+
+        print(f"masks to apply ({mask_set.source}):\n{coverage_table(targets_of_masks(mask_set))}", file=sys.stderr)
     A.apply_masks(base, mask_set, out, overwrite=args.overwrite, save_masks=args.save_masks,
                   save_masks_format=args.save_masks_format, progress=not args.quiet)
     print(f"wrote {out}: {base} with {_describe(mask_set)}")
@@ -141,11 +145,14 @@ def run_info(args) -> int:
         print(json.dumps({"modules": rows, "total": total}, indent=1))
         return 0
     width = max(len(r["module"]) for r in rows)
-    print(f"{'module':<{width}}  {'shape':>12}  {'entries':>10}  {'kept':>10}  {'kept %':>8}")
+    print(f"{'module':<{width}}  {'shape':>12}  {'layout':>21}  {'experts':>7}  {'entries':>10}  {'kept':>10}  "
+          f"{'kept %':>8}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        print(f"{r['module']:<{width}}  {shape:>12}  {r['entries']:>10}  {r['kept']:>10}  {100 * r['kept_fraction']:>7.3f}%")
-    print(f"{'total':<{width}}  {'':>12}  {entries:>10}  {kept:>10}  {100 * kept / entries:>7.3f}%")
+        layout = r["layout"] + (f"/{r['split']}" if r["split"] else "")
+        print(f"{r['module']:<{width}}  {shape:>12}  {layout:>21}  {r['experts'] or '-':>7}  {r['entries']:>10}  "
+              f"{r['kept']:>10}  {100 * r['kept_fraction']:>7.3f}%")
+    print(f"{'total':<{width}}  {'':>12}  {'':>21}  {'':>7}  {entries:>10}  {kept:>10}  {100 * kept / entries:>7.3f}%")
     print(f"file {file}: {size} bytes, {total['bits_per_entry']:.3f} bits per entry, format {mask_set.format}, "
           f"source {mask_set.source}, {mask_set.fingerprint}")
     return 0

@@ -9,7 +9,10 @@ Our format (`format_version` 1) is a safetensors file with one tensor per masked
       format          "mft-masks"
       format_version  "1"
       modules         JSON {name: {"shape": [out, in], "kind": "attn"|"mlp", "keep_ratio": target,
-                                   "kept": number of ones}}
+                                   "kept": number of ones, "layout": "linear"|"conv1d"|"experts"|"experts_t",
+                                   "split": null|"halves"|"interleaved", "experts": null|number of experts}}
+                      (layout, split, experts: see mft.masking.select; absent in older files, where a 3-D
+                      mask is a fused expert parameter and a 2-D one a linear weight)
       fingerprint     "sha256:<hex>" of the sorted lines "<name> <out>x<in>" (what the masks fit)
       source          "learned" | "random" | "l1" | "imported"
       mask_config     JSON of the MaskConfig that made them (optional)
@@ -40,6 +43,7 @@ from mft.errors import MftError
 FORMAT = "mft-masks"
 FORMAT_VERSION = "1"
 DEFAULT_NAME = "masks.safetensors"
+_LAYOUT_RANK = {"linear": 2, "conv1d": 2, "experts": 3, "experts_t": 3}  # see mft.masking.select
 
 
 class PackedMasks(Mapping):
@@ -73,6 +77,16 @@ class MaskSet:
     mask_config: dict | None = None
     base_model: str | None = None
     format: str = FORMAT  # what the file was: "mft-masks", "original-pt" or "dense"
+    # {name: {"layout", "split", "experts"}} (Target.info()); names not listed are linear (2-D) or experts (3-D)
+    layouts: dict[str, dict] = field(default_factory=dict)
+
+    def layout(self, name: str) -> dict:
+        """{"layout", "split", "experts"} of one mask, recorded or inferred from its shape."""
+        if name in self.layouts:
+            return self.layouts[name]
+        shape = self.shapes[name]
+        return {"layout": "experts" if len(shape) == 3 else "linear", "split": None,
+                "experts": shape[0] if len(shape) == 3 else None}
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -96,7 +110,8 @@ class MaskSet:
         for name, shape in self.shapes.items():
             kept, entries = self.kept(name), int(np.prod(shape))
             rows.append({"module": name, "shape": list(shape), "entries": entries, "kept": kept,
-                         "kept_fraction": kept / entries, "keep_ratio": self.keep_ratios.get(name)})
+                         "kept_fraction": kept / entries, "keep_ratio": self.keep_ratios.get(name),
+                         **self.layout(name)})
         return rows
 
 
@@ -139,7 +154,8 @@ def write_masks(path: str | os.PathLike, mask_set: MaskSet) -> Path:
                 raise TypeError(f"mask {name} must be a bool tensor, got {m.dtype}")
             tensors[name] = pack_bits(m)
         modules[name] = {"shape": list(shape), "kind": mask_set.kinds.get(name),
-                         "keep_ratio": mask_set.keep_ratios.get(name), "kept": popcount(tensors[name])}
+                         "keep_ratio": mask_set.keep_ratios.get(name), "kept": popcount(tensors[name]),
+                         **mask_set.layout(name)}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": json.dumps(modules),
                 "fingerprint": mask_set.fingerprint, "source": mask_set.source}
     if mask_set.mask_config is not None:
@@ -210,7 +226,7 @@ def _read_safetensors(path: Path) -> MaskSet:
         modules = json.loads(metadata["modules"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise MftError(f"{path}: mask metadata 'modules' is missing or not JSON ({exc})") from None
-    packed, shapes, kinds, ratios = {}, {}, {}, {}
+    packed, shapes, kinds, ratios, layouts = {}, {}, {}, {}, {}
     for name, info in modules.items():
         shape = tuple(info["shape"])
         bits = tensors.get(name)
@@ -228,10 +244,17 @@ def _read_safetensors(path: Path) -> MaskSet:
             kinds[name] = info["kind"]
         if info.get("keep_ratio") is not None:
             ratios[name] = float(info["keep_ratio"])
+        if info.get("layout"):
+            if info["layout"] not in _LAYOUT_RANK or len(shape) != _LAYOUT_RANK[info["layout"]] \
+                    or info.get("split") not in (None, "halves", "interleaved"):
+                raise MftError(f"{path}: module {name} has layout {info['layout']!r} / split {info.get('split')!r} "
+                               f"for shape {shape}; expected linear or conv1d (2-D), experts or experts_t (3-D), "
+                               "split none, halves or interleaved; the file is corrupt")
+            layouts[name] = {"layout": info["layout"], "split": info.get("split"), "experts": info.get("experts")}
     masks = PackedMasks(packed, shapes)
     mask_set = MaskSet(masks, kinds, ratios, metadata.get("source", "imported"),
                        json.loads(metadata["mask_config"]) if "mask_config" in metadata else None,
-                       metadata.get("base_model"), FORMAT)
+                       metadata.get("base_model"), FORMAT, layouts)
     if "fingerprint" in metadata and metadata["fingerprint"] != mask_set.fingerprint:
         raise MftError(f"{path}: the fingerprint in the metadata does not match the masks; the file is corrupt")
     return mask_set

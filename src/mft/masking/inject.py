@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -15,8 +16,10 @@ from torch import nn
 
 from mft.errors import MftError
 from mft.masking.config import MaskConfig
-from mft.masking.layer import MaskedLinear
-from mft.masking.select import Target, select_targets
+from mft.masking.layer import MaskedExperts, MaskedLinear
+from mft.masking.select import Target, coverage_table, select_targets
+
+logger = logging.getLogger(__name__)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -24,13 +27,30 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def masked_modules(model: nn.Module) -> dict[str, MaskedLinear]:
-    """{full module name: MaskedLinear}, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLinear)}
+def masked_modules(model: nn.Module) -> dict[str, MaskedLinear | MaskedExperts]:
+    """{mask name: mask layer}, in model order: the module name for a `MaskedLinear`, the masked parameter's
+    name (`...experts.gate_up_proj`) for a `MaskedExperts`."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MaskedLinear):
+            found[name] = m
+        elif isinstance(m, MaskedExperts):
+            owner = name.rpartition(".")[0]
+            found[f"{owner}.{m.pname}" if owner else m.pname] = m
+    return found
+
+
+def mask_layouts(layers: dict) -> dict[str, dict]:
+    """{mask name: {"layout", "split", "experts"}} of `masked_modules(model)`, for the mask file."""
+    return {name: {"layout": m.layout, "split": m.split,
+                   "experts": m.scores_shape[0] if m.layout.startswith("experts") else None}
+            for name, m in layers.items()}
 
 
 def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, freeze: bool = True) -> list[Target]:
-    """Replace the selected linears by `MaskedLinear`s sharing their parameters; initialise the scores.
+    """Replace the selected linears / Conv1Ds by `MaskedLinear`s sharing their parameters, attach a
+    `MaskedExperts` to each selected 3-D expert parameter; initialise the scores. The selection table
+    (`coverage_table`) is logged first.
 
     With `freeze` (the MFT setting) every parameter but the scores stops requiring gradients. Scores are
     drawn from a generator seeded with `seed` (default: from torch's global RNG), module by module in
@@ -39,15 +59,23 @@ def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, 
     if masked_modules(model):
         raise MftError("the model already has mask layers; remove_masks() or bake_masks() first")
     targets = select_targets(model, cfg)
+    logger.info("mask selection:\n%s", coverage_table(targets))
     generator = torch.Generator()
     generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed)
     for t in targets:
-        linear = model.get_submodule(t.name)
-        layer = MaskedLinear(linear, t.kind, cfg.subnet_type, cfg.keep_ratio(t.kind), cfg.threshold(t.kind),
-                             cfg.score_dtype)
-        with _gathered(linear.weight, enabled=cfg.score_init == "magnitude"):
+        args = (t.kind, cfg.subnet_type, cfg.keep_ratio(t.kind), cfg.threshold(t.kind), cfg.score_dtype)
+        if t.layout in ("linear", "conv1d"):
+            linear = model.get_submodule(t.name)
+            layer = MaskedLinear(linear, *args)
+        else:
+            owner_name, _, pname = t.name.rpartition(".")
+            layer = MaskedExperts(model.get_submodule(owner_name), pname, t.kind, t.layout, t.split, *args[1:])
+        with _gathered(layer.weight, enabled=cfg.score_init == "magnitude"):
             layer.init_scores(cfg.score_init, cfg.score_init_std, generator)
-        _set_submodule(model, t.name, layer)
+        if isinstance(layer, MaskedLinear):
+            _set_submodule(model, t.name, layer)
+        else:
+            layer.attach()
     if freeze:
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".scores"))
@@ -108,14 +136,19 @@ def check_masks_match(shapes: dict[str, tuple], mask_shapes: dict[str, tuple], w
 
 
 def bake_masks(model: nn.Module) -> nn.Module:
-    """Turn every mask layer back into its `nn.Linear`, masked weights set to exact zeros (in place)."""
-    for name, layer in masked_modules(model).items():
-        _set_submodule(model, name, layer.unwrap(bake=True))
-    return model
+    """Turn every mask layer back into the plain module, masked weights set to exact zeros (in place)."""
+    return _unmask(model, bake=True)
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
-    """Turn every mask layer back into its `nn.Linear`, weights untouched; scores are discarded."""
+    """Turn every mask layer back into the plain module, weights untouched; scores are discarded."""
+    return _unmask(model, bake=False)
+
+
+def _unmask(model: nn.Module, bake: bool) -> nn.Module:
     for name, layer in masked_modules(model).items():
-        _set_submodule(model, name, layer.unwrap(bake=False))
+        if isinstance(layer, MaskedLinear):
+            _set_submodule(model, name, layer.unwrap(bake=bake))
+        else:
+            layer.detach(bake=bake)
     return model

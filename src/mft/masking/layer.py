@@ -26,6 +26,7 @@ one weight-sized tensor more). benchmarks/README.md has the measurements.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -145,29 +146,62 @@ def _recompute_hooks(masked_weight: torch.Tensor, weight: torch.Tensor, mask: to
     return pack, unpack
 
 
-class MaskedLinear(nn.Module):
-    """An `nn.Linear` whose weight is masked by a binary mask derived from trainable `scores`.
+def matrix_views(t: torch.Tensor, layout: str = "linear", split: str | None = None) -> list[torch.Tensor]:
+    """Views of `t`, one per matrix the local rule treats on its own, each as `[out, in]` (nn.Linear's layout).
 
-    State-dict keys are those of the linear it replaces (`weight`, `bias`) plus `scores`, so a masked
-    model's checkpoint reads like the original MFT's.
+    `layout` (see `mft.masking.select`): `linear` [out, in] -> itself; `conv1d` [in, out] -> its transpose;
+    `experts` [E, out, in] / `experts_t` [E, in, out] -> one matrix per expert, and with `split` a fused
+    gate_up expert matrix gives two: `halves` (rows [:I] = gate, [I:] = up; Mixtral's on-disk w1 / w3) or
+    `interleaved` (rows 0::2 = gate, 1::2 = up; gpt-oss). Views share `t`'s storage, so writing into the
+    views of a mask tensor fills it.
     """
+    if layout == "linear":
+        return [t]
+    if layout == "conv1d":
+        return [t.t()]
+    if layout not in ("experts", "experts_t"):
+        raise ValueError(f"unknown weight layout {layout!r}; expected linear, conv1d, experts or experts_t")
+    views = []
+    for e in range(t.shape[0]):
+        m = t[e] if layout == "experts" else t[e].t()
+        if split == "halves":
+            half = m.shape[0] // 2
+            views += [m[:half], m[half:]]
+        elif split == "interleaved":
+            views += [m[0::2], m[1::2]]
+        else:
+            views.append(m)
+    return views
 
-    def __init__(self, linear: nn.Linear, kind: str, subnet_type: str = "local", keep_ratio: float = 0.9,
-                 threshold: float = 0.0, score_dtype: str | torch.dtype = "float32"):
+
+@torch.no_grad()
+def per_matrix_local_mask(scores: torch.Tensor, keep_ratio: float, layout: str = "linear",
+                          split: str | None = None) -> torch.Tensor:
+    """The local rule applied to each matrix of `matrix_views` alone: each prunes `int((1 - k) * n)` of its own
+    `n` entries (tie rule in `[out, in]` row-major order). Bool, `scores`-shaped."""
+    if layout == "linear":
+        return local_mask(scores, keep_ratio)
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for s, m in zip(matrix_views(scores, layout, split), matrix_views(mask, layout, split)):
+        m.copy_(local_mask(s, keep_ratio))
+    return mask
+
+
+class _MaskedTensor(nn.Module):
+    """What every mask layer shares: the scores, the rule, the cached mask and its refresh, score init and the
+    cached `W * M`. Subclasses give `weight` and the forward."""
+
+    def __init__(self, weight: torch.Tensor, kind: str, layout: str = "linear", split: str | None = None,
+                 subnet_type: str = "local", keep_ratio: float = 0.9, threshold: float = 0.0,
+                 score_dtype: str | torch.dtype = "float32"):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"MaskedLinear wraps nn.Linear, got {type(linear).__name__}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.kind, self.subnet_type = kind, subnet_type
+        self.kind, self.layout, self.split, self.subnet_type = kind, layout, split, subnet_type
         self.keep_ratio, self.threshold = float(keep_ratio), float(threshold)
         dtype = _DTYPES[score_dtype] if isinstance(score_dtype, str) else score_dtype
         # Under DeepSpeed ZeRO-3 the weight may already be partitioned: its full shape is `ds_shape`.
-        shape = tuple(getattr(linear.weight, "ds_shape", linear.weight.shape))
-        self.scores = nn.Parameter(torch.zeros(shape, dtype=dtype, device=linear.weight.device))
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))
+        self.scores = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
         self.scores._mft_module = weakref.ref(self)  # lets the optimizer step hook find this module
-        object.__setattr__(self, "_linear", linear)  # kept to restore it unchanged; not a submodule
         self._mask: torch.Tensor | None = None
         self._mask_key = None
         self._generation = 0
@@ -178,17 +212,17 @@ class MaskedLinear(nn.Module):
         self.managed = False
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
 
-    def extra_repr(self) -> str:
+    def _rule_repr(self) -> str:
         rule = f"keep_ratio={self.keep_ratio}" if self.subnet_type == "local" else f"threshold={self.threshold}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kind={self.kind}, {self.subnet_type}, {rule}, scores={str(self.scores.dtype).split('.')[-1]}")
+        return f"kind={self.kind}, {self.subnet_type}, {rule}, scores={str(self.scores.dtype).split('.')[-1]}"
 
     # -- the mask ---------------------------------------------------------------------------------------
     def compute_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """The mask the rule gives for `scores` (default: this layer's own scores); no caching."""
+        """The mask the rule gives for `scores` (default: this layer's own scores); no caching. The local rule
+        runs per matrix (`matrix_views`): per expert, and per gate / up half of a fused gate_up."""
         scores = self.scores if scores is None else scores
         if self.subnet_type == "local":
-            return local_mask(scores, self.keep_ratio)
+            return per_matrix_local_mask(scores, self.keep_ratio, self.layout, self.split)
         return global_mask(scores, self.threshold)
 
     def _key(self):
@@ -250,18 +284,6 @@ class MaskedLinear(nn.Module):
         self.scores.copy_(values)
         self.invalidate()
 
-    # -- forward ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        cached = self._masked_weight(mask)
-        weight = _MaskedWeight.apply(self.weight, self.scores, mask, cached)
-        if cached is not None or not torch.is_grad_enabled():
-            return F.linear(x, weight, self.bias)
-        # W * M would live from this forward to its backward (F.linear saves it): save a recipe instead and
-        # recompute it in the backward. Same bits, one weight-sized tensor less per masked matrix.
-        with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(weight, self.weight, mask)):
-            return F.linear(x, weight, self.bias)
-
     @torch.no_grad()
     def _masked_weight(self, mask: torch.Tensor) -> torch.Tensor | None:
         """With `cache_masked_weight`: `W * M`, computed once per mask instead of twice per micro-batch (W is
@@ -279,14 +301,184 @@ class MaskedLinear(nn.Module):
             cached = self._cached = (mask, key, weight * mask)
         return cached[2]
 
-    # -- back to a plain linear -------------------------------------------------------------------------
-    def unwrap(self, bake: bool) -> nn.Linear:
-        """The original `nn.Linear`, with masked weights set to exact zeros when `bake`."""
+
+class MaskedLinear(_MaskedTensor):
+    """An `nn.Linear` (layout `linear`) or transformers `Conv1D` (layout `conv1d`, weight `[in, out]`) whose
+    weight is masked by a binary mask derived from trainable `scores`.
+
+    State-dict keys are those of the module it replaces (`weight`, `bias`) plus `scores`, so a masked
+    model's checkpoint reads like the original MFT's.
+    """
+
+    def __init__(self, linear: nn.Module, kind: str, subnet_type: str = "local", keep_ratio: float = 0.9,
+                 threshold: float = 0.0, score_dtype: str | torch.dtype = "float32"):
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(linear, nn.Linear):
+            layout = "linear"
+            in_features, out_features = linear.in_features, linear.out_features
+        elif isinstance(linear, Conv1D):
+            layout = "conv1d"
+            in_features, out_features = linear.nx, linear.nf
+        else:
+            raise TypeError(f"MaskedLinear wraps nn.Linear or Conv1D, got {type(linear).__name__}")
+        super().__init__(linear.weight, kind, layout, None, subnet_type, keep_ratio, threshold, score_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        object.__setattr__(self, "_linear", linear)  # kept to restore it unchanged; not a submodule
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"layout={self.layout}, {self._rule_repr()}")
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        cached = self._masked_weight(mask)
+        weight = _MaskedWeight.apply(self.weight, self.scores, mask, cached)
+        linear = weight if self.layout == "linear" else weight.t()  # Conv1D: y = x @ W + b
+        if cached is not None or not torch.is_grad_enabled():
+            return F.linear(x, linear, self.bias)
+        # W * M would live from this forward to its backward (F.linear saves it): save a recipe instead and
+        # recompute it in the backward. Same bits, one weight-sized tensor less per masked matrix.
+        with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(weight, self.weight, mask)):
+            return F.linear(x, linear, self.bias)
+
+    # -- back to the plain module -----------------------------------------------------------------------
+    def unwrap(self, bake: bool) -> nn.Module:
+        """The original `nn.Linear` / `Conv1D`, with masked weights set to exact zeros when `bake`."""
         linear = self._linear
         if bake:
             with torch.no_grad():
                 linear.weight.masked_fill_(~self.mask, 0)
         return linear
+
+
+class _Product:
+    """`W * M` made at most once, on the first backward use (shared by every saved view of it)."""
+
+    __slots__ = ("weight", "mask", "value")
+
+    def __init__(self, weight, mask):
+        self.weight, self.mask, self.value = weight, mask, None
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.weight * self.mask
+        return self.value
+
+
+class _SharedRecompute:
+    __slots__ = ("product", "size", "stride", "offset")
+
+    def __init__(self, product, view):
+        self.product = product
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def make(self) -> torch.Tensor:
+        return torch.as_strided(self.product.get(), self.size, self.stride, self.offset)
+
+
+def _shared_recompute_hooks(items):
+    """saved_tensors_hooks for several masked weights `(W * M, W, M)`: a saved tensor sharing the storage of
+    one of them (an expert's slice, a transpose) is kept as a recipe; the backward makes `W * M` once per
+    weight and slices it, and it is freed with the graph."""
+    products = {w_eff.untyped_storage().data_ptr(): (w_eff.dtype, _Product(w, m)) for w_eff, w, m in items}
+
+    def pack(t):
+        found = products.get(t.untyped_storage().data_ptr())
+        if found is not None and t.dtype == found[0]:
+            return _SharedRecompute(found[1], t)
+        return t
+
+    def unpack(saved):
+        return saved.make() if isinstance(saved, _SharedRecompute) else saved
+
+    return pack, unpack
+
+
+class MaskedExperts(_MaskedTensor):
+    """The mask of one fused 3-D expert parameter (`experts.gate_up_proj`, `experts.down_proj`), layout
+    `experts` `[E, out, in]` or `experts_t` `[E, in, out]`.
+
+    The parameter stays where it is (same name, same object, so checkpoints and ZeRO-3 see the model as it
+    was); this layer is registered beside it as `<param>_mask` and holds the scores. `attach` wraps the
+    experts module's forward so that, during it, the module's attribute `<param>` reads `W * M` (through the
+    same straight-through function as `MaskedLinear`); saved slices of `W * M` are recomputed in the backward
+    instead of being kept from the forward.
+    """
+
+    def __init__(self, owner: nn.Module, pname: str, kind: str, layout: str, split: str | None = None,
+                 subnet_type: str = "local", keep_ratio: float = 0.9, threshold: float = 0.0,
+                 score_dtype: str | torch.dtype = "float32"):
+        param = owner._parameters.get(pname)
+        if param is None or len(getattr(param, "ds_shape", param.shape)) != 3:
+            raise TypeError(f"MaskedExperts masks a 3-D parameter; {type(owner).__name__}.{pname} is not one")
+        super().__init__(param, kind, layout, split, subnet_type, keep_ratio, threshold, score_dtype)
+        self.pname = pname
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner is this layer's parent
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._owner._parameters[self.pname]
+
+    def extra_repr(self) -> str:
+        return (f"{self.pname}: shape={list(self.scores_shape)}, layout={self.layout}, split={self.split}, "
+                f"{self._rule_repr()}")
+
+    def forward(self):
+        """(W * M with the straight-through gradient, whether it is the cached product)."""
+        mask = self.mask
+        cached = self._masked_weight(mask)
+        return _MaskedWeight.apply(self.weight, self.scores, mask, cached), cached is not None
+
+    def attach(self) -> None:
+        """Register this layer on its experts module and route the module's forward through the mask."""
+        owner = self._owner
+        owner.add_module(f"{self.pname}_mask", self)
+        layers = owner.__dict__.setdefault("_mft_masks", {})
+        layers[self.pname] = self
+        if "_mft_forward" not in owner.__dict__:
+            owner.__dict__["_mft_forward"] = (owner.forward, "forward" in owner.__dict__)
+            owner.forward = functools.partial(_masked_owner_forward, owner)
+
+    def detach(self, bake: bool) -> None:
+        """Undo `attach`; with `bake`, the masked weights become exact zeros first."""
+        owner = self._owner
+        if bake:
+            with torch.no_grad():
+                self.weight.masked_fill_(~self.mask, 0)
+        layers = owner.__dict__.get("_mft_masks", {})
+        layers.pop(self.pname, None)
+        delattr(owner, f"{self.pname}_mask")
+        if not layers:
+            owner.__dict__.pop("_mft_masks", None)
+            forward, was_own = owner.__dict__.pop("_mft_forward")
+            if was_own:
+                owner.forward = forward
+            else:
+                del owner.forward
+
+
+def _masked_owner_forward(owner: nn.Module, *args, **kwargs):
+    """The experts module's forward with each masked parameter read as `W * M` (see `MaskedExperts`)."""
+    original = owner.__dict__["_mft_forward"][0]
+    effective, recompute = {}, []
+    for pname, layer in owner.__dict__["_mft_masks"].items():
+        weight, cached = layer()  # through nn.Module.__call__, so ZeRO-3 gathers the scores
+        effective[pname] = weight
+        if not cached:
+            recompute.append((weight, layer.weight, layer.mask))
+    owner.__dict__.update(effective)  # instance attributes win over the registered Parameters on lookup
+    try:
+        if recompute and torch.is_grad_enabled():
+            with torch.autograd.graph.saved_tensors_hooks(*_shared_recompute_hooks(recompute)):
+                return original(*args, **kwargs)
+        return original(*args, **kwargs)
+    finally:
+        for pname in effective:
+            owner.__dict__.pop(pname, None)
 
 
 def _invalidate_after_step(optimizer, args, kwargs) -> None:

@@ -75,14 +75,16 @@ def _preflight(cfg: TrainConfig) -> str:
     validate_against_model(cfg)
     if cfg.resolved_method == "mft":
         from mft.masking.checkpoint import model_skeleton, resolve_model_dir
-        from mft.masking.select import select_targets
+        from mft.masking.select import coverage_table, select_targets
 
-        select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        targets = select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        logger.info("mask selection (language model decoder layers %s, subnet_mode %s):\n%s",
+                    cfg.mask_config().masked_layers, cfg.mask_config().subnet_mode, coverage_table(targets))
     return state
 
 
 def _load_model(cfg: TrainConfig, accelerator, ds_config):
-    from transformers import AutoModelForCausalLM
+    from mft.models import load_pretrained
 
     method = cfg.resolved_method
     # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
@@ -97,8 +99,8 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
             attn = "flash_attention_2"
         except ImportError:
             logger.warning("use_flash_attn: flash-attn is not installed; using PyTorch SDPA attention")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, revision=cfg.model_revision, dtype=dtype,
-                                                 attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    model = load_pretrained(cfg.model_name_or_path, revision=cfg.model_revision, dtype=dtype,
+                            attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -112,7 +114,7 @@ def _setup_method(cfg: TrainConfig, model):
         from mft.masking.inject import inject_masks
 
         targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed)
-        entries = sum(t.shape[0] * t.shape[1] for t in targets)
+        entries = sum(t.entries for t in targets)
         return model, f"MFT: {len(targets)} masked matrices, {entries:,} scores"
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -421,7 +423,7 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
 
     from mft.masking.apply import RUN_INFO
     from mft.masking.files import DEFAULT_NAME, MaskSet, write_masks
-    from mft.masking.inject import masked_modules
+    from mft.masking.inject import mask_layouts, masked_modules
 
     masks = extract_masks(unwrapped)
     digests = gather_object([_masks_digest(masks)])
@@ -431,7 +433,7 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
         layers = masked_modules(unwrapped)
         mask_cfg = cfg.mask_config()
         mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
-                           "learned", mask_cfg.to_dict(), info["base_model"])
+                           "learned", mask_cfg.to_dict(), info["base_model"], layouts=mask_layouts(layers))
         write_masks(Path(cfg.output_dir) / DEFAULT_NAME, mask_set)
         entries = sum(m.numel() for m in masks.values())
         info.update({"mask_config": mask_cfg.to_dict(), "mask_digest_per_rank": digests,
@@ -456,9 +458,9 @@ def _merged_lora(cfg, peft_model, state_dict, accelerator):
     rebuilds it on the CPU from the gathered state dict and merges there."""
     if accelerator.is_main_process and state_dict is not None and any(p.numel() == 0 for p in peft_model.parameters()):
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM
+        from mft.models import load_pretrained
 
-        base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32)
+        base = load_pretrained(cfg.model_name_or_path, dtype=torch.float32)
         peft_model = get_peft_model(base, peft_model.peft_config["default"])
         peft_model.load_state_dict(state_dict)
     merged = peft_model.merge_and_unload() if accelerator.is_main_process else peft_model

@@ -52,8 +52,9 @@ class Task:
                 self.source = data.Source(self.dataset_path, self.hub.config, self.hub.split)
             else:
                 self.source = self.hub
-        rows = self.select(self.read(self.source))
-        self.data_source = self.source.record()
+        read = self.read(self.source)
+        rows = self.select(read)
+        self.data_source = self.source.record(read)
         if not rows:
             raise MftError(f"{self.name}: no documents in {self.source.describe()}")
         docs = [self.prepare(row, index) for index, row in enumerate(rows)]
