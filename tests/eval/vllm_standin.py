@@ -165,9 +165,9 @@ class LLM:
             raise TypeError(f"LLM got keyword(s) {unknown} this stand-in does not know from vLLM {VERSIONS}")
         self.init = {"model": model, **kwargs}
         text = AutoConfig.from_pretrained(model).get_text_config()
-        derived = min((getattr(text, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len",
-                                                   "seq_length", "model_max_length", "max_sequence_length", "max_seq_length", "seq_len")
-                       if isinstance(getattr(text, k, None), int)), default=None)
+        keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_sequence_length", "max_seq_length", "seq_len")
+        derived = min((getattr(text, k) for k in keys if isinstance(getattr(text, k, None), int)), default=None)
         self.max_model_len = kwargs.get("max_model_len") or derived
         if derived is not None and self.max_model_len > derived:
             raise ValueError(f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "

@@ -57,6 +57,16 @@ def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
     return whole[len(prefix):] if whole.startswith(prefix) else tokenizer.decode(new[:end], **DECODE_KWARGS)
 
 
+def generation_text(tokenizer, prompt_ids, tokens, stop_ids, stops: list[str]) -> str:
+    """The text of a finished generation, as vLLM returns it: a last token that is one of `stop_ids` (EOS
+    or an extra EOS of the generation config: `stop_token_ids`) counts in `num_tokens` but adds no text;
+    the rest is decoded by `decode_continuation` and cut at the first stop string."""
+    tokens = [int(t) for t in tokens]
+    if tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    return cut_at_stop(decode_continuation(tokenizer, prompt_ids, tokens), stops)
+
+
 def stop_list(task_stops, eos_token: str | None) -> list[str]:
     """The task's stops plus the tokenizer's EOS string, without duplicates, order kept."""
     stops = list(dict.fromkeys([*task_stops, *([eos_token] if eos_token else [])]))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mft.eval.backends import (Generation, cut_at_stop, decode_continuation, encode_prompts, greedy_generation_config,
-                               hf_settings, prompt_budget, stop_list, stop_token_ids)
+from mft.eval.backends import (Generation, decode_continuation, encode_prompts, generation_text,
+                               greedy_generation_config, hf_settings, prompt_budget, stop_list, stop_token_ids)
 
 
 def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, stop_ids):
@@ -88,9 +88,6 @@ class HFBackend:
         for row in range(len(rows)):
             new = output[row, width:]
             num_tokens = criteria.done_at.get(row, new.shape[0])
-            kept = new[:num_tokens].tolist()
-            if kept and kept[-1] in self.stop_ids:  # counted, not decoded: as vLLM does with EOS / stop ids
-                kept = kept[:-1]
-            text = decode_continuation(self.tokenizer, rows[row], kept)
-            generations.append(Generation(cut_at_stop(text, stops), int(num_tokens)))
+            text = generation_text(self.tokenizer, rows[row], new[:num_tokens].tolist(), self.stop_ids, stops)
+            generations.append(Generation(text, int(num_tokens)))
         return generations
