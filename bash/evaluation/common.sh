@@ -13,13 +13,14 @@ mft_eval_usage() {
     cat <<'EOF_USAGE'
 Usage: bash/evaluation/<model>_<domain>.sh MODEL [extra mft eval flags ...]
   model: llama2-7b | llama3.1-8b    domain: math (GSM8K + MATH) | coding (HumanEval, HumanEval+) | if (IFEval)
-  MODEL, as in the original scripts:
-    a name containing "masktune"  evaluates output/MODEL/mask_applied  -> output/MODEL/mask_applied/eval_output
-    a name containing "fft"       evaluates output/MODEL               -> output/MODEL/eval_output
-    anything else is a model path or hub id                            -> output/MODEL/eval_output
+  MODEL:
+    a bare run name (no "/") whose folder OUTPUT_ROOT/MODEL exists: that run; an MFT run (it has
+      mask_applied/, or its name contains "masktune") is evaluated through OUTPUT_ROOT/MODEL/mask_applied
+    anything else: a model folder or hub id, used exactly as given (absolute paths too)
+  Results go beside the model: MODEL_PATH/eval_output (a hub id: OUTPUT_ROOT/<hub id>/eval_output).
 Environment:
   OUTPUT_ROOT    where run folders live (default output)
-  EVAL_OUTPUT    results folder (default: as above)
+  EVAL_OUTPUT    results folder (default: beside the model, as above)
   MODEL_TYPE     vllm (default) | hf | auto
   TENSOR_PARALLEL_SIZE, DTYPE, GPU_MEMORY_UTILIZATION
                  passed to mft eval as --tensor-parallel-size, --dtype, --gpu-memory-utilization when set
@@ -34,18 +35,29 @@ EVAL_OUTPUT/math/<subject>/metrics.json and EVAL_OUTPUT/math/task_scores_flex.js
 EOF_USAGE
 }
 
-# mft_eval_paths NAME: sets MODEL_PATH and EVAL_OUTPUT the way the original scripts did.
+# mft_eval_paths MODEL: sets MODEL_PATH and EVAL_OUTPUT (see the usage text).
 mft_eval_paths() {
     local name="$1" root="${OUTPUT_ROOT:-output}"
-    if [[ "$name" == *masktune* ]]; then
-        MODEL_PATH="$root/$name/mask_applied"
-        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/mask_applied/eval_output}"
-    elif [[ "$name" == *fft* ]]; then
-        MODEL_PATH="$root/$name"
-        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/eval_output}"
+    root="${root%/}"
+    if [[ "$name" != */* && -n "$name" && -d "$root/$name" ]]; then  # a run name under OUTPUT_ROOT
+        if [[ -d "$root/$name/mask_applied" || "$name" == *masktune* ]]; then
+            MODEL_PATH="$root/$name/mask_applied"
+        else
+            MODEL_PATH="$root/$name"
+        fi
     else
         MODEL_PATH="$name"
-        EVAL_OUTPUT="${EVAL_OUTPUT:-$root/$name/eval_output}"
+    fi
+    MODEL_PATH="${MODEL_PATH%/}"
+    if [[ -z "${EVAL_OUTPUT:-}" ]]; then
+        # a local path as `mft eval` tells them apart: it exists, starts with / . ~, has other than one "/",
+        # or its parent folder exists; otherwise owner/name is a hub id
+        local slashes="${MODEL_PATH//[^\/]/}"
+        if [[ -d "$MODEL_PATH" || "$MODEL_PATH" == [/.~]* || ${#slashes} != 1 || -d "$(dirname "$MODEL_PATH")" ]]; then
+            EVAL_OUTPUT="$MODEL_PATH/eval_output"
+        else
+            EVAL_OUTPUT="$root/$MODEL_PATH/eval_output"
+        fi
     fi
 }
 

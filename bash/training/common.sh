@@ -13,6 +13,7 @@ mft_usage() {
 Usage: bash/training/run_fft_<model>_<domain>.sh [--key=value ...]
        bash/training/run_local_masktune_<model>_<domain>.sh [--key=value ...]
        bash/training/sweep_masktune_layers.sh [--key=value ...]
+       bash/training/run_baselines.sh [apply_masks.py flags ...]   (random and L1 masks on FFT_DIR)
   model: llama2-7b | llama3.1-8b    domain: math | coding | if
   Extra --key=value arguments are passed to scripts/finetune.py as config overrides.
 
@@ -36,9 +37,11 @@ Environment (nothing secret is ever written in these files; tokens come from the
   REPORT_TO          trackers, e.g. wandb or tensorboard (default: the config's)
   HF_TOKEN, WANDB_API_KEY   read by the libraries from the environment, never passed on a command line
   PYTHON, ACCELERATE commands to use (default python, accelerate)
-  DRY_RUN=1          print the commands instead of running them
+  DRY_RUN=1          print the commands instead of running them (no cluster variable needed: without
+                     NUM_GPUS and a GPU it shows 8 GPUs per machine, MAIN_PROCESS_IP as a placeholder)
+  SEED               baselines only: seed of the random masks (default 42)
   WINDOWS            sweep only: layer windows (default "0-3 4-7 8-11 12-15 16-19 20-23 24-27 28-31")
-  MODEL, DOMAIN      sweep only (default llama2-7b, math)
+  MODEL, DOMAIN      sweep and baselines only (default llama2-7b, math)
 EOF
 }
 
@@ -53,9 +56,17 @@ mft_int() { # mft_int NAME VALUE: VALUE must be a non-negative integer
 
 # Cluster layout and derived numbers: NUM_GPUS, NUM_MACHINES, MACHINE_RANK, NUM_PROCESSES, GRAD_ACC, DS_CONFIG.
 mft_setup() {
+    local dry="${DRY_RUN:-0}"
     if [[ -z "${NUM_GPUS:-}" ]]; then
-        command -v nvidia-smi >/dev/null 2>&1 || mft_die "NUM_GPUS is not set and nvidia-smi is not available"
-        NUM_GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            NUM_GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
+        elif [[ "$dry" != 1 ]]; then
+            mft_die "NUM_GPUS is not set and nvidia-smi is not available"
+        fi
+        if [[ "$dry" == 1 && "${NUM_GPUS:-0}" == 0 ]]; then  # a dry run needs no cluster: show an 8-GPU machine
+            NUM_GPUS=8
+            echo "DRY_RUN: NUM_GPUS is not set and no GPU is visible; showing the commands for 8 GPUs per machine" >&2
+        fi
     fi
     NUM_MACHINES="${NUM_MACHINES:-1}"
     MACHINE_RANK="${MACHINE_RANK:-0}"
@@ -65,7 +76,9 @@ mft_setup() {
     ((NUM_GPUS > 0)) || mft_die "no GPU found (NUM_GPUS=0); set NUM_GPUS"
     ((NUM_MACHINES > 0 && PER_DEVICE_BATCH_SIZE > 0)) || mft_die "NUM_MACHINES and PER_DEVICE_BATCH_SIZE must be >= 1"
     ((MACHINE_RANK < NUM_MACHINES)) || mft_die "MACHINE_RANK=$MACHINE_RANK but NUM_MACHINES=$NUM_MACHINES"
-    if ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" ]]; then
+    if ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" && "$dry" == 1 ]]; then
+        MAIN_PROCESS_IP='$MAIN_PROCESS_IP'  # printed as a placeholder
+    elif ((NUM_MACHINES > 1)) && [[ -z "${MAIN_PROCESS_IP:-}" ]]; then
         mft_die "NUM_MACHINES=$NUM_MACHINES needs MAIN_PROCESS_IP (the address of machine rank 0)"
     fi
     NUM_PROCESSES=$((NUM_GPUS * NUM_MACHINES))
@@ -182,6 +195,33 @@ mft_masktune() {
     else
         echo "machine rank $MACHINE_RANK: training done; machine rank 0 writes $out/mask_applied" >&2
     fi
+}
+
+# mft_baselines MODEL DOMAIN [apply_masks.py flags...]: the random and L1 baselines at an MFT run's layers and
+# keep ratio, built on the FFT checkpoint (apply refuses a checkpoint that is already masked).
+mft_baselines() {
+    local model="$1" domain="$2"
+    shift 2
+    if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then mft_usage; exit 0; fi
+    mft_check_domain "$domain"
+    mft_config_prefix "$model" >/dev/null
+    cd "$MFT_ROOT"
+    OUTPUT_ROOT="${OUTPUT_ROOT:-output}"
+    local layers keep="${KEEP_RATIO:-0.9}" kind flag
+    layers="$(mft_layers "${LAYERS:-$(mft_default_layers "$domain")}")"
+    local first="${layers%% *}" last="${layers##* }"
+    local fft_dir="${FFT_DIR:-$OUTPUT_ROOT/fft_${model}_${domain}}"
+    if [[ "${DRY_RUN:-0}" != 1 && ! -d "$fft_dir" ]]; then
+        mft_die "FFT model not found: $fft_dir (run bash/training/run_fft_${model}_${domain}.sh first, or set FFT_DIR)"
+    fi
+    for kind in random l1; do
+        flag=--random_masks
+        [[ "$kind" == l1 ]] && flag=--use_l1_mask
+        mft_run "${PYTHON:-python}" scripts/apply_masks.py --base_model_name_or_path "$fft_dir" "$flag" \
+            --seed "${SEED:-42}" --masked_layers "$layers" --subnet_mode both --sparsity_attn "$keep" \
+            --sparsity_mlp "$keep" --save_masks \
+            --output_dir "$OUTPUT_ROOT/${kind}_${model}_${first}-${last}-layers_${keep}_${domain}" "$@"
+    done
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

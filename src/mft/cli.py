@@ -1,4 +1,4 @@
-"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, demo).
+"""The `mft` command: mask fine-tuning for Hugging Face decoder models (train, apply, eval, report, plot, demo).
 
 Each subcommand lives next to the code it drives and registers itself here.
 
@@ -13,14 +13,16 @@ import argparse
 import importlib
 import sys
 
-from mft.errors import MftError
+from mft.errors import Interrupted, MftError
 
 # Order = order in `mft --help`: the pipeline's order.
 COMMAND_MODULES = [
     "mft.train.cli",  # train
     "mft.masking.cli",  # apply, masks
     "mft.eval.cli",  # eval, report
+    "mft.plot",  # plot
     "mft.demo",  # demo
+    "mft.hub",  # models (list, get)
 ]
 
 
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except MftError as exc:
         print(f"mft {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"mft {args.command}: {exc}", file=sys.stderr)
+        return Interrupted.exit_code
+    except KeyboardInterrupt:
+        print(f"mft {args.command}: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

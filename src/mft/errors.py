@@ -6,3 +6,11 @@ class MftError(ValueError):
 
     The `mft` command prints it without a traceback and exits with status 1.
     """
+
+
+class Interrupted(Exception):
+    """The user stopped the command (Ctrl-C / SIGINT). Printed as one line, without a traceback; exit status 130
+    (128 + SIGINT, what shells report for a process stopped by Ctrl-C). The message says where it stopped and how
+    to go on."""
+
+    exit_code = 130

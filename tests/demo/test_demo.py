@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,15 +25,31 @@ KEEP = 0.9
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """One `mft demo --quick` run in a subprocess (its own accelerate state and thread settings)."""
-    out = tmp_path_factory.mktemp("demo") / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs = tmp_path_factory.mktemp("demo_logs")
+    out = logs.parent / (logs.name + "_run") / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MFT_QUIET", "MFT_PROGRESS")}
+    env["PYTHONUNBUFFERED"] = "1"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(out), "--seed", "1"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    with open(logs / "stdout.log", "w") as fout, open(logs / "stderr.log", "w") as ferr:  # piped to files
+        proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(out), "--seed", "1"],
+                              stdout=fout, stderr=ferr, env=env, timeout=600)
     seconds = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "seconds": seconds,
+    stdout, stderr = (logs / "stdout.log").read_text(), (logs / "stderr.log").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    return {"out": out, "stdout": stdout, "stderr": stderr, "seconds": seconds,
             "results": json.loads((out / "results.json").read_text())}
+
+
+def test_output_to_a_file_has_plain_lines_only(demo):
+    """Written to files (as under SLURM): no carriage return, no line over 300 characters, and the stages'
+    progress as plain lines ending at 100 %."""
+    for text in (demo["stdout"], demo["stderr"]):
+        assert "\r" not in text
+        # logging records (`2026-11-30 23:37:53,915 INFO name: ...`) are as long as the paths they name
+        lines = [line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ ", line)]
+        assert max(map(len, lines), default=0) <= 300
+    assert any(line.startswith("mft training: 100% ") for line in demo["stderr"].splitlines())
+    assert any(line.startswith("generating gsm8k") and " 100% " in line for line in demo["stderr"].splitlines())
 
 
 def test_table_has_every_model_with_numbers_in_range(demo):
@@ -145,9 +162,10 @@ def test_mft_model_carries_the_learned_mask_and_differs_from_the_baselines(demo)
 def test_the_same_seed_gives_the_same_results(demo, tmp_path):
     """results.json holds only what the seed decides: a second run must write it byte for byte again."""
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(again), "--seed", "1"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(again), "--seed", "1",
+                           "--quiet"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not re.search(r"\d+% \d", proc.stderr), proc.stderr[-2000:]  # --quiet: no progress line at all
     assert (again / "results.json").read_text() == (demo["out"] / "results.json").read_text()
     assert (again / "results.md").read_text() == (demo["out"] / "results.md").read_text()
 

@@ -15,30 +15,54 @@ from mft.eval import outputs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def dry_run(script: str, *args: str, **env: str) -> list[str]:
+def dry_run(script: str, *args: str, cwd=None, **env: str) -> list[str]:
     result = subprocess.run(["bash", str(ROOT / "bash/evaluation" / script), *args], capture_output=True, text=True,
-                            env={**os.environ, "DRY_RUN": "1", **env}, check=True)
+                            env={**os.environ, "DRY_RUN": "1", **env}, check=True, cwd=cwd)
     return result.stdout.splitlines()
 
 
 @pytest.mark.parametrize("model, path, out", [
+    # a bare name whose folder is under output/: that run; an MFT run through its mask_applied/
     ("masktune_llama2-7b_math", "output/masktune_llama2-7b_math/mask_applied",
      "output/masktune_llama2-7b_math/mask_applied/eval_output"),
     ("fft_llama2-7b_math", "output/fft_llama2-7b_math", "output/fft_llama2-7b_math/eval_output"),
-    ("/models/base", "/models/base", "output//models/base/eval_output"),
+    ("mft_run", "output/mft_run/mask_applied", "output/mft_run/mask_applied/eval_output"),  # has mask_applied/
+    ("plain_run", "output/plain_run", "output/plain_run/eval_output"),
+    # anything else is used as given, results beside it
+    ("output/fft_llama2-7b_math", "output/fft_llama2-7b_math", "output/fft_llama2-7b_math/eval_output"),
+    ("output/fft_new", "output/fft_new", "output/fft_new/eval_output"),  # not written yet: still no output/output
+    ("/data/fft_7b", "/data/fft_7b", "/data/fft_7b/eval_output"),
+    ("/data/masktune_7b/", "/data/masktune_7b", "/data/masktune_7b/eval_output"),
+    ("models/base", "models/base", "models/base/eval_output"),
+    ("./fft_local", "./fft_local", "./fft_local/eval_output"),
+    ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf", "output/meta-llama/Llama-2-7b-hf/eval_output"),
 ])
-def test_path_logic_of_the_original_scripts(model, path, out):
-    (line,) = dry_run("llama2-7b_math.sh", model)
+def test_model_argument_and_results_folder(model, path, out, tmp_path):
+    for folder in ("output/masktune_llama2-7b_math", "output/fft_llama2-7b_math", "output/mft_run/mask_applied",
+                   "output/plain_run", "models/base"):
+        (tmp_path / folder).mkdir(parents=True)
+    (line,) = dry_run("llama2-7b_math.sh", model, cwd=tmp_path)
     assert line.startswith(f"mft eval --model {path} --model-type vllm ") and line.endswith(f"--output-dir {out}")
     assert line.count("--task") == 8 and "minerva_math_precalculus" in line and "num_shots\\\":\\ 8" in line
+    (line,) = dry_run("llama2-7b_math.sh", model, cwd=tmp_path, EVAL_OUTPUT="/results/x")
+    assert line.startswith(f"mft eval --model {path} ") and line.endswith("--output-dir /results/x")
 
 
-def test_domains_and_the_olmes_route():
-    (coding,) = dry_run("llama3.1-8b_coding.sh", "fft_x", "--limit", "3")
+def test_output_root_and_a_name_not_under_it(tmp_path):
+    (tmp_path / "runs" / "fft_a").mkdir(parents=True)
+    (line,) = dry_run("llama2-7b_if.sh", "fft_a", cwd=tmp_path, OUTPUT_ROOT="runs/")
+    assert "--model runs/fft_a " in line and line.endswith("--output-dir runs/fft_a/eval_output")
+    (line,) = dry_run("llama2-7b_if.sh", "fft_b", cwd=tmp_path, OUTPUT_ROOT="runs")  # no runs/fft_b: as given
+    assert "--model fft_b " in line and line.endswith("--output-dir fft_b/eval_output")
+
+
+def test_domains_and_the_olmes_route(tmp_path):
+    (tmp_path / "output" / "fft_x").mkdir(parents=True)
+    (coding,) = dry_run("llama3.1-8b_coding.sh", "fft_x", "--limit", "3", cwd=tmp_path)
     assert "codex_humaneval\\\"" in coding and "codex_humanevalplus" in coding and coding.endswith("--limit 3")
-    (instructions,) = dry_run("llama3.1-8b_if.sh", "fft_x")
+    (instructions,) = dry_run("llama3.1-8b_if.sh", "fft_x", cwd=tmp_path)
     assert instructions.count("--task") == 1 and "ifeval" in instructions
-    olmes = dry_run("llama2-7b_math.sh", "fft_x", EVAL_HARNESS="olmes")
+    olmes = dry_run("llama2-7b_math.sh", "fft_x", cwd=tmp_path, EVAL_HARNESS="olmes")
     assert len(olmes) == 9 and all(line.startswith("olmes --model output/fft_x --model-type vllm") for line in olmes[:8])
     assert olmes[0].endswith("--output-dir output/fft_x/eval_output/gsm8k")
     assert olmes[1].endswith("--output-dir output/fft_x/eval_output/math/algebra")

@@ -334,3 +334,20 @@ def test_cli_bad_mask_files(saved_model, tmp_path, capsys):
                  "--output_dir", str(tmp_path / "out")]) == 1
     assert "has shape (16, 16) but the checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_apply_bar_counts_bytes_and_moves_within_a_shard(saved_model, tmp_path, monkeypatch, capsys):
+    """The bar counts the checkpoint's bytes and moves every COPY_CHUNK bytes, not once per shard: a
+    one-shard checkpoint copied in 16 KiB chunks logs each 10 % (stderr is not a terminal here: plain lines)."""
+    base = saved_model("llama")
+    (shard,) = Path(base).glob("*.safetensors")
+    monkeypatch.setattr(A, "COPY_CHUNK", 16 << 10)
+    monkeypatch.delenv("MFT_QUIET", raising=False)
+    A.apply_masks(base, learned_masks(base), tmp_path / "out", progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("apply masks: ")]
+    assert shard.stat().st_size > 10 * (16 << 10)
+    assert [line.split()[2] for line in lines] == [f"{p}%" for p in range(10, 101, 10)] or len(lines) >= 9
+    assert lines[-1].startswith("apply masks: 100% ") and " B [" in lines[-1]
+    monkeypatch.setenv("MFT_QUIET", "1")
+    A.apply_masks(base, learned_masks(base), tmp_path / "quiet", progress=True)
+    assert capsys.readouterr().err == ""

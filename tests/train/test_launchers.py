@@ -21,7 +21,7 @@ DOMAINS = {"math": [4, 5, 6, 7], "coding": [20, 21, 22, 23], "if": [0, 1, 2, 3]}
 SECRETS = {"HF_TOKEN": "hf_do_not_print_me_1234567890", "WANDB_API_KEY": "wandb_do_not_print_me_0987654321"}
 CLUSTER_VARS = ("NUM_GPUS", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PROCESS_IP", "MAIN_PROCESS_PORT", "OUTPUT_DIR",
                 "OUTPUT_ROOT", "FFT_DIR", "LAYERS", "KEEP_RATIO", "DS_CONFIG", "REPORT_TO", "BASE_MODEL", "WINDOWS",
-                "GLOBAL_BATCH_SIZE", "PER_DEVICE_BATCH_SIZE", "MODEL", "DOMAIN")
+                "GLOBAL_BATCH_SIZE", "PER_DEVICE_BATCH_SIZE", "MODEL", "DOMAIN", "SEED")
 
 
 def launch(script: str, *args: str, dry: bool = True, **env) -> subprocess.CompletedProcess:
@@ -59,14 +59,14 @@ def finetune_args(cmd: list[str]) -> tuple[str, list[str]]:
 def test_every_launcher_exists_and_parses():
     scripts = sorted(p.name for p in TRAINING.glob("*.sh"))
     expected = {f"run_{kind}_{m}_{d}.sh" for kind in ("fft", "local_masktune") for m in MODELS for d in DOMAINS}
-    assert expected | {"common.sh", "sweep_masktune_layers.sh"} == set(scripts)
+    assert expected | {"common.sh", "sweep_masktune_layers.sh", "run_baselines.sh"} == set(scripts)
     for path in [*(TRAINING / s for s in scripts), ROOT / "setup_train_env.sh"]:
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path
         assert os.access(path, os.X_OK), f"{path} is not executable"
     for name in ("common.sh", "../../setup_train_env.sh"):
         assert "set -euo pipefail" in (TRAINING / name).read_text()
     # the per-run scripts and the sweep are thin: they source common.sh, where all the logic lives
-    for name in expected | {"sweep_masktune_layers.sh"}:
+    for name in expected | {"sweep_masktune_layers.sh", "run_baselines.sh"}:
         assert 'source "$(dirname "${BASH_SOURCE[0]}")/common.sh"' in (TRAINING / name).read_text()
     assert all(len((TRAINING / s).read_text().splitlines()) <= 5 for s in expected)
 
@@ -156,7 +156,7 @@ def test_gpus_counted_with_nvidia_smi(tmp_path):
 
 @pytest.mark.parametrize("env, message", [
     (dict(NUM_GPUS="3"), "GLOBAL_BATCH_SIZE=128 is not a multiple of 3 processes x 1 per device"),
-    (dict(NUM_GPUS="8", NUM_MACHINES="2"), "NUM_MACHINES=2 needs MAIN_PROCESS_IP"),
+    (dict(NUM_GPUS="8", NUM_MACHINES="2", DRY_RUN="0"), "NUM_MACHINES=2 needs MAIN_PROCESS_IP"),
     (dict(NUM_GPUS="8", NUM_MACHINES="2", MACHINE_RANK="2", MAIN_PROCESS_IP="h"), "MACHINE_RANK=2 but NUM_MACHINES=2"),
     (dict(NUM_GPUS="eight"), "NUM_GPUS must be a whole number, got 'eight'"),
     (dict(NUM_GPUS="8", LAYERS="four"), "LAYERS='four': expected indices"),
@@ -169,8 +169,25 @@ def test_bad_environment_is_refused(env, message):
 def test_no_gpu_count_without_nvidia_smi(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has nvidia-smi")
-    result = launch("run_fft_llama2-7b_math.sh")
+    result = launch("run_fft_llama2-7b_math.sh", dry=False)
     assert result.returncode == 1 and "NUM_GPUS is not set and nvidia-smi is not available" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in TRAINING.glob("*.sh") if p.name != "common.sh"))
+def test_dry_run_needs_no_cluster_variable(script):
+    """No NUM_GPUS, no nvidia-smi, no machine variables: every launcher prints its commands (8 GPUs shown)."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    result = launch(script)
+    cmds = commands(result)
+    launches = [c for c in cmds if "launch" in c]
+    assert launches and all(option(c, "--num_processes") == "8" for c in launches)
+    assert all(option(c, "--gradient_accumulation_steps") == "16" for c in launches)
+    assert "showing the commands for 8 GPUs per machine" in result.stderr
+    two = commands(launch(script, NUM_MACHINES="2"))
+    assert all(option(c, "--main_process_ip") == "$MAIN_PROCESS_IP" and option(c, "--num_processes") == "16"
+               for c in two if "launch" in c)
 
 
 def test_masktune_without_fft_model_stops_before_launching(tmp_path):
@@ -235,3 +252,20 @@ def test_setup_train_env_help():
         assert flag in result.stdout
     bad = subprocess.run(["bash", str(ROOT / "setup_train_env.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+def test_baselines_launcher_masks_the_fft_checkpoint():
+    random_cmd, l1_cmd = commands(launch("run_baselines.sh", "--quiet", DOMAIN="coding", KEEP_RATIO="0.8"))
+    for cmd, flag, kind in ((random_cmd, "--random_masks", "random"), (l1_cmd, "--use_l1_mask", "l1")):
+        assert cmd[:2] == ["python", "scripts/apply_masks.py"] and flag in cmd and cmd[-1] == "--quiet"
+        assert option(cmd, "--base_model_name_or_path") == "output/fft_llama2-7b_coding"  # the FFT checkpoint
+        assert option(cmd, "--masked_layers") == "20 21 22 23" and option(cmd, "--subnet_mode") == "both"
+        assert option(cmd, "--sparsity_attn") == option(cmd, "--sparsity_mlp") == "0.8"
+        assert option(cmd, "--output_dir") == f"output/{kind}_llama2-7b_20-23-layers_0.8_coding"
+    assert option(random_cmd, "--seed") == "42"
+    [cmd, _] = commands(launch("run_baselines.sh", FFT_DIR="/ckpt/fft", LAYERS="4-5", SEED="3", MODEL="llama3.1-8b"))
+    assert (option(cmd, "--base_model_name_or_path"), option(cmd, "--masked_layers"), option(cmd, "--seed")) == \
+        ("/ckpt/fft", "4 5", "3")
+    assert option(cmd, "--output_dir") == "output/random_llama3.1-8b_4-5-layers_0.9_math"
+    missing = launch("run_baselines.sh", dry=False, OUTPUT_ROOT="/nonexistent_root")
+    assert missing.returncode == 1 and "FFT model not found: /nonexistent_root/fft_llama2-7b_math" in missing.stderr

@@ -184,7 +184,7 @@ class Stages:
 
 # -- stages -------------------------------------------------------------------------------------------------
 def make_data(paths: Paths, s: Settings, seed: int) -> dict:
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     from mft.demo import data
 
@@ -204,7 +204,7 @@ def make_data(paths: Paths, s: Settings, seed: int) -> dict:
 
 def make_init_model(paths: Paths, s: Settings, seed: int, texts: list[str]) -> Path:
     """A BPE tokenizer trained on the demo's text and a randomly initialised Llama model, saved together."""
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     from mft.demo.data import QA_TEMPLATE
     from mft.tiny import tiny_model, train_tokenizer
@@ -311,7 +311,7 @@ class HeldOutLoss:
 
     def __call__(self, model, desc: str) -> float:
         import torch
-        from tqdm.auto import tqdm
+        from mft.progress import progress as tqdm
 
         from mft.train.data import IGNORE_INDEX
 
@@ -352,7 +352,7 @@ def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings) -> dict:
     """
     import torch
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     from mft.masking.files import read_masks
     from mft.masking.layer import local_mask
@@ -414,7 +414,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, quick: bool = False, overwri
 
 def _run(paths: Paths, s: Settings, seed: int, quick: bool, echo) -> dict:
     import torch
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     from mft.demo import report
 

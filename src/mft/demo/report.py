@@ -50,7 +50,11 @@ SHORT = {"base": "base", "fft": "FFT", "mft": "MFT", "random": "random", "l1": "
 
 def write_plots(paths: Paths, summary: dict, output: Path | None = None, dpi: int = 100) -> Path:
     """One figure, six panels: training loss, held-out loss along training, accuracy, mask changes per layer,
-    kept fraction per layer, and where the learned mask prunes compared with the baselines."""
+    learning rate, and where the learned mask prunes compared with the baselines. The loss, learning-rate
+    curves are drawn by `mft plot`'s panel functions. No kept-fraction panel: with local selection every
+    matrix keeps exactly `int(k * n)` entries at every step, a flat line by construction."""
+    from mft.plot import RunLog, loss_panel, lr_panel
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,28 +64,24 @@ def write_plots(paths: Paths, summary: dict, output: Path | None = None, dpi: in
     curves, models = summary.get("curves") or {}, summary["models"]
     offset = fft_log[-1]["step"] if fft_log else 0
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    (ax_train, ax_heldout, ax_acc), (ax_changed, ax_kept, ax_overlap) = axes
+    (ax_train, ax_heldout, ax_acc), (ax_changed, ax_lr, ax_overlap) = axes
 
-    ax_train.plot([r["step"] for r in fft_log], [r["loss"] for r in fft_log], color=COLORS["fft"], lw=0.8, label="FFT")
-    ax_train.plot([offset + r["step"] for r in mft_log], [r["loss"] for r in mft_log], color=COLORS["mft"], lw=0.8,
-                  label="MFT (starts from the last FFT step)")
-    ax_train.set_yscale("log")
-    ax_train.set_xlabel("optimizer step")
+    runs = [RunLog("FFT", fft_log, COLORS["fft"]),
+            RunLog("MFT (starts from the last FFT step)", mft_log, COLORS["mft"], offset=offset)]
+    loss_panel(ax_train, runs)
     ax_train.set_ylabel("loss per answer token (log scale)")
-    ax_train.set_title("training loss")
-    ax_train.legend(fontsize=8)
 
     for name, shift in (("fft", 0), ("mft", offset)):
         points = curves.get(name) or []
         ax_heldout.plot([shift + c["step"] for c in points], [c["heldout_loss"] for c in points], "o-", ms=4,
                         color=COLORS[name], label=f"{SHORT[name]} checkpoints")
     top = None
-    if curves.get("fft"):  # zoom on the FFT minimum, the overfit end and MFT's end
-        best = min(c["heldout_loss"] for c in curves["fft"])
-        low = min([best, *(c["heldout_loss"] for c in curves.get("mft") or [])])
-        high = max(c["heldout_loss"] for c in curves["fft"][len(curves["fft"]) // 4:])
-        top = max(high, models["l1"]["heldout_loss"]) + (high - low) + 1e-3
-        ax_heldout.set_ylim(low - 0.5 * (high - low) - 1e-3, top)
+    points = [c["heldout_loss"] for name in ("fft", "mft") for c in curves.get(name) or []]
+    if points:  # every checkpoint of both curves in view; a baseline far above them is named, not drawn
+        low, high = min(points), max(points)
+        pad = 0.05 * (high - low) + 1e-3
+        top = high + 0.4 * (high - low) + pad  # headroom: the legend sits above every point
+        ax_heldout.set_ylim(low - pad, top)
     for name in ("random", "l1"):
         value = models[name]["heldout_loss"]
         above = top is not None and value > top
@@ -115,15 +115,8 @@ def write_plots(paths: Paths, summary: dict, output: Path | None = None, dpi: in
     ax_changed.set_title("mask changes during MFT")
     ax_changed.legend(fontsize=8)
 
-    for layer in layers:
-        kept = [100 * r["kept_fraction"][layer] for r in mft_log]
-        span = f"{min(kept):.3f} % at every step" if min(kept) == max(kept) else f"{min(kept):.3f} to {max(kept):.3f} %"
-        ax_kept.plot(steps, kept, label=f"layer {layer}: {span}")
-    ax_kept.set_ylim(80, 100)
-    ax_kept.set_xlabel("MFT step")
-    ax_kept.set_ylabel("kept (%)")
-    ax_kept.set_title(f"kept fraction per masked layer (target {100 * summary['settings']['keep_ratio']:.0f} %)")
-    ax_kept.legend(fontsize=8)
+    lr_panel(ax_lr, [RunLog("FFT", fft_log, COLORS["fft"]), RunLog("MFT", mft_log, COLORS["mft"], offset=offset)])
+    ax_lr.set_xlabel("optimizer step (FFT, then MFT)")
 
     overlap = summary["masks"]["mft"].get("pruned_overlap_per_layer", {})
     names = sorted(overlap, key=int)

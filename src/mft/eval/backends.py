@@ -163,18 +163,21 @@ def check_backend_options(model_type: str, tensor_parallel_size=None, dtype: str
 
 def hf_device_dtype(dtype: str | None = None, model: str | None = None, config=None) -> tuple[str, str]:
     """(device, dtype name) the hf backend generates with: cuda when torch sees a GPU, else cpu; `dtype`
-    when given (not None/"auto"), else float32 on cpu and on cuda `auto_dtype` for the checkpoint `model`
-    (vLLM's rule for this GPU; bfloat16 when no model is named). Known before the model loads, so that
+    when given (not None/"auto"), else on cpu the checkpoint `model`'s dtype where the CPU has native bf16,
+    float32 where not (`mft.precision.compute_dtype`), and on cuda `auto_dtype` for the checkpoint (vLLM's
+    rule for this GPU); float32 on cpu and bfloat16 on cuda when no model is named). Known before the model loads, so that
     `mft eval` can key stored predictions by them (CPU float32 text is not reused on a GPU)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype not in (None, "auto"):
         return device, dtype
-    if device == "cpu":
-        return device, "float32"
     if model is None:
-        return device, "bfloat16"
+        return device, "float32" if device == "cpu" else "bfloat16"
+    if device == "cpu":  # the checkpoint's own dtype, float32 where the CPU has no native bf16 (mft.precision)
+        from mft.precision import checkpoint_dtype as config_dtype, compute_dtype
+
+        return device, str(compute_dtype(config_dtype(model) or torch.float32, "cpu", model)).removeprefix("torch.")
     config = config if config is not None else load_config(model)
     checkpoint = checkpoint_dtype(model, config)[0]
     return device, auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), gpu_capability())
@@ -292,20 +295,6 @@ def stop_token_ids(model: str, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted({int(i) for i in ids})
-
-
-def greedy_generation_config(max_new_tokens: int, pad_token_id: int, eos_token_id):
-    """A `transformers` GenerationConfig of plain greedy decoding, built from the library's defaults and
-    none of the checkpoint's generation_config.json: no repetition penalty, no n-gram blocking, no
-    suppressed or forced tokens, no minimum length (vLLM ignores those fields when it is given
-    SamplingParams, and olmes gives it greedy ones). Set it as `model.generation_config` too: `generate`
-    fills the fields a passed config leaves at their defaults from `model.generation_config`
-    (transformers 4.x and 5.x both do).
-    """
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=None,
-                            pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
 
 
 # -- dtype -----------------------------------------------------------------------------------------------

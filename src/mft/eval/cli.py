@@ -19,14 +19,16 @@ def register(subparsers) -> None:
                               description="Evaluate a model with the authors' olmes protocol; writes the olmes "
                               "output files. Finished tasks in --output-dir are reused.",
                               epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (or hub id owner/name)")
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id owner/name, or a short name from "
+                   "`mft models list`")
     p.add_argument("--task", dest="tasks", action="append", required=True, metavar="SPEC",
                    help='task name or olmes JSON, e.g. \'{"task_name": "gsm8k", "num_shots": 8}\' (repeatable)')
     p.add_argument("--output-dir", required=True, help="folder for metrics.json and the task-NNN-* files")
     p.add_argument("--model-type", choices=["auto", "vllm", "hf"], default="auto",
                    help="generation backend; auto = vllm if installed and a GPU is visible, else hf")
     p.add_argument("--limit", type=int, default=None, help="first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (hf backend)")
+    p.add_argument("--batch-size", default="auto",
+                   help="prompts per batch (hf backend): a number, or auto = as many as fit in free memory (default)")
     p.add_argument("--data-dir", default=None,
                    help="local data: gsm8k/test.jsonl, math500/test.jsonl, humaneval/test.jsonl, "
                    "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub); 'packaged' = the "
@@ -41,9 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="weights' dtype (auto, on a GPU: vLLM's rule, the checkpoint's dtype, the GPU's preferred "
                    "one for a float32 checkpoint or one the GPU lacks: bfloat16 from compute capability 8.0, "
-                   "float16 before; hf on a CPU: float32; logged and recorded)")
+                   "float16 before; hf on a CPU: the checkpoint's, float32 without native bf16; logged and recorded)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                    help="vllm: fraction of each GPU's memory vLLM may take, in (0, 1] (default: vLLM's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval_command)
 
     r = subparsers.add_parser("report", help="compare result folders: markdown table and PNG bar chart",
@@ -59,8 +62,14 @@ def register(subparsers) -> None:
 
 def run_eval_command(args) -> int:
     from mft.eval.runner import run_eval
+    from mft.hub import resolve_model
+    from mft.progress import set_quiet
 
-    summary = run_eval(args.model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
+    if args.quiet:
+        set_quiet()
+
+    model = resolve_model(args.model)  # a short name (`mft models list`) -> its cached folder
+    summary = run_eval(model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,
                        batch_size=args.batch_size, data_dir=args.data_dir, max_model_len=args.max_model_len,
                        workers=args.workers, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                        gpu_memory_utilization=args.gpu_memory_utilization)

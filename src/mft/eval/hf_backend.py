@@ -1,93 +1,230 @@
-"""Batched greedy generation with `transformers`: left padding, stop strings checked per row."""
+"""Batched greedy generation with `transformers`: left padding, stop strings checked incrementally per row.
+
+The decode loop is our own (a forward per step over a `DynamicCache`, greedy `argmax`), not
+`model.generate`, so that a row that has finished leaves the batch at once (its cache rows are dropped
+with `Cache.batch_select_indices`) instead of being computed until the last row finishes, and the stop
+check looks only at the newest tokens of each row instead of decoding every row's whole text at every step.
+"""
 
 from __future__ import annotations
 
-from mft.eval.backends import (Generation, decode_continuation, encode_prompts, generation_text,
-                               greedy_generation_config, hf_settings, prompt_budget, stop_list, stop_token_ids)
+import inspect
+
+from mft.errors import MftError
+from mft.eval.backends import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts, generation_text,
+                               hf_settings, prompt_budget, stop_list, stop_token_ids)
+
+AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
+AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
 
 
-def make_stop_criteria(tokenizer, stops: list[str], prompt_len: int, stop_ids):
-    """A StoppingCriteria for one batch: a row is done once its new text holds a stop string or its last
-    token is one of `stop_ids` (`backends.stop_token_ids`).
+def decode_tail(tokenizer, ids) -> str:
+    """The text of a window of generated ids, decoded by the backends' rule (`DECODE_KWARGS`)."""
+    return tokenizer.decode(ids, **DECODE_KWARGS)
 
-    `done_at[row]` is the number of new tokens the row had when it finished, which is its `num_tokens`.
-    The whole new text is decoded (not a tail) by the same rule as the final text (`decode_continuation`,
-    special tokens kept), so the check agrees with the final cut at the stop.
+
+class StopScanner:
+    """Finds the first step at which a row's generated text contains a stop string, looking at its tail only.
+
+    The row's text is `decode_continuation(tokenizer, prompt_ids, tokens)` (the backends' decode rule, the
+    text the final cut sees). `hit(tokens, prompt_ids)` answers "does that text contain a stop string?" for
+    a row whose text did not contain one one token earlier. Such an occurrence must end in the characters
+    the newest token added (or changed: a token can complete a multi-byte character begun by the previous
+    one), so it lies in the last
+    `longest stop + newest token's characters + MARGIN` characters of the text. Only a window of the newest
+    tokens that decodes to at least that many characters is decoded (the window doubles until it does or it
+    holds every token). The decoded start of a window may differ from the whole text's (a SentencePiece
+    leading space is dropped, a cut multi-byte character shows as U+FFFD); MARGIN characters absorb that.
+    A window that holds every token, and every hit, is checked on the row's whole text, so the answer is
+    exactly "stop in the row's text", the rule the final cut uses. Cost per step: one short decode per open
+    row, O(1) in the generation length (the whole-text check was O(length) per step, O(length^2) per row).
     """
-    import torch
-    from transformers import StoppingCriteria
 
-    class StopOnStrings(StoppingCriteria):
-        def __init__(self):
-            self.done_at: dict[int, int] = {}
+    MARGIN = 8
 
-        def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids[:, prompt_len:]
-            open_rows = [row for row in range(new.shape[0]) if row not in self.done_at]
-            texts = [decode_continuation(tokenizer, input_ids[row, :prompt_len], new[row]) for row in open_rows] \
-                if stops else []
-            for i, row in enumerate(open_rows):
-                if new[row, -1].item() in stop_ids or any(s in texts[i] for s in stops):
-                    self.done_at[row] = new.shape[1]
-            return torch.tensor([row in self.done_at for row in range(new.shape[0])], device=input_ids.device)
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self._token_chars: dict[int, int] = {}
 
-    return StopOnStrings()
+    def _chars(self, token_id: int) -> int:
+        """An upper bound on the characters one token adds to a text: the length of its token string
+        (byte-level BPE: one character per byte; SentencePiece: `▁` for the space, `<0x..>` for a byte)."""
+        n = self._token_chars.get(token_id)
+        if n is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            n = self._token_chars[token_id] = len(piece) if isinstance(piece, str) else 16
+        return n
+
+    def hit(self, tokens: list[int], prompt_ids=()) -> bool:
+        if not self.stops or not tokens:
+            return False
+        need = self.longest + self._chars(tokens[-1]) + self.MARGIN
+        window = min(len(tokens), need)
+        while window < len(tokens):
+            tail = decode_tail(self.tokenizer, tokens[-window:])
+            if len(tail) >= need:
+                if not any(s in tail for s in self.stops):
+                    return False
+                break
+            window = min(len(tokens), 2 * window)
+        return any(s in decode_continuation(self.tokenizer, prompt_ids, tokens) for s in self.stops)
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free memory of `device` in bytes: CUDA's free memory, or the host's MemAvailable (/proc/meminfo)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # not Linux
+
+    return int(psutil.virtual_memory().available)
+
+
+def bytes_per_row(config, dtype_bytes: int, prompt_tokens: int, max_gen_toks: int) -> int:
+    """Memory one row of a batch needs at its peak, in bytes: its KV cache at full length (2 x layers x
+    KV heads x head dim per token) plus the prefill's largest activations (the MLP's intermediate and a few
+    hidden-sized tensors per prompt token) and the vocabulary-sized logits of a step."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layers = text.num_hidden_layers
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    kv = 2 * layers * kv_heads * head_dim * (prompt_tokens + max_gen_toks) * dtype_bytes
+    prefill = prompt_tokens * (3 * intermediate + 6 * hidden) * dtype_bytes
+    logits = 2 * text.vocab_size * 4
+    return kv + prefill + logits
+
+
+def auto_batch_size(model, device: str, prompt_tokens: int, max_gen_toks: int, n_prompts: int) -> int:
+    """The largest batch whose rows fit in AUTO_MEMORY_FRACTION of the free memory, at most
+    AUTO_MAX_BATCH[device type] and the number of prompts, at least 1."""
+    dtype_bytes = next(model.parameters()).element_size()
+    per_row = bytes_per_row(model.config, dtype_bytes, prompt_tokens, max_gen_toks)
+    fits = int(AUTO_MEMORY_FRACTION * free_memory_bytes(device)) // per_row
+    cap = AUTO_MAX_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+    return max(1, min(fits, cap, n_prompts))
+
+
+def parse_batch_size(value) -> int | str:
+    """`--batch-size`: a positive integer or `auto`."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        n = int(value)
+        if n >= 1:
+            return n
+    elif isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    raise MftError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
 
 
 class HFBackend:
-    """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time."""
+    """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time (`"auto"`:
+    as many as fit in free memory, see `auto_batch_size`)."""
 
-    def __init__(self, model_path: str, batch_size: int = 8, max_model_len: int | None = None,
+    def __init__(self, model_path: str, batch_size: int | str = 8, max_model_len: int | None = None,
                  device: str | None = None, dtype=None):
         import torch
         from transformers import AutoTokenizer
 
         from mft.models import load_pretrained
+        from mft.precision import compute_dtype
 
-        settings = hf_settings(model_path, max_model_len, dtype, device)  # checked before loading
+        from mft.progress import quiet_libraries_off_terminal
+
+        quiet_libraries_off_terminal()
+        # device, dtype (`backends.hf_device_dtype`) and max_model_len, checked before loading
+        settings = hf_settings(model_path, max_model_len, dtype, device)
         self.device, self.max_model_len = settings["device"], settings["max_model_len"]
+        dtype = compute_dtype(getattr(torch, settings["dtype"]), self.device, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = load_pretrained(model_path, dtype=getattr(torch, settings["dtype"]))  # image-text models too
-        self.model = self.model.to(self.device).eval()
-        self.stop_ids = set(stop_token_ids(model_path, self.tokenizer))
-        self.batch_size = max(1, batch_size)
+        self.model = load_pretrained(model_path, dtype=dtype).to(self.device).eval()  # image-text models too
+        self.stop_ids = set(stop_token_ids(model_path, self.tokenizer))  # EOS and the generation config's
+        self.batch_size = parse_batch_size(batch_size)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self.last_batch_size: int | None = None
 
     def generate(self, prompts: list[str], task_stops, max_gen_toks: int, desc: str = "generating") -> list[Generation]:
-        """One Generation per prompt, in the order given; prompts are batched longest first."""
-        from tqdm.auto import tqdm
+        """One Generation per prompt, in the order given; prompts are batched longest first.
+
+        The bar counts generated tokens (tokens/s) and moves every step; its total is the most the prompts
+        can generate (`len(prompts) * max_gen_toks`), reached early when rows stop sooner."""
+        from mft.progress import progress
 
         stops = stop_list(task_stops, self.tokenizer.eos_token)
         ids = encode_prompts(self.tokenizer, prompts, prompt_budget(self.max_model_len, max_gen_toks))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: out-of-memory shows early
+        batch_size = self.batch_size
+        if batch_size == "auto":
+            longest = len(ids[order[0]]) if ids else 0
+            batch_size = auto_batch_size(self.model, self.device, longest, max_gen_toks, len(ids))
+        self.last_batch_size = batch_size
         results: list[Generation | None] = [None] * len(ids)
-        with tqdm(total=len(ids), desc=desc, unit="prompt") as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                for index, generation in zip(batch, self._generate_batch([ids[i] for i in batch], stops, max_gen_toks)):
+        with progress(total=len(ids) * max_gen_toks, desc=f"{desc} (batch {batch_size})", unit="tok",
+                      unit_scale=True) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                generations = self._generate_batch([ids[i] for i in batch], stops, max_gen_toks, bar)
+                for index, generation in zip(batch, generations):
                     results[index] = generation
-                bar.update(len(batch))
+                    bar.update(max_gen_toks - generation.num_tokens)  # what a stopped row did not need
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, rows: list[list[int]], stops: list[str], max_gen_toks: int) -> list[Generation]:
+    def _generate_batch(self, rows: list[list[int]], stops: list[str], max_gen_toks: int, bar=None) -> list[Generation]:
+        """Greedy decoding of left-padded `rows`; a row leaves the batch at EOS, at a stop string or at
+        `max_gen_toks` tokens. `num_tokens` = the tokens generated up to and including that point."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import DynamicCache
 
+        device = self.device
         width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        criteria = make_stop_criteria(self.tokenizer, stops, width, self.stop_ids)
-        config = greedy_generation_config(max_gen_toks, self.pad_id, sorted(self.stop_ids) or None)
-        self.model.generation_config = config  # nothing of the checkpoint's generation_config.json applies
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
+        scanner = StopScanner(self.tokenizer, stops)
+        cache = DynamicCache(config=self.model.config)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        alive = list(range(len(rows)))  # batch position -> row
+        new_tokens: list[list[int]] = [[] for _ in rows]
         with torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                         stopping_criteria=StoppingCriteriaList([criteria]))
-        generations = []
-        for row in range(len(rows)):
-            new = output[row, width:]
-            num_tokens = criteria.done_at.get(row, new.shape[0])
-            text = generation_text(self.tokenizer, rows[row], new[:num_tokens].tolist(), self.stop_ids, stops)
-            generations.append(Generation(text, int(num_tokens)))
-        return generations
+            while alive:
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 **{self._cache_arg: cache}, **extra)
+                chosen = out.logits[:, -1, :].argmax(dim=-1)
+                keep = []
+                for j, token in enumerate(chosen.tolist()):
+                    tokens = new_tokens[alive[j]]
+                    tokens.append(token)
+                    if not (token in self.stop_ids or len(tokens) >= max_gen_toks
+                            or scanner.hit(tokens, rows[alive[j]])):
+                        keep.append(j)
+                if bar is not None:
+                    bar.update(len(alive))
+                if len(keep) < len(alive):
+                    if not keep:
+                        break
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    chosen, mask, positions = chosen[index], mask[index], positions[index]
+                    alive = [alive[j] for j in keep]
+                input_ids = chosen[:, None]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                positions = positions[:, -1:] + 1
+        return [Generation(generation_text(self.tokenizer, row, tokens, self.stop_ids, stops), len(tokens))
+                for row, tokens in zip(rows, new_tokens)]

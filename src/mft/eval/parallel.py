@@ -23,7 +23,7 @@ def pool_map(fn: Callable, items: Sequence[tuple], workers: int | None = None, d
     Forked workers inherit what the parent imported (call a warm-up first); each runs `fn` on its main
     thread, so `fn` may use SIGALRM time limits. One worker, or few items, runs in this process.
     """
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     workers = workers or default_workers()
     if workers <= 1 or len(items) <= 1:

@@ -185,26 +185,90 @@ def markdown_table(tasks: list[str], labels: list[str], all_scores: list[dict[st
     return "\n".join(lines)
 
 
-def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]], output: str) -> Path:
+def binomial_interval(score: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (scipy's `binomtest(...).proportion_ci(method="wilson")`) of a score in [0, 1]
+    measured on `n` instances, as fractions. The count of successes is `round(score * n)`; for a mean of
+    per-instance fractions (IFEval's instruction-level scores, MATH's unweighted subject mean) this treats
+    the score as n coin flips, an approximation."""
+    from scipy.stats import binomtest
+
+    k = min(n, max(0, round(score * n)))
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]], output: str,
+              counts: list[dict[str, int]] | None = None) -> Path:
+    """Grouped bars, one group per task, one bar per model: the score in % written on each bar, a 95 %
+    binomial (Wilson) interval from the task's `num_instances` where `counts` has it, a hatched "n/a" bar
+    where a model has no result for the task, the legend outside the axes and a title naming the tasks
+    with their sample sizes."""
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(tasks, labels, all_scores, counts)
+    path = Path(output).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def chart_figure(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]],
+                 counts: list[dict[str, int]] | None = None):
+    """The figure `bar_chart` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    counts = counts or [{} for _ in labels]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(tasks)), 4.0))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.4 * len(tasks) * max(1.0, len(labels) / 2.5) + 2.5), 4.6))
     for i, (label, scores) in enumerate(zip(labels, all_scores)):
-        xs = [t + (i - (len(labels) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [100 * scores.get(task, 0.0) for task in tasks], width, label=label)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylabel("score (%)")
-    ax.legend()
+        color = colors[i % len(colors)]
+        for t, task in enumerate(tasks):
+            x = t + (i - (len(labels) - 1) / 2) * width
+            if task not in scores:
+                ax.bar(x, 6, width, facecolor="none", edgecolor="gray", hatch="///", lw=0.8)
+                ax.annotate("n/a", (x, 6), ha="center", va="bottom", fontsize=8, color="gray")
+                continue
+            value, n = 100 * scores[task], counts[i].get(task)
+            ax.bar(x, value, width, color=color, label=label if t == min(
+                j for j, name in enumerate(tasks) if name in scores) else None)
+            top = value
+            if n:
+                low, high = binomial_interval(scores[task], n)
+                ax.errorbar(x, value, yerr=[[value - 100 * low], [100 * high - value]], fmt="none", ecolor="black",
+                            elinewidth=0.9, capsize=3)
+                top = 100 * high
+            ax.annotate(f"{value:.1f}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
+    ax.bar(0, 0, 0, facecolor="none", edgecolor="gray", hatch="///", label="n/a: no result")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=15, ha="right")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("primary score (%), 95 % interval")
+    sizes = []
+    for task in tasks:
+        ns = sorted({c[task] for c in counts if task in c})
+        sizes.append(f"{task} (n={'/'.join(map(str, ns))})" if ns else task)
+    ax.set_title("; ".join(sizes), fontsize=9, wrap=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=9)
     fig.tight_layout()
-    path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def collect_counts(folder: str) -> dict[str, int]:
+    """task -> num_instances from the metrics.json files of one result folder (the files `collect_results`
+    reads), for the intervals."""
+    counts: dict[str, int] = {}
+    for path in _files_of(Path(folder).expanduser()):
+        try:
+            entries = json.loads(path.read_text())["metrics"]
+            counts.update({e["task"]: int(e["num_instances"]) for e in entries if e.get("num_instances")})
+        except (ValueError, KeyError, TypeError):
+            continue
+    return counts
 
 
 def run_report(dirs: list[str], output: str, labels: list[str] | None = None) -> str:
@@ -223,7 +287,8 @@ def run_report(dirs: list[str], output: str, labels: list[str] | None = None) ->
     tasks = ordered_tasks(all_scores)
     table = markdown_table(tasks, labels, all_scores)
     headline = [t for t in tasks if not (t.startswith("minerva_math_") and "minerva_math" in tasks)]
-    path = bar_chart(headline, labels, all_scores, output)  # the paper's five numbers, not the subjects
+    path = bar_chart(headline, labels, all_scores, output,  # the paper's five numbers, not the subjects
+                     [collect_counts(folder) for _, folder in found])
     folders = "\n".join(f"- {label}: {folder}" for label, (_, folder) in zip(labels, found))
     sources = data_source_lines(tasks, labels, [s for _, s in results])
     data = "\n\ndata sources:\n" + "\n".join(sources) if sources else ""

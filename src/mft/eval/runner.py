@@ -18,6 +18,7 @@ from mft.eval.backends import (DECODE_KWARGS, Generation, check_backend_options,
                                prompt_budget, resolve_model_type_why, resolve_settings)
 from mft.eval.data import describe_record, packaged_data_dir
 from mft.eval.fingerprint import model_fingerprint
+from mft.eval.hf_backend import parse_batch_size
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -115,7 +116,7 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 
 
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
-             batch_size: int = 8, data_dir: str | None = None, max_model_len: int | None = None,
+             batch_size: int | str = "auto", data_dir: str | None = None, max_model_len: int | None = None,
              workers: int | None = None, tensor_parallel_size: int | None = None, dtype: str | None = None,
              gpu_memory_utilization: float | None = None) -> dict:
     """Evaluate `model` on the tasks; returns the metrics.json content.
@@ -132,8 +133,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         raise MftError(f"--data-dir {data_dir} is not a folder")
     if limit is not None and limit < 1:
         raise MftError(f"--limit must be at least 1, got {limit}")
-    if batch_size < 1:
-        raise MftError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = parse_batch_size(batch_size)
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
     local = Path(model).expanduser()

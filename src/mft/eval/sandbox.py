@@ -204,7 +204,7 @@ def run_program(program: str, timeout_s: float, memory_bytes: int = MEMORY_BYTES
 def run_programs(programs: list[str], timeout_s: float, workers: int | None = None, desc: str = "running code",
                  memory_bytes: int = MEMORY_BYTES) -> list[RunResult]:
     """Run each program in its own sandbox, `workers` at a time, in order, with a progress bar."""
-    from tqdm.auto import tqdm
+    from mft.progress import progress as tqdm
 
     from mft.eval.parallel import default_workers
 

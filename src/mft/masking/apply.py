@@ -17,12 +17,11 @@ import mmap
 import os
 import shutil
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from mft.progress import progress as tqdm
 
 from mft.errors import MftError
 from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, WeightLocator,
@@ -31,9 +30,11 @@ from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
+from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
+COPY_CHUNK = 64 << 20  # bytes per kernel copy call: the progress bar moves at least this often
 
 
 # -- where masks come from ---------------------------------------------------------------------------------
@@ -121,7 +122,9 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
                 save_masks: bool = False, save_masks_format: str = "safetensors", progress: bool = True) -> Path:
     """Write `base` with `mask_set` baked in to `output_dir` (see the module doc). Returns the folder."""
     output_dir = Path(output_dir)
+    check_writable(output_dir)
     _check_output(output_dir, overwrite)
+    remove_leftovers(output_dir)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
     locator = WeightLocator(checkpoint)
@@ -130,13 +133,14 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         for shard in dict.fromkeys(checkpoint.weight_map[key] for key in name_keys):
             by_shard.setdefault(shard, []).append(name)
 
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_sibling(output_dir)
     try:
-        bar = tqdm(checkpoint.shards, desc="apply masks", unit="shard", disable=not progress)
+        tmp.mkdir(parents=True)
+        total = sum((checkpoint.path / shard).stat().st_size for shard in checkpoint.shards)
+        bar = tqdm(total=total, desc="apply masks", unit="B", unit_scale=True, disable=not progress)  # bytes copied
         if checkpoint.format == "safetensors":
             _for_each(checkpoint.shards, bar, lambda shard: _apply_safetensors_shard(
-                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), locator, mask_set))
+                checkpoint.path / shard, tmp / shard, by_shard.get(shard, []), locator, mask_set, bar.update))
             for index in INDEX_FILES[:1]:
                 if (checkpoint.path / index).exists():
                     shutil.copyfile(checkpoint.path / index, tmp / index)
@@ -148,9 +152,12 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
         (tmp / APPLY_INFO).write_text(json.dumps(info, indent=1))
         if save_masks:
             _save_mask_file(tmp, mask_set, save_masks_format)
+        follow_umask(tmp)
         _move_into_place(tmp, output_dir, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno:  # disk full, read-only, ...: one line with path and errno
+            raise os_error(exc, output_dir) from None
         raise
     return output_dir
 
@@ -164,7 +171,6 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
         try:
             for future in as_completed(futures):
                 future.result()
-                bar.update()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -174,13 +180,13 @@ def _for_each(items: list, bar, work, workers: int = 2) -> None:
 
 
 def _apply_safetensors_shard(src: Path, dst: Path, names: list[str], locator: WeightLocator,
-                             mask_set: MaskSet) -> None:
+                             mask_set: MaskSet, copied=lambda n: None) -> None:
     """Write `dst` = `src` with the named masks applied to the tensors of this shard that hold their weights:
     the kernel copies the file, then each masked tensor's byte range of the copy is mapped and zeroed where its
     mask (converted to the on-disk layout by `locator`) prunes, in place (no user-space copy of the data, one
     tensor mapped at a time)."""
     with open(src, "rb") as fin, open(dst, "w+b") as fout:
-        _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size)
+        _copy_range(fin.fileno(), fout.fileno(), 0, os.fstat(fin.fileno()).st_size, copied)
         if not names:
             return
         header, data_start = read_safetensors_header(src)
@@ -205,16 +211,18 @@ def _mask_in_place(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tup
         del tensor  # release the buffer before the mapping closes
 
 
-def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
-    """Bytes [start, end) of fd_in to the same offsets of fd_out, by the kernel where it can."""
+def _copy_range(fd_in: int, fd_out: int, start: int, end: int, copied=lambda n: None) -> None:
+    """Bytes [start, end) of fd_in to the same offsets of fd_out, by the kernel where it can; `copied(n)` after
+    each chunk of at most COPY_CHUNK bytes (the progress bar counts bytes)."""
     while start < end:
         try:
-            n = os.copy_file_range(fd_in, fd_out, end - start, start, start)
+            n = os.copy_file_range(fd_in, fd_out, min(end - start, COPY_CHUNK), start, start)
         except OSError:  # not supported here (old kernel, some file systems): plain reads and writes
             n = os.pwrite(fd_out, os.pread(fd_in, min(end - start, 1 << 26), start), start)
         if n == 0:
             raise MftError(f"unexpected end of file while copying bytes {start}-{end}")
         start += n
+        copied(n)
 
 
 def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: WeightLocator, mask_set: MaskSet,
@@ -225,7 +233,7 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: We
     masked_key = {key: name for name, name_keys in keys.items() for key in name_keys}
     n = len(checkpoint.shards)
     weight_map, total = {}, 0
-    for i, shard in enumerate(bar, start=1):
+    for i, shard in enumerate(checkpoint.shards, start=1):
         out_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         tensors, seen = {}, set()
         for key, t in checkpoint._load_bin(shard).items():
@@ -239,6 +247,8 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: We
             weight_map[key] = out_name
             total += t.numel() * t.element_size()
         save_file(tensors, str(tmp / out_name), metadata={"format": "pt"})
+        bar.update((checkpoint.path / shard).stat().st_size)
+    bar.close()
     if n > 1:
         (tmp / INDEX_FILES[0]).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
@@ -270,12 +280,7 @@ def _check_output(output_dir: Path, overwrite: bool) -> None:
 def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists():
         _check_output(output_dir, overwrite)
-        old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_dir)
+    swap_into_place(tmp, output_dir)
 
 
 def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors") -> Path:
@@ -283,3 +288,78 @@ def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safet
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return _save_mask_file(output_dir, mask_set, fmt)
+
+
+# -- provenance: is the checkpoint masked already? -----------------------------------------------------------
+def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, str | None]]) -> str | None:
+    """Why `checkpoint` looks masked already, or None.
+
+    `pruned`: {mask name: (entries the new mask would prune, weight shape, layout)}. Masked when the folder holds
+    the record an apply writes (`mft_masks.json`), or when a weight to be masked already holds at least that
+    many exact zeros (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)` per
+    matrix, so a stack of expert matrices may hold one fewer per matrix). Reads one weight at a time. Where the
+    rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an L1 mask of a
+    masked matrix selects the same zeros again.
+    """
+    from mft.masking.checkpoint import WeightLocator
+
+    record = checkpoint.path / APPLY_INFO
+    if record.exists():
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            info = {}
+        return (f"it holds {APPLY_INFO}, the record of {info.get('source', 'unknown')} masks applied to "
+                f"{info.get('base_model', 'an unknown checkpoint')}")
+    locator = WeightLocator(checkpoint)
+    for name, (count, shape, layout) in pruned.items():
+        if count <= 0:
+            continue
+        matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        weight = locator.read(name, tuple(shape), layout)
+        zeros = int((weight == 0).sum())
+        if zeros >= count - matrices:
+            return (f"{name} already holds {zeros} exact zeros of {weight.numel()} "
+                    f"({zeros / weight.numel():.2%}), at least the {count} the new mask prunes")
+    return None
+
+
+def check_not_masked(checkpoint: Checkpoint, mask_set: MaskSet, allow: bool, flag: str = "--allow_masked_base") -> None:
+    """Refuse to mask a checkpoint that is masked already (see `already_masked`) unless `allow`."""
+    if allow:
+        return
+    # what a mask of this keep ratio prunes, int((1 - k) n) (a random mask's own count varies around it); the
+    # mask's own count where the ratio is unknown
+    pruned = {}
+    for name, shape in mask_set.shapes.items():
+        n, ratio = _entries(shape), mask_set.keep_ratios.get(name)
+        count = int((1 - ratio) * n) if ratio else n - mask_set.kept(name)
+        pruned[name] = (count, tuple(shape), mask_set.layout(name).get("layout"))
+    why = already_masked(checkpoint, pruned)
+    if why:
+        raise MftError(f"{checkpoint.path} is already masked: {why}. Masking it again compounds both masks while "
+                       f"the output records only the new one; build masks on the unmasked (FFT) checkpoint, or "
+                       f"pass {flag} if this is intended")
+
+
+def check_not_tied(model, names) -> None:
+    """Refuse masks on a module whose weight is the input embedding (a tied `lm_head`): masking it would mask
+    the embedding too. `model`: a (meta) model as built from its config; `names`: module names."""
+    embedding = model.get_input_embeddings()
+    if embedding is None:
+        return
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(module, "weight", None) is embedding.weight:
+            raise MftError(f"cannot mask {name}: its weight is tied to the input embedding (tie_word_embeddings "
+                           "is true), so masking it would also mask the embedding; leave it out of target_modules")
+
+
+def _entries(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -88,7 +88,16 @@ class Checkpoint:
         try:
             return torch.load(self.path / shard, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise MftError(f"cannot read {self.path / shard} with weights_only=True: {exc}") from None
+            import pickle
+
+            from mft.masking.files import unpickling_detail
+
+            if isinstance(exc, pickle.UnpicklingError):
+                raise MftError(f"refusing to load {self.path / shard}: it is a pickle holding more than tensors "
+                               f"({unpickling_detail(exc)}); weights are only read as plain tensors. Convert the "
+                               "checkpoint to safetensors where it was made") from None
+            raise MftError(f"cannot read {self.path / shard} (corrupt or truncated?): {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     @property
     def keys(self) -> list[str]:

@@ -30,7 +30,11 @@ def add_apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only_save_masks", action="store_true", help="write the mask file only, no model")
     p.add_argument("--save_masks_format", choices=("safetensors", "pt"), default="safetensors",
                    help="masks.safetensors (1 bit per entry, default) or the original's dense float masks.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir (only that "
+                   "folder: refused when it is or contains an input); the old one is removed only once the new "
+                   "one is complete")
+    p.add_argument("--allow_masked_base", action="store_true", help="mask a checkpoint that is already masked "
+                   "(holds mft_masks.json or the pruned fraction of exact zeros); refused otherwise")
     p.add_argument("--seed", type=int, default=42, help="seed of --random_masks")
     sel = p.add_argument_group("selection for --random_masks / --use_l1_mask (and overrides for an original "
                                "checkpoint's config.json)")
@@ -74,23 +78,52 @@ def _mask_config(args) -> MaskConfig:
 
 
 def run_apply(args) -> int:
+    from mft.errors import Interrupted
+
+    out = Path(args.output_dir)
+    try:
+        return _run_apply(args, out)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; nothing was written to {out} (any earlier output there is unchanged); "
+                          "re-run the same command to start again") from None
+    except OSError as exc:
+        if not exc.errno:
+            raise
+        from mft.paths import os_error
+
+        raise os_error(exc, out) from None
+
+
+def _run_apply(args, out: Path) -> int:
     from mft.masking import apply as A
     from mft.masking.files import read_masks
+    from mft.hub import resolve_model
+    from mft.paths import check_output_vs_inputs, check_writable
+    from mft.progress import set_quiet
+
+    if args.quiet:
+        set_quiet()  # every bar: the L1 and score passes too, not only the copy
 
     sources = [bool(args.mask_model_name_or_path), bool(args.masks_file), args.random_masks, args.use_l1_mask]
     if sum(sources) != 1:
         raise MftError("give exactly one mask source: --mask_model_name_or_path, --masks_file, --random_masks or "
                        f"--use_l1_mask ({sum(sources)} given)")
     cfg, explicit = _mask_config(args)  # validates ratios and layers before any heavy work
-    out = Path(args.output_dir)
+    # Short names (`mft models list`) become their cached folders before any path check.
+    base = resolve_model(args.base_model_name_or_path)
+    mask_model = resolve_model(args.mask_model_name_or_path)
+    # Nothing the command reads may be replaced by what it writes (checked again below once a run's recorded
+    # base model is known).
+    inputs = {"base model": base, "mask model": mask_model, "masks file": args.masks_file}
+    check_output_vs_inputs(out, inputs)
+    check_writable(out)
     if not args.only_save_masks:
         A._check_output(out, args.overwrite)
-    base = args.base_model_name_or_path
     if args.random_masks or args.use_l1_mask:
         if cfg.is_empty:
             raise MftError("--random_masks / --use_l1_mask need --masked_layers (e.g. \"4 5 6 7\") or --target_modules")
         if not base:
-            raise MftError("--random_masks / --use_l1_mask need --base_model_name_or_path")
+            raise MftError("--random_masks / --use_l1_mask need --base_model_name_or_path (the FFT checkpoint)")
         checkpoint = A.Checkpoint(base)
         targets = A.targets_of(checkpoint, cfg)
         mask_set = (A.random_masks(targets, cfg, args.seed) if args.random_masks
@@ -98,10 +131,17 @@ def run_apply(args) -> int:
     elif args.masks_file:
         mask_set = read_masks(args.masks_file)
     else:
-        mask_set, run_base = A.masks_from_mask_model(args.mask_model_name_or_path, explicit)
+        _check_original_settings(mask_model, explicit)
+        mask_set, run_base = A.masks_from_mask_model(mask_model, explicit)
         base = base or run_base
+        check_output_vs_inputs(out, {"base model recorded in the mask run": base})
     if base and not mask_set.base_model:
         mask_set.base_model = str(base)
+    if base:
+        checkpoint = A.Checkpoint(base)
+        A.check_not_tied(A.model_skeleton(checkpoint.path), mask_set.masks)
+        A.check_against_checkpoint(checkpoint, mask_set)
+        A.check_not_masked(checkpoint, mask_set, args.allow_masked_base)
 
     if args.only_save_masks:
         path = A.save_masks_only(out, mask_set, args.save_masks_format)
@@ -117,6 +157,53 @@ def run_apply(args) -> int:
                   save_masks_format=args.save_masks_format, progress=not args.quiet)
     print(f"wrote {out}: {base} with {_describe(mask_set)}")
     return 0
+
+
+def _check_original_settings(path: str, explicit: dict) -> None:
+    """An original MFT checkpoint must state its mask settings (config.json or the command line): refuse, naming
+    what is missing, rather than fall back to defaults; and refuse --masked_layers that the scores contradict."""
+    import re
+
+    from mft.masking import apply as A
+    from mft.masking.apply import RUN_INFO
+    from mft.masking.config import parse_layers
+    from mft.masking.files import DEFAULT_NAME
+    from mft.masking.select import linear_kind
+
+    folder = Path(path)
+    if (folder / DEFAULT_NAME).exists() or (folder / RUN_INFO).exists():
+        return  # an mft run folder: finished masks, no settings needed
+    checkpoint = A.Checkpoint(path)
+    modules = [k[: -len(".scores")] for k in checkpoint.keys if k.endswith(".scores")]
+    if not modules:
+        return  # masks_from_scores_checkpoint says what is wrong
+    config = checkpoint.config()
+
+    def given(key: str):  # the command line wins; config.json may use either name of a keep ratio
+        for name in (key, key.replace("sparsity", "keep_ratio")):
+            for source in (explicit, config):
+                if source.get(name) is not None:
+                    return source[name]
+        return None
+
+    subnet_type = given("subnet_type")
+    missing = [] if subnet_type is not None else ["subnet_type"]
+    for kind in sorted({linear_kind(m) or "mlp" for m in modules}):
+        key = f"threshold_{kind}" if subnet_type == "global" else f"sparsity_{kind}"
+        if given(key) is None:
+            missing.append(key)
+    if missing:
+        flags = " ".join(f"--{k} ..." for k in missing)
+        raise MftError(f"{path} is an original MFT checkpoint, but its config.json lacks the mask settings "
+                       f"{', '.join(missing)} (no defaults are assumed: they decide which weights are kept); pass "
+                       f"them on the command line: {flags}")
+    if explicit.get("masked_layers") is not None:
+        wanted = parse_layers(explicit["masked_layers"])
+        found = sorted({int(m.group(1)) for m in (re.search(r"\.(\d+)\.", n) for n in modules) if m})
+        if sorted(wanted) != found:
+            raise MftError(f"--masked_layers {' '.join(map(str, wanted))} does not match {path}: its scores are "
+                           f"in layers {' '.join(map(str, found))}; drop --masked_layers or pick that checkpoint's "
+                           "layers")
 
 
 def _describe(mask_set) -> str:
@@ -179,8 +266,13 @@ def apply_main(argv: list[str] | None = None) -> int:
                                      "(same as `mft apply`).")
     add_apply_arguments(parser)
     args = parser.parse_args(argv)
+    from mft.errors import Interrupted
+
     try:
         return run_apply(args)
     except MftError as exc:
         print(f"apply_masks.py: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"apply_masks.py: {exc}", file=sys.stderr)
+        return Interrupted.exit_code

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from mft.errors import MftError
+from mft.paths import follow_umask
 
 FORMAT = "mft-masks"
 FORMAT_VERSION = "1"
@@ -166,6 +167,7 @@ def write_masks(path: str | os.PathLike, mask_set: MaskSet) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        follow_umask(tmp)  # save_file creates 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -265,8 +267,8 @@ def _read_pickle(path: Path) -> MaskSet:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise MftError(f"refusing to load {path}: it is a pickle holding more than tensors (code or arbitrary "
-                       f"objects), and mask files are only read with torch.load(weights_only=True). "
-                       f"Detail: {str(exc).splitlines()[0]}") from None
+                       f"objects: {unpickling_detail(exc)}), and mask files are only read as plain tensors; a mask "
+                       "file should hold {module name: 0/1 tensor} and nothing else") from None
     except Exception as exc:  # a damaged file can trip the unpickler in many ways (IndexError, KeyError, ...)
         raise MftError(f"{path} is not a readable torch file (corrupt or truncated?): "
                        f"{type(exc).__name__}: {exc}") from None
@@ -274,6 +276,18 @@ def _read_pickle(path: Path) -> MaskSet:
         raise MftError(f"{path} holds {type(obj).__name__}, expected a dict {{module name: mask tensor}} "
                        "(the original masks.pt layout)")
     return MaskSet(_dense_masks(obj, path), format="original-pt")
+
+
+def unpickling_detail(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused (e.g. `GLOBAL builtins.print`), without its advice to load
+    the file with `weights_only=False` (which would run the code the file carries)."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"it names {found.group(1)}" if "GLOBAL" in found.group(0) else f"unsupported operand {found.group(1)}"
+    return "not a plain tensor file"
 
 
 def _dense_masks(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

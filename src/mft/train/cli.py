@@ -10,7 +10,9 @@ USAGE = """usage: mft train [CONFIG.yaml] [--key=value ...]
 Full fine-tuning, mask fine-tuning or LoRA, as the config says (subnet_mode set -> MFT, use_lora -> LoRA,
 else FFT; or method: fft|mft|lora). Any key of the YAML file can be overridden on the command line:
 --key=value, --key value or key=value; values are read as YAML. Re-running a command resumes an interrupted
-run from its newest checkpoint.
+run from its newest checkpoint, if every setting that changes the result is the same (else it lists the
+differences); --overwrite_output_dir starts over, replacing output_dir only once the new run has finished.
+--quiet: no progress bars (away from a terminal the bar is one plain log line per 10 % or minute either way).
 
 keys:
 """
@@ -45,13 +47,38 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    if "--quiet" in argv:
+        from mft.progress import set_quiet
+
+        argv = [a for a in argv if a != "--quiet"]
+        set_quiet()
+    cfg = None
     try:
+        from mft.hub import resolve_model
         from mft.train.config import load_config
         from mft.train.loop import train
 
         config, overrides = split_args(argv)
-        train(load_config(config, overrides))
+        cfg = load_config(config, overrides)
+        # A short name (`mft models list`) becomes its cached folder; the saved config records that folder.
+        cfg.model_name_or_path = resolve_model(cfg.model_name_or_path)
+        cfg.tokenizer_name = resolve_model(cfg.tokenizer_name)
+        train(cfg)
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to go on, no traceback
+        from mft.errors import Interrupted
+        from mft.train.guard import close_progress_bars, interrupted_message
+
+        close_progress_bars()
+        print(f"{prog}: {interrupted_message()}", file=sys.stderr)
+        return Interrupted.exit_code
+    except OSError as exc:
+        if not exc.errno or cfg is None:
+            raise
+        from mft.paths import os_error
+
+        print(f"{prog}: error: {os_error(exc, cfg.output_dir)}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,7 @@ jobs, ...) are listed in `UNSUPPORTED`: accepted at their harmless values, an er
 
 Finished runs: the training loop writes `FINISHED_MARKER` (`run_complete.json`) into `output_dir` as its very
 last act (`mark_finished`). `check_output_dir` refuses a folder holding it unless `overwrite_output_dir`;
-a folder without it is an interrupted run, to be resumed.
+a folder without it is an interrupted run, to be resumed (with the same settings: `mft.train.guard`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ FINISHED_MARKER = "run_complete.json"
 TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step
 CONFIG_FILE = "train_config.yaml"  # the resolved settings of the run
 # A run's bookkeeping: never copied along with a model folder (e.g. by the streaming apply).
-RUN_FILES = (FINISHED_MARKER, TRAIN_LOG, CONFIG_FILE)
+RUN_FILES = (FINISHED_MARKER, TRAIN_LOG, CONFIG_FILE, "train_launch.json")
 
 _MASK_FIELDS = {f.name: f for f in fields(MaskConfig)}
 
@@ -153,7 +153,11 @@ class TrainConfig:
 
     # --- output, checkpoints, logging ----------------------------------------------------------------
     output_dir: str = _help("run folder: final model or masks, checkpoints, resolved config", default="output/")
-    overwrite_output_dir: bool = _help("replace a finished run in output_dir instead of refusing", default=False)
+    overwrite_output_dir: bool = _help("start over: replace what output_dir holds (a finished or interrupted run). "
+                                       "The new run is written beside it and replaces it only once finished; "
+                                       "refused when output_dir is or contains an input", default=False)
+    allow_masked_base: bool = _help("MFT: allow a model_name_or_path that is already masked (holds mft_masks.json "
+                                    "or the pruned fraction of exact zeros); refused otherwise", default=False)
     checkpointing_steps: int | str | None = _help("save a checkpoint every N optimizer steps, or 'epoch'",
                                                   default=None)
     keep_last_n_checkpoints: int = _help("checkpoints kept in output_dir; -1 keeps all", default=3)

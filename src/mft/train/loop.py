@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from mft.errors import MftError
-from mft.train.config import (CONFIG_FILE, FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
+from mft.train import guard
+from mft.train.config import (FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
                               validate_against_model)
 
 logger = logging.getLogger("mft.train")
@@ -72,25 +73,30 @@ def _deepspeed_config(accelerator) -> dict | None:
 def _preflight(cfg: TrainConfig) -> str:
     """Every check that needs no weights; returns check_output_dir's verdict."""
     state = check_output_dir(cfg)
+    guard.check_inputs(cfg)
     validate_against_model(cfg)
     if cfg.resolved_method == "mft":
         from mft.masking.checkpoint import model_skeleton, resolve_model_dir
         from mft.masking.select import coverage_table, select_targets
 
-        targets = select_targets(model_skeleton(resolve_model_dir(cfg.model_name_or_path)), cfg.mask_config())
+        skeleton = model_skeleton(resolve_model_dir(cfg.model_name_or_path))
+        targets = select_targets(skeleton, cfg.mask_config())
         logger.info("mask selection (language model decoder layers %s, subnet_mode %s):\n%s",
                     cfg.mask_config().masked_layers, cfg.mask_config().subnet_mode, coverage_table(targets))
+        guard.check_mask_base(cfg, skeleton, targets)
     return state
 
 
 def _load_model(cfg: TrainConfig, accelerator, ds_config):
     from mft.models import load_pretrained
+    from mft.precision import training_dtype
 
     method = cfg.resolved_method
     # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
     dtype = torch.float32
     if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
         dtype = torch.bfloat16
+    dtype = training_dtype(accelerator, dtype, cfg.model_name_or_path, deepspeed=ds_config is not None)
     attn = "sdpa"
     if cfg.use_flash_attn:
         try:
@@ -173,7 +179,10 @@ def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
     accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if ds else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        # atomically: its presence marks the checkpoint complete, so a kill must not leave it half-written
+        tmp = path / f".{TRAINER_STATE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path / TRAINER_STATE)
         if cfg.keep_last_n_checkpoints > 0:
             done = sorted((p for p in path.parent.glob("step_*") if (p / TRAINER_STATE).exists()),
                           key=lambda p: int(p.name.split("_")[1]))
@@ -235,7 +244,10 @@ def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
 def _rewind_log(path: Path, completed_steps: int) -> None:
     """On resume, drop log lines of steps after the checkpoint (they will be logged again)."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= completed_steps]
+        text = path.read_text()
+        if not text.endswith("\n"):  # a kill cut the last line short: drop it
+            text = text[: text.rfind("\n") + 1]
+        lines = [ln for ln in text.splitlines() if ln and json.loads(ln)["step"] <= completed_steps]
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
@@ -250,13 +262,15 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job `cfg` describes (see the module docstring)."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
+
+    from mft.progress import progress, quiet_libraries_off_terminal
 
     from mft.masking.inject import extract_masks, refresh_masks
     from mft.train.data import Collator, build_train_dataset, load_tokenizer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    quiet_libraries_off_terminal()
     logger.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
     logging.getLogger("mft.train.data").setLevel(logging.INFO)
@@ -265,13 +279,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = _accelerator(cfg)
     ds_config = _deepspeed_config(accelerator)
     main = accelerator.is_main_process
+    final_dir = Path(cfg.output_dir)
+    cfg = guard.open_output(cfg, out_state, accelerator)  # checks a resume; overwrite: a folder beside the old
     out = Path(cfg.output_dir)
-    if out_state == "overwrite" and main:
-        shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(str(out / CONFIG_FILE))
     set_seed(cfg.seed)
 
     # data
@@ -318,11 +328,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     completed_steps, start_epoch, skip_batches = 0, 0, 0
     checkpoint = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(cfg.output_dir)
     if checkpoint is not None:
+        guard.check_checkpoint(checkpoint, unwrapped)
         accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if ds else {"strict": False}))
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
         if skip_batches >= len(loader):
             start_epoch, skip_batches = start_epoch + 1, 0
+        guard.PROGRESS["step"] = completed_steps
+        if completed_steps >= max_steps:  # killed after its last checkpoint: nothing left to train
+            start_epoch = epochs
         if main:
             logger.info("resuming from %s (step %d)", checkpoint, completed_steps)
             _rewind_log(out / TRAIN_LOG, completed_steps)
@@ -337,7 +351,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("%d optimizer steps (%d epochs x %d), %d processes x %d sequences x %d accumulation",
                     max_steps, epochs, steps_per_epoch, accelerator.num_processes, cfg.per_device_train_batch_size,
                     cfg.gradient_accumulation_steps)
-    bar = tqdm(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
+    bar = progress(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
     model.train()
     window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -362,7 +376,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             scheduler.step()
             refresh()
             completed_steps += 1
-            bar.update(1)
+            guard.PROGRESS["step"] = completed_steps
             if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
                 loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
                 tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
@@ -377,6 +391,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if cfg.with_tracking:
                     accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
                 window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            bar.update(1)  # after set_postfix: a log line carries this step's loss
             save_now = (isinstance(cfg.checkpointing_steps, int) and completed_steps % cfg.checkpointing_steps == 0) \
                 or (cfg.checkpointing_steps == "epoch" and batches_in_epoch == len(loader))
             if save_now:
@@ -401,6 +416,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.end_training()
     if main:
         mark_finished(str(out), info)
+    out = guard.finish_output(out, final_dir, main)  # overwrite: the new run replaces the old one only now
+    if main:
         logger.info("done: %s", out)
         if method == "mft":
             logger.info("bake the masks: mft apply --mask_model_name_or_path %s --output_dir %s", out,

@@ -49,7 +49,7 @@ class GSM8K(Task):
         return extract_answer(doc["answer"].split("####")[-1].strip())
 
     def score(self, docs, outputs, workers=None):
-        from tqdm.auto import tqdm
+        from mft.progress import progress as tqdm
 
         results = []
         for doc, output in tqdm(list(zip(docs, outputs)), desc=f"scoring {self.name}", unit="doc"):

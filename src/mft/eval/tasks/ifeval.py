@@ -61,7 +61,7 @@ class IFEval(Task):
         return {"instruction_id_list": doc["instruction_id_list"], "kwargs": doc["kwargs"]}
 
     def score(self, docs, outputs, workers=None):
-        from tqdm.auto import tqdm
+        from mft.progress import progress as tqdm
 
         _checkers()
         pairs = tqdm(list(zip(docs, outputs)), desc=f"scoring {self.name}", unit="doc")

@@ -1,0 +1,296 @@
+"""What `mft train` checks and how it owns its output folder, so that nothing is lost and nothing resumes wrong.
+
+- `check_inputs(cfg)` (before anything loads): the output folder may not be or contain an input (model,
+  tokenizer, local data files); it must be writable; the tokenizer files exist; every line of a local
+  JSON-lines data file parses.
+- `check_mask_base(cfg, skeleton, targets)` (MFT): no tied `lm_head`, and no already-masked checkpoint unless
+  `allow_masked_base` (the record `mft_masks.json`, or matrices that already hold the pruned fraction of
+  exact zeros).
+- `open_output(cfg, state, accelerator)`: a run folder records its effective config (`train_config.yaml`,
+  plus `train_launch.json`: processes, precision, distributed type). Re-running into an interrupted run
+  resumes only when every key that changes the result is the same, otherwise it refuses and lists the
+  differing keys (old -> new). `overwrite_output_dir` starts over *beside* the old output: the new run is
+  written to a temporary sibling and `finish_output` swaps it into place at the end, so a failed run leaves
+  the old output as it was; the temporary folder of a killed run is removed (and reported) by the next one.
+- `check_checkpoint(path, model)`: a checkpoint must hold exactly the trained tensors, with their shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mft.errors import MftError
+from mft.train.config import CONFIG_FILE, TRAIN_LOG, TrainConfig, field_help, source_kind
+
+LAUNCH_FILE = "train_launch.json"  # how the run was launched: processes, precision, distributed type
+# Keys that cannot change what a run computes: they may differ between a run and its resumption.
+NON_RESULT_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps",
+    "keep_last_n_checkpoints", "logging_steps", "with_tracking", "report_to", "exp_name", "wandb_project_name",
+    "wandb_entity", "timeout", "preprocessing_num_workers", "overwrite_cache", "dataset_local_cache_dir",
+    "dataset_mix_dir", "low_cpu_mem_usage", "use_slow_tokenizer", "allow_masked_base"})
+# Local path keys: compared by the folder or file they name, not by spelling.
+_PATH_KEYS = ("model_name_or_path", "tokenizer_name", "train_file", "dataset_name")
+# Where the job is, for the one-line Ctrl-C message (set by the training loop).
+PROGRESS: dict = {}
+
+
+# -- before anything loads --------------------------------------------------------------------------------
+def check_inputs(cfg: TrainConfig) -> None:
+    """Output vs inputs, writability, tokenizer files, JSON lines of local data files. Raises MftError."""
+    from mft.paths import check_output_vs_inputs, check_writable
+
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name": cfg.tokenizer_name}
+    local_data = [src for src, _ in cfg.data_sources() if source_kind(src) in ("file", "dir")]
+    inputs.update({f"training data {src}": src for src in local_data})
+    check_output_vs_inputs(cfg.output_dir, inputs, output_flag="output_dir")
+    check_writable(cfg.output_dir, output_flag="output_dir")
+    check_tokenizer_files(cfg.tokenizer_name or cfg.model_name_or_path)
+    for src in local_data:
+        if source_kind(src) == "file" and src.lower().endswith((".jsonl", ".json")):
+            check_json_lines(os.path.expanduser(src))
+
+
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def check_tokenizer_files(name_or_path: str) -> None:
+    """A local model/tokenizer folder must hold a tokenizer: tokenizer.json, tokenizer.model (SentencePiece),
+    vocab.json + merges.txt (BPE) or vocab.txt (WordPiece). Hub ids are left to the loader."""
+    folder = Path(os.path.expanduser(name_or_path))
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    if any(all(f in names for f in files) for files in TOKENIZER_FILE_SETS):
+        return
+    partial = [f for files in TOKENIZER_FILE_SETS if len(files) > 1 and any(f in names for f in files)
+               for f in files if f not in names]
+    if partial:
+        raise MftError(f"the tokenizer in {folder} is incomplete: {', '.join(partial)} is missing")
+    raise MftError(f"no tokenizer files in {folder}: expected tokenizer.json (or tokenizer.model, or vocab.json + "
+                   f"merges.txt); it holds {', '.join(sorted(names)) or 'nothing'}. Copy them there or set "
+                   "tokenizer_name")
+
+
+def check_json_lines(path: str) -> None:
+    """Every non-blank line of a JSON-lines file must be one JSON object; a `.json` file may instead be one JSON
+    document. Raises MftError with the file, the line number and the parser's complaint."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        if path.lower().endswith(".json"):
+            head = fh.read(1 << 16).lstrip()
+            if not head.startswith("{"):
+                return  # a JSON array: datasets reads it whole and names its own errors
+            fh.seek(0)
+            try:
+                json.load(fh)
+                return  # one JSON document
+            except ValueError:
+                fh.seek(0)
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except ValueError as exc:
+                raise MftError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); every "
+                               "line must hold one {\"messages\": [...]} object") from None
+            if not isinstance(row, dict):
+                raise MftError(f"{path}, line {number}: expected a JSON object {{\"messages\": [...]}}, got "
+                               f"{type(row).__name__}")
+
+
+def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
+    """MFT only: refuse a tied lm_head among the targets, and a checkpoint that is already masked (unless
+    allow_masked_base)."""
+    from mft.masking.apply import already_masked, check_not_tied
+    from mft.masking.checkpoint import Checkpoint, resolve_model_dir
+
+    check_not_tied(skeleton, [t.name for t in targets])
+    if cfg.allow_masked_base:
+        return
+    mask_cfg = cfg.mask_config()
+    # local masks prune int((1 - k) n) per matrix; global ones have no fixed count, so only the record counts
+    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)), tuple(t.shape), t.layout)
+              for t in targets if mask_cfg.subnet_type == "local"}
+    checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
+    why = already_masked(checkpoint, pruned)
+    if why:
+        raise MftError(f"{cfg.model_name_or_path} is already masked: {why}. MFT on it would learn a mask on top of "
+                       "the baked one; train from the unmasked (FFT) checkpoint, or set allow_masked_base: true if "
+                       "this is intended")
+
+
+def _entries(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# -- the run folder ---------------------------------------------------------------------------------------
+def launch_info(accelerator) -> dict:
+    """How this run is launched, as far as it changes the result."""
+    info = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1]}
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        info["zero_stage"] = plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+    return info
+
+
+def config_differences(recorded: dict, cfg: TrainConfig) -> list[str]:
+    """["key: old -> new", ...] for every key that changes the result and differs between the config recorded
+    in a run folder and `cfg` (keys missing from the record count as their defaults)."""
+    import yaml
+
+    defaults = {key: default for key, _, default, _ in field_help()}
+    current = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    out = []
+    for key in current:
+        if key in NON_RESULT_KEYS:
+            continue
+        old, new = recorded.get(key, defaults.get(key)), current[key]
+        if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str) and old != new:
+            from mft.paths import resolved
+
+            if os.path.exists(os.path.expanduser(old)) and resolved(old) == resolved(new):
+                continue
+        if old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+def check_resume(cfg: TrainConfig, state: str, accelerator) -> None:
+    """For an interrupted run ("resume"): refuse a folder that is not an mft run, or one started with other
+    settings. Read-only: every rank may call it."""
+    if state != "resume":
+        return
+    out = Path(cfg.output_dir)
+    record = out / CONFIG_FILE
+    if not record.exists():
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise MftError(f"output_dir {out} is not empty ({shown}) and holds no mft run ({CONFIG_FILE}); choose a "
+                       "new or empty folder, or pass --overwrite_output_dir to replace its content")
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MftError(f"cannot read {record} ({exc}); pass --overwrite_output_dir to start over") from None
+    diffs = config_differences(recorded, cfg)
+    launch_file = out / LAUNCH_FILE
+    if launch_file.exists():
+        old_launch = json.loads(launch_file.read_text())
+        new_launch = launch_info(accelerator)
+        diffs += [f"{k}: {old_launch.get(k)!r} -> {new_launch.get(k)!r}"
+                  for k in sorted(set(old_launch) | set(new_launch)) if old_launch.get(k) != new_launch.get(k)]
+    if diffs:
+        raise MftError(f"{out} holds an interrupted run started with other settings, so it cannot be resumed: "
+                       + "; ".join(diffs) + ". Re-run with the recorded settings to resume, pass "
+                       "--overwrite_output_dir to start over (the old run is replaced only when the new one "
+                       "finishes), or choose another output_dir")
+
+
+def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
+    """Prepare the folder this run writes into and return the config to run with.
+
+    "new" / "resume": `output_dir` itself (a resume without any checkpoint starts again, so its old log goes).
+    "overwrite": a temporary sibling `.<name>.tmp-<pid>-train`, swapped into place by `finish_output`.
+    Temporary siblings of killed runs are removed and reported. The effective config is written into the folder.
+    """
+    import dataclasses
+
+    from accelerate.utils import broadcast_object_list
+
+    from mft.paths import remove_leftovers, temp_sibling
+
+    check_resume(cfg, state, accelerator)
+    final = Path(cfg.output_dir)
+    target = [str(temp_sibling(final, "tmp", "train")) if state == "overwrite" else str(final)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(target, from_process=0)  # the main process's pid names the folder
+    write_dir = Path(target[0])
+    if accelerator.is_main_process:
+        remove_leftovers(final)
+        write_dir.mkdir(parents=True, exist_ok=True)
+        if state == "resume" and not cfg.resume_from_checkpoint:
+            from mft.train.loop import latest_checkpoint
+
+            if latest_checkpoint(str(write_dir)) is None and (write_dir / TRAIN_LOG).exists():
+                (write_dir / TRAIN_LOG).unlink()  # no checkpoint: the run starts again from step 0
+        # written whole or not at all (a kill must not leave a record that cannot be read back)
+        cfg.save(str(write_dir / f".{CONFIG_FILE}.tmp"))
+        os.replace(write_dir / f".{CONFIG_FILE}.tmp", write_dir / CONFIG_FILE)
+        (write_dir / f".{LAUNCH_FILE}.tmp").write_text(json.dumps(launch_info(accelerator), indent=1))
+        os.replace(write_dir / f".{LAUNCH_FILE}.tmp", write_dir / LAUNCH_FILE)
+    accelerator.wait_for_everyone()
+    PROGRESS.update(step=0, output_dir=str(final), write_dir=str(write_dir), overwrite=state == "overwrite",
+                    checkpointing=cfg.checkpointing_steps is not None)
+    if write_dir == final:
+        return cfg
+    run_cfg = dataclasses.replace(cfg)
+    run_cfg.output_dir = str(write_dir)
+    return run_cfg
+
+
+def finish_output(write_dir: Path, final: Path, main: bool) -> Path:
+    """Main process, after the finished marker is written: files get the umask's mode; an overwrite run's folder
+    is moved into place."""
+    if main:
+        from mft.paths import follow_umask, swap_into_place
+
+        follow_umask(write_dir)  # safetensors writes 0600 files; the run folder follows the user's umask
+        if Path(write_dir) != Path(final):
+            swap_into_place(Path(write_dir), Path(final))
+    return Path(final)
+
+
+def check_checkpoint(checkpoint: Path, model) -> None:
+    """Refuse a checkpoint whose model tensors are not exactly this run's trained parameters (names and shapes):
+    the load that follows is told to skip the frozen weights, so it would not notice by itself."""
+    file = Path(checkpoint) / "model.safetensors"
+    if not file.exists():
+        return  # DeepSpeed's own format: it checks parameter groups itself
+    from mft.masking.checkpoint import read_safetensors_header
+
+    header, _ = read_safetensors_header(file)
+    saved = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    wanted = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    shapes = sorted(n for n in set(saved) & set(wanted) if saved[n] != wanted[n])
+    if missing or extra or shapes:
+        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
+                 for what, names in (("missing", missing), ("unexpected", extra), ("other shape", shapes)) if names]
+        raise MftError(f"checkpoint {checkpoint} does not fit this run: " + "; ".join(parts) + ". It was saved by "
+                       "a run with other settings; pass --overwrite_output_dir to start over")
+
+
+def interrupted_message() -> str:
+    """The one line for Ctrl-C."""
+    step = PROGRESS.get("step")
+    where = f"interrupted at step {step}" if step is not None else "interrupted before training started"
+    if step is not None and PROGRESS.get("write_dir"):
+        from mft.train.loop import latest_checkpoint
+
+        newest = latest_checkpoint(PROGRESS["write_dir"])
+        where += f" (newest checkpoint: {newest.name})" if newest else " (no checkpoint yet)"
+    if PROGRESS.get("overwrite"):
+        return (f"{where}; {PROGRESS['output_dir']} is unchanged (the new run was being written beside it and is "
+                "removed by the next run); re-run the same command to start over")
+    if step and not PROGRESS.get("checkpointing"):
+        return f"{where}; no checkpoints were saved (checkpointing_steps is unset), so re-running starts from step 0"
+    return f"{where}; re-run the same command to resume"
+
+
+
+def close_progress_bars() -> None:
+    """End the progress bars an interrupted loop left open, so the message that follows gets its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -1,0 +1,69 @@
+"""`mft demo --model`: the real-model demo's split, interval and table (fast), and its whole pipeline on a tiny
+local model folder (the real SmolLM2 run is `mft demo --model smollm2-135m-instruct --quick`, see the README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mft.demo import real
+from mft.demo.pipeline import MODELS
+from mft.errors import MftError
+from mft.eval.data import packaged_data_dir
+
+ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether "
+          "in April and May.\n#### 1,072")
+
+
+def test_gsm8k_target_has_the_exemplars_form():
+    assert real.gsm8k_target(ANSWER) == ("Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips "
+                                         "altogether in April and May. So the answer is 1072.")
+
+
+def test_wilson_interval_known_values():
+    assert real.wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert real.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert real.wilson_interval(16, 16)[1] == 1.0 and real.wilson_interval(16, 16)[0] == pytest.approx(0.80639, abs=1e-5)
+
+
+def test_split_is_seeded_disjoint_and_from_the_shipped_test_set():
+    rows = [json.loads(line) for line in (packaged_data_dir() / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    train, test, record = real.split_gsm8k(30, 20, seed=4)
+    assert len(train) == 30 and len(test) == 20
+    assert not set(record["train_indices"]) & set(record["heldout_indices"])
+    assert [rows[i] for i in record["heldout_indices"]] == test and [rows[i] for i in record["train_indices"]] == train
+    assert record["what"] == "demo split of the GSM8K test set: not a benchmark number" and record["seed"] == 4
+    assert real.split_gsm8k(30, 20, seed=4)[2] == record and real.split_gsm8k(30, 20, seed=5)[2] != record
+    with pytest.raises(MftError, match=r"n_train \+ n_test <= 1319 \(GSM8K test problems\); got 1300 \+ 20"):
+        real.split_gsm8k(1300, 20, seed=0)
+
+
+@pytest.mark.slow
+def test_real_demo_pipeline_on_a_local_model_folder(tmp_path, saved_model, capsys):
+    """Every stage and file of the real-model demo, on a tiny model folder given as --model (seconds, not minutes)."""
+    base = saved_model("llama", max_position_embeddings=1024)
+    settings = real.RealSettings(n_train=8, n_test=6, max_seq_length=512, batch_size=4, fft_epochs=1, mft_epochs=1,
+                                 masked_layers="1 2", max_gen_toks=8, eval_batch_size=6, max_model_len=512)
+    out = tmp_path / "demo"
+    result = real.run_real_demo(str(base), out, seed=2, settings=settings)
+    assert list(result["models"]) == list(MODELS)
+    for name, row in result["models"].items():
+        assert row["num_instances"] == 6 and 0 <= row["correct"] <= 6
+        assert row["accuracy"] == row["correct"] / 6
+        assert row["ci95"] == pytest.approx(list(real.wilson_interval(row["correct"], 6)))
+        assert (out / "eval" / name / "metrics.json").is_file()
+    for name in ("fft", "mft", "random", "l1"):
+        assert (out / "models" / name / "model.safetensors").is_file(), name
+    split = json.loads((out / "data" / "split.json").read_text())
+    assert split["seed"] == 2 and len(split["train_indices"]) == 8 and len(split["heldout_indices"]) == 6
+    assert len((out / "data" / "heldout.jsonl").read_text().splitlines()) == 6
+    table = (out / "results.md").read_text()
+    assert table.startswith(f"{base}, demo split of the GSM8K test set (seed 2: 8 train / 6 held-out problems): "
+                            "NOT a benchmark number")
+    assert "| model | GSM8K 8-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n |" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines()[4:]] == \
+        ["base", "FFT", "MFT", "random mask", "L1 mask"]
+    assert table in capsys.readouterr().out
+    with pytest.raises(MftError, match="pass --overwrite"):
+        real.run_real_demo(str(base), out, seed=2, settings=settings)

@@ -1,0 +1,76 @@
+"""CPU compute dtype: bf16 checkpoints run in fp32 on a CPU without bf16 matrix instructions (issue 13, item 5).
+
+`cpu_has_native_bf16` is patched to both answers: a test machine has one kind of CPU (this one, AVX2 only,
+has none of the flags), and the rest of each path (loading, accelerate's autocast) runs for real.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mft import precision
+
+CPUINFO_SPR = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n"
+CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse avx avx2 fma\n"
+
+
+def test_cpu_flags_parsed_from_cpuinfo():
+    assert precision.cpu_bf16_flags(CPUINFO_SPR) == ["amx_bf16", "avx512_bf16"]
+    assert precision.cpu_bf16_flags(CPUINFO_AVX2) == []
+    assert precision.cpu_bf16_flags("Features\t: fp asimd bf16\n") == []  # arm's flag is not a matrix unit
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_compute_dtype_upcasts_only_without_native_bf16(monkeypatch, caplog, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.INFO, logger="mft.precision"):
+        got = precision.compute_dtype(torch.bfloat16, "cpu", "ckpt")
+    assert got == (torch.bfloat16 if native else torch.float32)
+    expected = "ckpt: computing in bfloat16 on cpu" if native else \
+        "ckpt: computing in float32 instead of bfloat16: this CPU has no native bf16 matrix instructions"
+    assert expected in caplog.text
+    assert precision.compute_dtype(torch.float16, "cpu") == (torch.float16 if native else torch.float32)
+    assert precision.compute_dtype(torch.float32, "cpu") == torch.float32
+    assert precision.compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # a GPU keeps bf16
+
+
+def test_checkpoint_dtype_reads_config(saved_model, tmp_path):
+    assert precision.checkpoint_dtype(saved_model(dtype=torch.bfloat16)) == torch.bfloat16
+    assert precision.checkpoint_dtype(saved_model()) == torch.float32
+    assert precision.checkpoint_dtype(tmp_path) is None  # no config.json
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_hf_backend_loads_bf16_checkpoint_in_fp32_without_native_bf16(monkeypatch, saved_model, native):
+    from mft.eval.hf_backend import HFBackend
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    backend = HFBackend(str(saved_model(dtype=torch.bfloat16)), device="cpu")
+    assert {p.dtype for p in backend.model.parameters()} == {torch.bfloat16 if native else torch.float32}
+    explicit = HFBackend(str(saved_model(dtype=torch.bfloat16)), device="cpu", dtype=torch.float32)
+    assert {p.dtype for p in explicit.model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_training_dtype_turns_off_bf16_autocast_without_native_bf16(monkeypatch, native):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    # MFT under bf16 mixed precision asks for bf16 weights; FFT keeps fp32 master weights.
+    assert precision.training_dtype(accelerator, torch.bfloat16, "m") == (torch.bfloat16 if native else torch.float32)
+    seen = []
+
+    class Probe(torch.nn.Linear):  # records, inside forward, whether accelerate's autocast is on
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(x)
+
+    model = accelerator.prepare(Probe(4, 4))
+    model(torch.ones(1, 4))
+    assert seen == [native]  # bf16 autocast only where the CPU computes bf16 natively
+    # DeepSpeed files configure their own precision: left alone.
+    assert precision.training_dtype(Accelerator(cpu=True), torch.bfloat16, "m", deepspeed=True) == torch.bfloat16
