@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# GPU check (issue 6): FFT vs our MFT step time and peak memory, the mask overhead, and the original-style
-# MFT (full sort on every forward), on a ~1B-parameter Llama-shaped model built in place (no downloads).
+# GPU check (issues 6 and 12): FFT vs our MFT step time and peak memory, the mask overhead, and the
+# original-style MFT (full sort on every forward), on a ~1B-parameter Llama-shaped model built in place (no
+# downloads); then (issue 12) the mask selection on one LLaMA-2-7B layer's scores (benchmarks/selection.py),
+# the published micro-batching (16 micro-batches of 1 x 2048), and scripts/finetune.py MFT tokens/s plain vs
+# DeepSpeed ZeRO-2 vs ZeRO-3 vs the MFT layout (DDP, scores' optimizer state sharded).
 #
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine: ~1B model, bf16, about 3-5 minutes
 #   bash benchmarks/gpu_check.sh --tiny          # smoke test of the same code path, on the CPU if no GPU
@@ -14,22 +17,23 @@
 # Memory: torch.cuda.max_memory_allocated of one variant at a time (built, 2 steps, freed), over what was
 # allocated before it was built. Time: all variants built side by side, rounds interleaved (order
 # rotating), medians of per-round ratios. Prints the same RESULT lines as the CPU benchmarks and exits 1
-# when a target is missed. Whole run capped at 7.5 minutes.
+# when a target is missed. Whole run capped at 8 minutes; --skip selection,microbatch,finetune leaves parts out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-exec timeout 450 "$PY" - "$@" <<'PYEOF'
+exec timeout 480 "$PY" - "$@" <<'PYEOF'
 import argparse, gc, os, platform, sys, time
 
 sys.path[:0] = ["benchmarks", "src"]
 parser = argparse.ArgumentParser(prog="gpu_check.sh")
 parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test; runs on the CPU without a GPU)")
 parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-parser.add_argument("--rounds", type=int, default=5)
-parser.add_argument("--variants", default="fft,mft,mft-frozen,original,fft-bf16")
+parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--variants", default="fft,mft,mft-frozen,original")
+parser.add_argument("--skip", default="", help="comma-separated parts to leave out: selection,microbatch,finetune")
 args = parser.parse_args()
 
 try:
@@ -121,15 +125,49 @@ print(common.table(rows, ["variant", "trainable", "median s/step", "min s/step",
 checks = []
 if {"fft", "mft"} <= set(times):
     r = common.paired_ratio(times, "mft", "fft")
-    checks.append(("gpu step MFT/FFT", r, "<= 0.8", r <= 0.8))
+    checks.append(("gpu step MFT/FFT", r, "<= 0.70", r <= 0.70))
     if device == "cuda":
         m = peak["mft"] / peak["fft"]
         checks.append(("gpu memory MFT/FFT", m, "<= 0.6", m <= 0.6))
 if {"mft", "mft-frozen"} <= set(times):
     r = common.paired_ratio(times, "mft", "mft-frozen")
-    checks.append(("gpu mask overhead ours/frozen masks", r, "<= 1.05", r <= 1.05))
-if {"mft", "original"} <= set(times):
+    checks.append(("gpu mask overhead ours/frozen masks", r, "<= 1.03", r <= 1.03))
+if {"mft", "original"} <= set(times):  # issue 12: on a GPU the honest figure is ~1.35x; information only
     r = common.paired_ratio(times, "original", "mft")
-    checks.append(("gpu step original-style/ours", r, ">= 3.5", r >= 3.5))
-sys.exit(common.verdict(checks))
+    print(f"information: step original-style/ours = {r:.3f}")
+del runs
+skip = set(filter(None, args.skip.split(",")))
+failed = common.verdict(checks)
+
+# 3. the selection micro-benchmark (issue 12): one LLaMA-2-7B layer's scores, ours vs sort vs the floor
+if "selection" not in skip:
+    import selection
+
+    print("\n== selection: one LLaMA-2-7B layer's scores", flush=True)
+    failed |= selection.main(["--device", device, "--repeats", "3" if args.tiny else "10",
+                              "--scale", "16" if args.tiny else "1"])
+
+# 4. the published micro-batching: 16 micro-batches of 1 x 2048 tokens (tiny: 4 of 1 x 64)
+if "microbatch" not in skip:
+    print("\n== published micro-batching", flush=True)
+    accumulation, batch, seq = (4, 1, 64) if args.tiny else (16, 1, 2048)
+    gc.collect()
+    runs = {kind: build(kind)[1] for kind in ("mft", "mft-frozen", "original")}
+    times = common.interleaved(runs, args.rounds, warmup=1, device=device)
+    print(f"{accumulation} micro-batches of {batch} x {seq}: median s/step " +
+          ", ".join(f"{k} {common.median(t):.3f}" for k, t in times.items()))
+    r = common.paired_ratio(times, "mft", "mft-frozen")
+    print(f"information: published micro-batching original-style/ours = "
+          f"{common.paired_ratio(times, 'original', 'mft'):.3f}")
+    failed |= common.verdict([("gpu published micro-batching mask overhead ours/frozen masks", r, "<= 1.03",
+                               r <= 1.03)])
+    del runs
+
+# 5. scripts/finetune.py MFT tokens/s: plain vs ZeRO-2 vs ZeRO-3 vs the MFT layout (issue 12)
+if "finetune" not in skip:
+    import finetune_speed
+
+    print("\n== finetune.py MFT tokens/s", flush=True)
+    failed |= finetune_speed.main(["--tiny"] if args.tiny else [])
+sys.exit(failed)
 PYEOF

@@ -20,9 +20,10 @@ mkdir -p "$OUT"
 
 if [ $QUICK = 1 ]; then
   STEP="--repeats 3"; OVERHEAD="--repeats 4"; MEMORY="--repeats 1"; APPLY="--repeats 1"; EVAL="--rounds 1"
-  GEN="--rounds 1 --max-gen-toks 64 --gsm8k 16"
+  GEN="--rounds 1 --max-gen-toks 64 --gsm8k 16"; SELECTION="--repeats 3"
 else
   STEP="--repeats 5"; OVERHEAD="--repeats 8"; MEMORY="--repeats 2"; APPLY="--repeats 3"; EVAL=""; GEN=""
+  SELECTION="--repeats 5"
 fi
 
 declare -a NAMES=() CODES=()
@@ -41,6 +42,7 @@ run mask_overhead benchmarks/mask_overhead.py $OVERHEAD
 run memory benchmarks/memory.py $MEMORY
 run mask_storage benchmarks/mask_storage.py
 run apply benchmarks/apply.py $APPLY
+run selection benchmarks/selection.py $SELECTION
 [ -f benchmarks/eval_batching.py ] && run eval_batching benchmarks/eval_batching.py $EVAL
 run generation_speed benchmarks/generation_speed.py $GEN
 

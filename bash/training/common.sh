@@ -26,8 +26,9 @@ Environment (nothing secret is ever written in these files; tokens come from the
   GLOBAL_BATCH_SIZE  sequences per optimizer step (default 128, the published value); the gradient
                      accumulation is GLOBAL_BATCH_SIZE / (NUM_GPUS * NUM_MACHINES * PER_DEVICE_BATCH_SIZE)
   PER_DEVICE_BATCH_SIZE  sequences per GPU per micro-batch (default 1)
-  DS_CONFIG          DeepSpeed config (default configs/ds_configs/stage3_no_offloading_accelerate.conf;
-                     "none" runs without DeepSpeed, e.g. MFT on one GPU)
+  DS_CONFIG          DeepSpeed config (FFT default configs/ds_configs/stage3_no_offloading_accelerate.conf);
+                     "none" runs without DeepSpeed: the MFT default, DDP with frozen weights replicated
+                     and the scores' optimizer state sharded (a 70B model needs a ZeRO-3 file instead)
   OUTPUT_ROOT        where run folders go (default output)
   OUTPUT_DIR         this run's folder (default: OUTPUT_ROOT/<run name>)
   BASE_MODEL         FFT only: start from this model instead of the config's Hub id (e.g. a local copy)
@@ -105,7 +106,9 @@ mft_launch() {
     elif [[ -n "${MAIN_PROCESS_PORT:-}" ]]; then
         cmd+=(--main_process_port "$MAIN_PROCESS_PORT")
     fi
-    if [[ "$DS_CONFIG" != none ]]; then
+    if [[ "$DS_CONFIG" == none ]]; then
+        ((NUM_PROCESSES > 1)) && cmd+=(--multi_gpu)  # DDP
+    else
         [[ -f "$DS_CONFIG" ]] || mft_die "DeepSpeed config not found: $DS_CONFIG"
         cmd+=(--use_deepspeed --deepspeed_config_file "$DS_CONFIG")
         # accelerate's default multi-node DeepSpeed launcher is pdsh; each machine runs this script instead.
@@ -177,6 +180,9 @@ mft_fft() {
 mft_masktune() {
     local model="$1" domain="$2"
     shift 2
+    # MFT's layout (issue 12): no DeepSpeed, DDP, frozen weights replicated in bf16, scores' AdamW state
+    # sharded; fits 7B/8B on 80 GB GPUs. DS_CONFIG=<file> picks DeepSpeed (70B: ZeRO-3).
+    DS_CONFIG="${DS_CONFIG:-none}"
     mft_begin "$model" "$domain" "${1:-}"
     local config="configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_local_masktune.yaml"
     local layers keep="${KEEP_RATIO:-0.9}"

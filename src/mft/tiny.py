@@ -76,3 +76,29 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=None, **config_kwargs
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def save_sentencepiece_tokenizer(texts: Iterable[str], folder, vocab_size: int = 340) -> None:
+    """Train a LLaMA-2-style SentencePiece tokenizer on `texts` (BPE with byte fallback, `<unk>` `<s>` `</s>`
+    at ids 0 1 2, no pad token) and save it into `folder` as LLaMA-2 ships it: `tokenizer.model` and a
+    `tokenizer_config.json` naming LlamaTokenizer (transformers converts it to a fast tokenizer on loading;
+    `SentencePieceBackend` reads it as the slow one). Needs the sentencepiece package."""
+    import io
+    import json
+    import os
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as fh:
+        fh.write(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=1)

@@ -68,6 +68,7 @@ def test_value_forms(base):
     assert cfg.output_dir == "on"  # strings stay raw: YAML would read `on` as true
     assert cfg.max_train_samples == 1000
     assert load_config(None, base + ["--checkpointing_steps=epoch"]).checkpointing_steps == "epoch"
+    assert load_config(None, base + ["--checkpointing_steps=Epoch/3"]).checkpointing_steps == "epoch/3"
     assert load_config(None, base + ["--subnet_mode=both", "--masked_layers=20-23"]).masked_layers == [20, 21, 22, 23]
     assert parse_overrides(["--use_lora", "seed=3"]) == {"use_lora": True, "seed": 3}
 
@@ -104,7 +105,12 @@ def test_unknown_key_suggests_the_nearest(base, tmp_path, data_file):
     ("--learning_rate=fast", r"learning_rate: expected a number, got 'fast' \(str\)"),
     ("--num_train_epochs=1.5", r"num_train_epochs: expected an integer, got 1.5 \(float\)"),
     ("--use_lora=maybe", r"use_lora: expected a boolean \(true/false\), got 'maybe' \(str\)"),
-    ("--checkpointing_steps=often", r"checkpointing_steps: expected a positive integer or 'epoch', got 'often'"),
+    ("--checkpointing_steps=often", r"checkpointing_steps: expected a positive integer, 'epoch' or 'epoch/K', "
+                                    r"got 'often'"),
+    ("--checkpointing_steps=epoch/0", r"checkpointing_steps: expected a positive integer, 'epoch' or 'epoch/K', "
+                                      r"got 'epoch/0'"),
+    ("--save_model_snapshots", r"save_model_snapshots writes a snapshot with each checkpoint, but "
+                               r"checkpointing_steps is unset"),
     ("--checkpointing_steps=0", r"checkpointing_steps must be a positive integer; got 0"),
     ("--dataset_mixer=[a, b]", r"dataset_mixer: expected a mapping \{key: value\}, got \['a', 'b'\] \(list\)"),
     ("--seed=null", r"seed cannot be null; expected an integer"),
@@ -221,7 +227,8 @@ def test_every_field_has_help():
     assert (defaults["lora_rank"], defaults["lora_alpha"], defaults["lora_dropout"]) == (64, 16.0, 0.1)
     assert (defaults["learning_rate"], defaults["warmup_ratio"], defaults["seed"]) == (2e-5, 0.03, 42)
     assert defaults["chat_template_name"] == "tulu" and defaults["reduce_loss"] == "mean"
-    assert defaults["clip_grad_norm"] == -1.0
+    assert defaults["clip_grad_norm"] is None  # = 1.0 on every path, see test_loop
+    assert (defaults["strict_roles"], defaults["add_pad_token"], defaults["use_slow_tokenizer"]) == (False, False, False)
 
 
 # --- published configs --------------------------------------------------------------------------------

@@ -144,6 +144,50 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(byte_tokenizer):
         tokenize_messages(CONVERSATION, byte_tokenizer, reverse, max_seq_length=100)
 
 
+def test_consecutive_assistant_turns_are_trained_header_included(byte_tokenizer):
+    """As the original labels them: only non-assistant messages mask, so the second turn's header (and the
+    newline after the first EOS) are labels."""
+    tok = byte_tokenizer
+    eos = tok.eos_token_id
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                {"role": "assistant", "content": "b"}]
+    out = tokenize_messages(messages, tok, TULU, max_seq_length=1000)
+    prompt = "<|user|>\nq\n<|assistant|>\n"
+    trained = chars(tok, "a") + [eos] + chars(tok, "\n<|assistant|>\nb") + [eos]
+    assert out["input_ids"] == chars(tok, prompt) + trained
+    assert out["labels"] == [IGNORE_INDEX] * len(prompt) + trained
+
+
+def test_other_roles_render_as_nothing_and_mask_what_they_cover(byte_tokenizer):
+    tok = byte_tokenizer
+    eos = tok.eos_token_id
+    tool = {"role": "tool", "content": "ignored"}
+    q, a1, a2 = ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                 {"role": "assistant", "content": "b"})
+    plain = tokenize_messages([q, a1], tok, TULU, max_seq_length=1000)
+    assert tokenize_messages([q, tool, a1], tok, TULU, max_seq_length=1000) == plain
+    out = tokenize_messages([q, a1, tool, a2], tok, TULU, max_seq_length=1000)
+    prompt, between = "<|user|>\nq\n<|assistant|>\n", "\n<|assistant|>\n"
+    assert out["input_ids"] == chars(tok, prompt) + chars(tok, "a") + [eos] + chars(tok, between) + chars(tok, "b") + [eos]
+    # the tool message covers the next header: masked, unlike two assistant turns in a row
+    assert out["labels"] == ([IGNORE_INDEX] * len(prompt) + chars(tok, "a") + [eos] + [IGNORE_INDEX] * len(between)
+                             + chars(tok, "b") + [eos])
+
+
+def test_build_counts_consecutive_assistant_turns_and_other_roles(tmp_path, byte_tokenizer, data_file_factory):
+    double = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                           {"role": "assistant", "content": "b"}]}
+    tool = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"},
+                         {"role": "assistant", "content": "c"}]}
+    path = data_file_factory([conv(0), double, tool, double])
+    train, stats = build_train_dataset(make_cfg(tmp_path, f"--train_file={path}"), byte_tokenizer)
+    assert (len(train), stats.num_consecutive_assistant, stats.num_other_roles) == (4, 2, 1)
+    assert stats.num_label_tokens == (len("answer 0") + 1) + 2 * len("a</s>\n<|assistant|>\nb</s>".replace("</s>", "E")) \
+        + (1 + 1)
+    assert ("2 rows with consecutive assistant turns (trained), 1 with roles other than system/user/assistant"
+            in stats.summary())
+
+
 # --- tokenizer ----------------------------------------------------------------------------------------------
 def test_load_tokenizer_sets_template_and_pad_fallback(tmp_path, byte_tokenizer, data_file_factory):
     import copy
@@ -174,6 +218,63 @@ def test_tokenizer_without_template_cannot_use_its_own(tmp_path, byte_tokenizer,
         load_tokenizer(cfg)
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_folder(tmp_path_factory):
+    from mft.tiny import save_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("sp_tokenizer")
+    texts = [m["content"] for m in CONVERSATION] + ["<|user|>\nhello\n<|assistant|>\nhi there", "What is 2+2?"]
+    save_sentencepiece_tokenizer(texts * 30, folder, vocab_size=340)
+    return folder
+
+
+def test_slow_and_fast_tokenizers_label_the_same_assistant_tokens(tmp_path, sentencepiece_folder, byte_tokenizer,
+                                                                  data_file_factory):
+    train = data_file_factory([conv(0)])
+    base = [f"--model_name_or_path={sentencepiece_folder}", f"--train_file={train}"]
+    fast, _ = load_tokenizer(load_config(None, base))
+    slow, added = load_tokenizer(load_config(None, base + ["--use_slow_tokenizer"]))
+    assert fast.is_fast and type(slow).__name__ == "SentencePieceBackend" and not slow.is_fast
+    assert (len(slow), len(fast), added, slow.pad_token, slow.eos_token_id) == (340, 340, 0, "</s>", 2)
+    # one turn: the same ids and the same labels
+    one = [CONVERSATION[1], CONVERSATION[2]]
+    assert tokenize_messages(one, slow, TULU, 1000) == tokenize_messages(one, fast, TULU, 1000)
+    # two turns: the text after EOS starts with "▁" (LLaMA's legacy SentencePiece behaviour) in both; the slow
+    # one locates labels by prefix token counts, the fast one by offsets, with the same result
+    text = fast.apply_chat_template(CONVERSATION, chat_template=TULU, tokenize=False)
+    outs = {}
+    for name, tok in (("slow", slow), ("fast", fast)):
+        out = outs[name] = tokenize_messages(CONVERSATION, tok, TULU, 1000)
+        assert out["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        turns, current = [], []
+        for token, label in zip(out["input_ids"], out["labels"]):
+            if label == IGNORE_INDEX:
+                turns, current = turns + [current] if current else turns, []
+            else:
+                assert label == token
+                current.append(token)
+        assert [tok.decode(t) for t in turns + [current]] == ["4</s>", "ok</s>"]
+    assert outs["slow"] == outs["fast"]
+    assert slow.convert_ids_to_tokens(outs["slow"]["input_ids"])[22:25] == ["</s>", "▁", "\n<|"]
+    # no SentencePiece model: the fast tokenizer stays, as the original's use_fast=False did
+    byte_tokenizer.save_pretrained(tmp_path / "bytes")
+    kept, _ = load_tokenizer(load_config(None, [f"--model_name_or_path={tmp_path / 'bytes'}", f"--train_file={train}",
+                                                "--use_slow_tokenizer"]))
+    assert kept.is_fast and len(kept) == 260
+
+
+def test_add_pad_token_adds_pad_for_fft_only(sentencepiece_folder, data_file_factory):
+    base = [f"--model_name_or_path={sentencepiece_folder}", f"--train_file={data_file_factory([conv(0)])}"]
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token"]))
+    assert (added, len(tok), tok.pad_token, tok.pad_token_id) == (1, 341, "<pad>", 340)
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token", "--use_slow_tokenizer"]))
+    assert (added, len(tok), tok.pad_token, tok.pad_token_id) == (1, 341, "<pad>", 340)
+    # MFT and LoRA keep the embeddings frozen: padding with EOS changes nothing they compute
+    tok, added = load_tokenizer(load_config(None, base + ["--add_pad_token", "--subnet_mode=both",
+                                                          "--masked_layers=0"]))
+    assert (added, tok.pad_token) == (0, "</s>")
+
+
 @pytest.fixture()
 def data_file_factory(tmp_path):
     counter = iter(range(1000))
@@ -192,24 +293,65 @@ def data_file_factory(tmp_path):
 
 
 # --- sources and the mix --------------------------------------------------------------------------------------
-def test_mixer_counts_fractions_formats_and_seeded_shuffle(tmp_path, data_file_factory):
+def original_selection(sources: list[tuple[list[dict], float]], seed: int) -> list[dict]:
+    """The original's row selection, re-implemented from its description (open-instruct of January 2025,
+    `get_datasets`, the data code of the published runs; the original code was not at hand when this was
+    written): each source is shuffled with `datasets`' `shuffle(seed=seed)`, which permutes the rows by
+    `numpy.random.default_rng(seed).permutation(len(source))`; a count N then takes the first N rows of the
+    shuffled source, a fraction f the first `int(f * len(source))`; the selections are concatenated in source
+    order. Written with numpy alone, not with `datasets` (the first test below pins datasets' shuffle to it)."""
+    import numpy as np
+
+    out = []
+    for rows, amount in sources:
+        order = np.random.default_rng(seed).permutation(len(rows))
+        n = int(amount) if amount > 1 else int(amount * len(rows))
+        out += [rows[i] for i in order[:n]]
+    return out
+
+
+def test_row_selection_reproduces_the_original(tmp_path, data_file_factory):
+    import datasets
+
+    shuffled = datasets.Dataset.from_list([{"i": i} for i in range(20)]).shuffle(seed=42)
+    assert shuffled["i"] == [r["i"] for r in original_selection([([{"i": i} for i in range(20)], 1.0)], 42)]
+    rows_a = [conv(i) for i in range(20)]
+    rows_b = [conv(100 + i) for i in range(15)]
+    a = data_file_factory(rows_a)
+    b = data_file_factory(rows_b, suffix=".parquet")
+    mixed, taken = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 0.4}}"))
+    expected = original_selection([(rows_a, 6), (rows_b, 0.4)], seed=42)
+    assert taken == {a: 6, b: 6} and len(expected) == 12
+    assert list(mixed["messages"]) == [r["messages"] for r in expected]  # the same rows, in the same order
+    # ...which is not what the file order gives: of the first 6 of each, only a few are among them
+    first = {r["id"] for r in rows_a[:6] + rows_b[:6]}
+    assert len(first & {r["id"] for r in expected}) <= 4
+    other_seed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 0.4}}", "--seed=3"))
+    assert list(other_seed["messages"]) == [r["messages"] for r in
+                                            original_selection([(rows_a, 6), (rows_b, 0.4)], seed=3)]
+    assert list(other_seed["messages"]) != list(mixed["messages"])
+
+
+def test_mixer_list_counts_and_max_train_samples_cuts_tokenized_examples(tmp_path, data_file_factory,
+                                                                         byte_tokenizer):
     a = data_file_factory([conv(i) for i in range(10)])  # ids 0..9
     b = data_file_factory([conv(100 + i) for i in range(8)], suffix=".parquet")  # ids 100..107
     mixer = f"--dataset_mixer={{{a}: 4, {b}: 0.5}}"
     mixed, taken = load_mixed_messages(make_cfg(tmp_path, mixer))
     assert taken == {a: 4, b: 4}
     assert mixed.column_names == ["messages"]
-    questions = sorted(r["messages"][0]["content"] for r in mixed)
-    # the first rows of each source, as the original takes them
-    assert questions == sorted([f"question {i}" for i in range(4)] + [f"question {100 + i}" for i in range(4)])
     order = [r["messages"][0]["content"] for r in mixed]
-    again = [r["messages"][0]["content"] for r in load_mixed_messages(make_cfg(tmp_path, mixer))[0]]
-    other_seed = [r["messages"][0]["content"] for r in load_mixed_messages(make_cfg(tmp_path, mixer, "--seed=1"))[0]]
-    assert order == again and order != other_seed and sorted(order) == sorted(other_seed)
     listed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer_list={a} 4 {b} 0.5"))
     assert [r["messages"][0]["content"] for r in listed] == order
-    cut, _ = load_mixed_messages(make_cfg(tmp_path, mixer, "--max_train_samples=3"))
-    assert [r["messages"][0]["content"] for r in cut] == order[:3]
+    # max_train_samples: the first N examples with labels, after tokenizing (the original's place for it)
+    no_labels = {"messages": [{"role": "user", "content": "no answer"}]}
+    c = data_file_factory([no_labels, conv(200), no_labels, conv(201), conv(202)])
+    full, _ = build_train_dataset(make_cfg(tmp_path, f"--train_file={c}"), byte_tokenizer)
+    cut, stats = build_train_dataset(make_cfg(tmp_path, f"--train_file={c}", "--max_train_samples=2"), byte_tokenizer)
+    assert (len(full), len(cut), stats.num_examples, stats.num_beyond_max_train_samples) == (3, 2, 2, 1)
+    assert cut["input_ids"] == full["input_ids"][:2]
+    assert stats.num_tokens == sum(map(len, full["input_ids"][:2]))
+    assert "1 left out by max_train_samples" in stats.summary()
 
 
 def test_count_above_the_source_size_takes_it_all(tmp_path, data_file_factory):
@@ -225,13 +367,16 @@ def test_count_above_the_source_size_takes_it_all(tmp_path, data_file_factory):
                                                   r"\{\"role\": str, \"content\": str\}"),
     ([{"messages": [{"role": "user", "content": "a"}, {"content": "b"}]}], r"row 0 \(counting from 0\), message 1"),
     ([{"messages": [{"role": "tool", "content": "a"}]}], r"row 0 .*message 0: role 'tool' is not one of system, "
-                                                        r"user, assistant"),
+                                                        r"user, assistant .*strict_roles: false renders it as nothing"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "assistant", "content": "c"}]}],
+     r"row 0 .*message 2: an assistant turn directly after another \(strict_roles: false trains both"),
     ([{"prompt": "x"}], r"data0.jsonl has no \"messages\" column \(columns: prompt\)"),
 ])
 def test_bad_rows_name_the_file_and_row(tmp_path, data_file_factory, rows, message):
     path = data_file_factory(rows)
     with pytest.raises(MftError, match=message):
-        load_mixed_messages(make_cfg(tmp_path, f"--train_file={path}"))
+        load_mixed_messages(make_cfg(tmp_path, f"--train_file={path}", "--strict_roles"))
 
 
 def test_unreadable_and_missing_sources(tmp_path, data_file_factory):
@@ -318,7 +463,8 @@ def test_dataset_mix_dir_holds_the_mix(tmp_path, byte_tokenizer, data_file_facto
     cfg = make_cfg(tmp_path, f"--train_file={path}", f"--dataset_mix_dir={tmp_path / 'mix'}", "--max_train_samples=4")
     build_train_dataset(cfg, byte_tokenizer)
     lines = (tmp_path / "mix" / "train_mix.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and all(json.loads(line)["messages"][1]["role"] == "assistant" for line in lines)
+    # the whole mix: max_train_samples cuts the tokenized examples later, as in the original
+    assert len(lines) == 5 and all(json.loads(line)["messages"][1]["role"] == "assistant" for line in lines)
 
 
 def test_nothing_left_to_train_on_is_an_error(tmp_path, byte_tokenizer, data_file_factory):

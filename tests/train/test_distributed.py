@@ -122,3 +122,35 @@ def test_original_launch_line_runs_as_written(tmp_path, tokenizer):
                              "--quiet"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (out / "mask_applied" / "model.safetensors").exists() and (out / "mask_applied" / "tokenizer.json").exists()
+
+
+def test_mft_layout_ddp_with_sharded_optimizer_state(tmp_path, saved_model):
+    """Issue 12's layout: plain DDP (frozen weights replicated), the scores' AdamW state sharded over the
+    two processes. The scores it trains are bit-identical to DDP with a replicated optimizer, and the masks
+    equal those of a single-process run with the same global batch."""
+    base, data = saved_model("llama"), write_chat_data(tmp_path / "data.jsonl")
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    runs = {}
+    for name, processes, extra in (("sharded", 2, []), ("replicated", 2, ["--shard_optimizer_state=false"]),
+                                   ("single", 1, ["--gradient_accumulation_steps=4"])):
+        out = tmp_path / name
+        result = launch([*(["--multi_gpu"] if processes > 1 else []), "--num_processes", str(processes),
+                         str(ROOT / "scripts/finetune.py"), *common_overrides(base, data, out, tmp_path / "cache"),
+                         *extra], cwd=tmp_path, env=env)
+        sharded_log = "scores' AdamW state sharded over 2 processes" in result.stdout + result.stderr
+        assert sharded_log == (name == "sharded"), name
+        runs[name] = (out, check_mft_run(out, processes=processes))
+    from safetensors.torch import load_file
+
+    scores = {name: load_file(str(latest_checkpoint(str(out)) / "model.safetensors")) for name, (out, _) in runs.items()}
+    assert latest_checkpoint(str(runs["sharded"][0])).name == "step_12"
+    assert set(scores["sharded"]) == {f"{n}.scores" for n in runs["sharded"][1]}  # trainables only
+    for key, value in scores["sharded"].items():
+        assert torch.equal(value, scores["replicated"][key]), key
+    for name, mask in runs["sharded"][1].items():
+        assert torch.equal(mask, runs["replicated"][1][name]), name
+        assert torch.equal(mask, runs["single"][1][name]), name
+        assert torch.equal(mask, local_mask(scores["sharded"][f"{name}.scores"], 0.9)), name
+    # the checkpoint holds the whole optimizer state (rank 0 consolidated both shards): one entry per score tensor
+    state = torch.load(latest_checkpoint(str(runs["sharded"][0])) / "optimizer.bin", weights_only=False)
+    assert len(state["state"]) == len(runs["sharded"][1])

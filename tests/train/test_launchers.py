@@ -107,6 +107,18 @@ def test_masktune_launcher_trains_then_applies(model, domain):
     assert (cfg.resolved_method, cfg.masked_layers, cfg.keep_ratio_attn, cfg.seed) == ("mft", layers, 0.9, 7)
     assert apply == ["python", "scripts/apply_masks.py", "--base_model_name_or_path", fft,
                      "--mask_model_name_or_path", run, "--output_dir", f"{run}/mask_applied"]
+    # MFT's layout by default: DDP, no DeepSpeed (issue 12)
+    assert "--multi_gpu" in train and "--use_deepspeed" not in train
+
+
+def test_masktune_layout_is_overridable():
+    stage3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
+    [train, _] = commands(launch("run_local_masktune_llama2-7b_math.sh", NUM_GPUS="8", DS_CONFIG=stage3))
+    assert option(train, "--deepspeed_config_file") == stage3 and "--multi_gpu" not in train
+    [train, _] = commands(launch("run_local_masktune_llama2-7b_math.sh", NUM_GPUS="1"))
+    assert "--multi_gpu" not in train and "--use_deepspeed" not in train  # one process: plain
+    [fft] = commands(launch("run_fft_llama2-7b_math.sh", NUM_GPUS="8"))
+    assert option(fft, "--deepspeed_config_file") == stage3  # FFT keeps ZeRO-3
 
 
 @pytest.mark.parametrize("gpus, accumulation", [("1", "128"), ("2", "64"), ("4", "32"), ("16", "8")])
@@ -116,7 +128,8 @@ def test_accumulation_keeps_128_sequences(gpus, accumulation):
 
 
 def test_multi_node_and_other_machine_ranks():
-    env = dict(NUM_GPUS="4", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="29555")
+    env = dict(NUM_GPUS="4", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="29555",
+               DS_CONFIG="configs/ds_configs/stage3_no_offloading_accelerate.conf")
     result = launch("run_local_masktune_llama3.1-8b_coding.sh", **env)
     [cmd] = commands(result)  # rank 1 trains, but does not apply
     assert (option(cmd, "--num_machines"), option(cmd, "--num_processes"), option(cmd, "--machine_rank")) == \

@@ -210,3 +210,130 @@ def test_finished_run_is_not_overwritten(workspace, capsys):
             f"--output_dir={out}", "--report_to=[none]"]
     assert main(args) == 1
     assert "already holds a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip, expect", [(None, 1.0), ("0", 0.0)])
+def test_gradients_are_clipped_to_one_by_default_without_deepspeed(workspace, clip, expect):
+    """Every published run clipped at 1.0 (DeepSpeed's `auto`); without DeepSpeed the loop does it too.
+    reduce_loss: sum makes the raw gradient norm far above 1; a global optimizer hook reads the norm of the
+    gradients the optimizer actually steps with."""
+    seen = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        extra = {} if clip is None else {"clip_grad_norm": clip}
+        result = run(workspace, f"clip_{clip}", reduce_loss="sum", max_train_steps=3, **extra)
+    finally:
+        handle.remove()
+    assert len(seen) == 3
+    info = json.loads((result.output_dir / FINISHED_MARKER).read_text())
+    assert info["gradient_clipping"] == expect
+    if expect:
+        logged = [json.loads(line)["grad_norm"] for line in (result.output_dir / TRAIN_LOG).read_text().splitlines()]
+        assert len(logged) == 3 and min(logged) > 10  # the norm before clipping
+        assert max(seen) <= 1.0 + 1e-5 and min(seen) > 0.99  # what the optimizer stepped with
+    else:
+        assert min(seen) > 10  # off: the raw gradients
+
+
+def test_published_tokenizer_handling_grows_to_a_multiple_of_8_and_mft_starts_from_it(workspace, tmp_path):
+    """use_slow_tokenizer + add_pad_token, as the published configs set them, on a LLaMA-2-style
+    SentencePiece tokenizer without pad (340 tokens): FFT adds <pad> (id 340) and grows the embeddings and
+    lm_head to 344 rows; MFT starts from that checkpoint and `mft apply` bakes it, the 344 rows kept."""
+    from transformers import AutoTokenizer
+
+    from mft.tiny import save_sentencepiece_tokenizer, tiny_model
+
+    base = tmp_path / "llama_sp"
+    texts = [line for line in workspace["data"].read_text().splitlines()] + ["<|user|>\n<|assistant|>\n"] * 20
+    save_sentencepiece_tokenizer(texts, base, vocab_size=340)
+    tiny_model("llama", vocab_size=340).save_pretrained(base)
+    common = {"use_slow_tokenizer": True, "add_pad_token": True, "max_train_steps": 2}
+    fft = run(workspace, "fft_padded", model_name_or_path=str(base), **common).output_dir
+    model = AutoModelForCausalLM.from_pretrained(fft)
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 344
+    assert model.config.vocab_size == 344
+    tok = AutoTokenizer.from_pretrained(fft)
+    assert (len(tok), tok.pad_token, tok.pad_token_id, tok.eos_token_id) == (341, "<pad>", 340, 2)
+    mft = run(workspace, "mft_from_padded", model_name_or_path=str(fft), subnet_mode="both", masked_layers="1",
+              **common).output_dir
+    assert main(["apply", "--mask_model_name_or_path", str(mft), "--output_dir", str(mft / "mask_applied"),
+                 "--quiet"]) == 0
+    applied = AutoModelForCausalLM.from_pretrained(mft / "mask_applied")
+    assert applied.get_input_embeddings().weight.shape[0] == 344
+    assert torch.equal(applied.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_checkpoint_due_for_steps_epochs_and_epoch_fractions():
+    from mft.train.loop import checkpoint_due
+
+    # 14 batches, accumulation 2: 7 steps per epoch; epoch/3 saves after steps ceil(7/3)=3, ceil(14/3)=5 and 7
+    due = [s for s in range(1, 8) if checkpoint_due("epoch/3", s, 2 * s, 14, 2)]
+    assert due == [3, 5, 7]
+    assert [s for s in range(1, 8) if checkpoint_due("epoch", s, 2 * s, 14, 2)] == [7]
+    assert [s for s in range(1, 8) if checkpoint_due(3, s, 2 * s, 14, 2)] == [3, 6]
+    assert not any(checkpoint_due(None, s, 2 * s, 14, 2) for s in range(1, 8))
+    # 13 batches: the last step has one batch; it still ends the epoch
+    assert [s for s in range(1, 8) if checkpoint_due("epoch/2", s, min(2 * s, 13), 13, 2)] == [4, 7]
+
+
+def test_epoch_thirds_write_loadable_snapshots_and_mft_starts_from_one(workspace, capsys):
+    fft = run(workspace, "fft_thirds", num_train_epochs=1, checkpointing_steps="epoch/3", save_model_snapshots=True,
+              keep_last_n_checkpoints=1, learning_rate=1e-3).output_dir
+    snapshots = fft / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_2", "step_4", "step_6"]  # 6 steps per epoch
+    assert [p.name for p in (fft / CHECKPOINTS).iterdir()] == ["step_6"]  # pruned; snapshots never are
+    models = {n: AutoModelForCausalLM.from_pretrained(snapshots / f"step_{n}") for n in (2, 4, 6)}
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(models[2].state_dict()[key], models[4].state_dict()[key])
+    final = AutoModelForCausalLM.from_pretrained(fft).state_dict()
+    assert all(torch.equal(final[k], v) for k, v in models[6].state_dict().items())
+    assert (snapshots / "step_2" / "tokenizer.json").exists()
+    assert json.loads((snapshots / "step_4" / "snapshot.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    assert main(["checkpoints", str(fft), "--json"]) == 0
+    listed = [(r["kind"], r["step"], r["epoch"]) for r in json.loads(capsys.readouterr().out)]
+    assert listed == [("snapshot", 2, 0), ("snapshot", 4, 0), ("checkpoint", 6, 0), ("snapshot", 6, 0)]
+
+    # MFT from the middle snapshot, with mask snapshots of its own
+    mft = run(workspace, "mft_from_snapshot", model_name_or_path=str(snapshots / "step_4"), subnet_mode="both",
+              masked_layers="1", num_train_epochs=1, checkpointing_steps="epoch/3", save_model_snapshots=True,
+              learning_rate=0.05).output_dir
+    info = json.loads((mft / "mft_run.json").read_text())
+    assert info["base_model"] == str((snapshots / "step_4").resolve())
+    mask_snapshots = mft / "snapshots"
+    assert sorted(p.name for p in mask_snapshots.iterdir()) == ["step_2", "step_4", "step_6"]
+    final_masks = read_masks(mft / "masks.safetensors").masks
+    last = read_masks(mask_snapshots / "step_6" / "masks.safetensors").masks
+    assert set(last) == set(final_masks) and all(torch.equal(last[n], final_masks[n]) for n in last)
+    assert not list(mask_snapshots.glob("step_2/*model*.safetensors"))  # the mask file, no weights
+    assert main(["apply", "--mask_model_name_or_path", str(mask_snapshots / "step_2"), "--output_dir",
+                 str(mft / "applied_2"), "--quiet"]) == 0
+    applied = load_file(str(mft / "applied_2" / "model.safetensors"))
+    early = read_masks(mask_snapshots / "step_2" / "masks.safetensors").masks
+    base4 = models[4].state_dict()
+    for name, mask in early.items():
+        assert torch.equal(applied[f"{name}.weight"], base4[f"{name}.weight"] * mask)
+
+
+def test_lora_snapshots_merge_a_copy_and_training_goes_on(workspace):
+    out = run(workspace, "lora_halves", use_lora=True, lora_rank=4, num_train_epochs=1, learning_rate=1e-2,
+              checkpointing_steps="epoch/2", save_model_snapshots=True).output_dir
+    snapshots = out / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step_3", "step_6"]
+    half = AutoModelForCausalLM.from_pretrained(snapshots / "step_3").state_dict()
+    end = AutoModelForCausalLM.from_pretrained(snapshots / "step_6").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert not any("lora" in k for k in half)  # merged, plain model folders
+    assert all(torch.equal(final[k], end[k]) for k in final)
+    # the live model was not merged at step 3: the adapters went on training and the final merge differs
+    key = "model.layers.0.self_attn.q_proj.weight"
+    before = base_weights(workspace)[key]
+    assert not torch.equal(half[key], before) and not torch.equal(half[key], end[key])
+    assert len(losses(out)) == 6

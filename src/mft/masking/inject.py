@@ -16,7 +16,7 @@ from torch import nn
 
 from mft.errors import MftError
 from mft.masking.config import MaskConfig
-from mft.masking.layer import MaskedExperts, MaskedLinear
+from mft.masking.layer import MaskedExperts, MaskedLinear, refresh_layers
 from mft.masking.select import Target, coverage_table, select_targets
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,11 @@ def refresh_masks(model: nn.Module, full_scores: Callable[[nn.Parameter], torch.
     the same order) so the mask comes from the fp32 master scores and is identical on every rank, and sets
     `managed=True` so the layers never recompute masks on their own.
     """
-    for layer in masked_modules(model).values():
-        if managed is not None:
+    layers = list(masked_modules(model).values())
+    if managed is not None:
+        for layer in layers:
             layer.managed = managed
-        layer.refresh_mask(None if full_scores is None else full_scores(layer.scores))
+    refresh_layers(layers, full_scores)  # local masks selected in batches, one synchronisation each
 
 
 def extract_masks(model: nn.Module) -> dict[str, torch.Tensor]:

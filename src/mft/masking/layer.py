@@ -44,46 +44,167 @@ def num_pruned(numel: int, keep_ratio: float) -> int:
 
 
 # Integer views of non-negative floats order exactly like the values (NaN, whose bits are the largest, last
-# as in `torch.sort`): `local_mask` selects on them. (int view dtype, shift that leaves ~15 top bits)
-_ORDERED_BITS = {torch.float32: (torch.int32, 16), torch.float64: (torch.int64, 48)}
+# as in `torch.sort`): the selection compares these. bf16/fp16 keep their own 16 bits (no widening).
+_ORDERED_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+                torch.float16: torch.int16}
+# The smallest NaN key (+inf's bits + 1): NaNs with other payloads are clamped to it wherever their order
+# among themselves could matter, so that all NaNs tie and fall by index, as in the sort.
+_NAN_KEY = {torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001, torch.bfloat16: 0x7F81,
+            torch.float16: 0x7C01}
+_SAMPLE = (1 << 14, 1 << 18)  # entries sampled per matrix to place the bracket: n / 256 within these bounds
+_DIRECT = 1 << 15  # matrices up to this size are selected by one stable sort: the bracket would not pay
 
 
 @torch.no_grad()
 def local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """Boolean mask keeping all but the `num_pruned` entries of smallest |scores| (tie rule: module doc).
 
-    A linear-time selection instead of a full sort: a radix pass over the integer view of |S| finds the
-    bucket that holds the cut-off, `kthvalue` runs on that bucket only (a few hundred entries for real
-    scores), and ties at the cut-off are resolved by index only when they straddle it.
+    `scores`: any shape, float32/float64/bfloat16/float16, any device; returns a bool tensor of its shape on
+    its device. One matrix of `local_masks`, which selects many with one host synchronisation.
     """
-    magnitude = scores.detach().abs().flatten()  # abs(-0.0) = +0.0: signed zeros tie, as in the sort
-    j = num_pruned(magnitude.numel(), keep_ratio)
-    if j <= 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    # bf16/fp16 are widened: the cast keeps every value and every tie.
-    if magnitude.dtype not in _ORDERED_BITS:
-        magnitude = magnitude.float()
-    int_dtype, shift = _ORDERED_BITS[magnitude.dtype]
-    key = magnitude.view(int_dtype)
-    cutoff, below, equal = _kth_smallest(key, j, shift)
-    if below + equal == j:  # no tie straddles the cut-off: prune everything <= cutoff
-        return (key > cutoff).view(scores.shape)
-    # ties straddle it: prune the first `j - below` of them in row-major order
-    prune = key < cutoff
-    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
-    return (~prune).view(scores.shape)
+    return local_masks([scores], [keep_ratio])[0]
 
 
-def _kth_smallest(key: torch.Tensor, j: int, shift: int) -> tuple[torch.Tensor, int, int]:
-    """(j-th smallest entry of the non-negative 1-d integer tensor `key` (1-based), entries below it,
-    entries equal to it): one histogram of the top bits, then `kthvalue` inside the one bucket."""
-    top = key >> shift
+@torch.no_grad()
+def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[torch.Tensor]:
+    """`local_mask` of every `(scores, keep_ratio)` pair, bit for bit, with one host synchronisation for all.
+
+    The published rule is a stable ascending sort of |S| whose first `num_pruned(n, k)` entries are pruned.
+    Here, per matrix, with |S| viewed as ordered integers:
+
+    1. a strided sample of n / 256 entries (16k to 256k) is sorted and two sample quantiles a few standard errors
+       either side of the cut-off's rank give a bracket `[lo, hi]`;
+    2. one pass counts the entries below `lo` and up to `hi` (all matrices' counts come to the host together:
+       the only synchronisation). When `count(< lo) < j <= count(<= hi)` the cut-off lies in the bracket,
+       every entry below `lo` is pruned and the remaining `j - count(< lo)` come from the bracket's
+       candidates (about 4 / sqrt(sample) of the entries), taken in row-major order so that ties fall as
+       in the stable sort;
+    3. the candidates are selected exactly by a stable sort. A bracket that misses (adversarial layouts
+       that fool the strided sample) falls back to the full stable sort for that matrix: slower, never
+       different.
+
+    That is the `"bracket"` method, the default off the CPU: no histogram (CUDA's `bincount` serialises on
+    atomics when N(0, 0.02) scores fill few buckets) and no per-matrix synchronisation. On the CPU, where a
+    synchronisation costs nothing and a histogram is one cheap pass, the default is `"radix"`
+    (`_radix_mask`: a histogram of the keys' top bits, then `kthvalue` in the cut-off's bucket). Both give
+    the stable sort's bits. Raises ValueError for a length mismatch or a dtype it cannot order.
+    """
+    scores_list = list(scores_list)
+    keep_ratios = list(keep_ratios)
+    if len(scores_list) != len(keep_ratios):
+        raise ValueError(f"local_masks got {len(scores_list)} score tensors but {len(keep_ratios)} keep ratios")
+    if method not in (None, "bracket", "radix"):
+        raise ValueError(f"unknown selection method {method!r}; expected bracket, radix or None (by device)")
+    for i, scores in enumerate(scores_list):
+        if scores.dtype not in _ORDERED_INT:
+            raise ValueError(f"local_mask: scores must be float32, float64, bfloat16 or float16; tensor {i} is "
+                             f"{scores.dtype}")
+    masks: list[torch.Tensor | None] = [None] * len(scores_list)
+    pending = []  # (i, flat scores, j, keep, in_bracket, counts tensor, lo == hi tensor)
+    for i, (scores, keep_ratio) in enumerate(zip(scores_list, keep_ratios)):
+        flat = scores.detach().reshape(-1)
+        n = flat.numel()
+        j = num_pruned(n, keep_ratio)
+        if j <= 0 or j >= n:
+            masks[i] = torch.full(scores.shape, j <= 0, dtype=torch.bool, device=scores.device)
+            continue
+        if n <= _DIRECT:
+            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(scores.shape)
+            continue
+        if (method or ("radix" if _on_cpu(flat) else "bracket")) == "radix":
+            masks[i] = _radix_mask(_keys(flat), j, flat.dtype).view(scores.shape)
+            continue
+        key = _keys(flat)  # NaN payloads not canonical: lo and hi below are, and the comparisons allow for it
+        stride = n // min(max(n >> 8, _SAMPLE[0]), _SAMPLE[1])
+        sample = _keys(flat[::stride], canonical=True).sort().values
+        m = sample.numel()
+        rank = j * m / n  # the cut-off's expected 0-based rank in the sample, give or take one
+        margin = 2 * math.isqrt(m) + 2  # > 4 standard errors of a sample quantile's rank
+        lo_rank, hi_rank = math.floor(rank) - margin, math.ceil(rank) + margin
+        lo = sample[lo_rank] if lo_rank > 0 else None
+        hi = sample[hi_rank] if hi_rank < m else None
+        if hi is not None:  # hi a NaN: every NaN is a candidate, none above (no synchronisation to find out)
+            hi = torch.where(hi == _NAN_KEY[flat.dtype], torch.iinfo(key.dtype).max, hi)
+        keep = key >= lo if lo is not None else torch.ones(n, dtype=torch.bool, device=key.device)
+        above = key > hi if hi is not None else torch.zeros(n, dtype=torch.bool, device=key.device)
+        counts = torch.stack([keep.count_nonzero(), above.count_nonzero()])  # n - count(< lo), n - count(<= hi)
+        same = (lo == hi) if lo is not None and hi is not None else torch.zeros((), dtype=torch.bool,
+                                                                                   device=key.device)
+        in_bracket = keep ^ above  # above implies keep: this is lo <= key <= hi
+        del key, above
+        pending.append((i, flat, j, keep, in_bracket, counts, same))
+    if not pending:
+        return masks
+    host = torch.cat([torch.cat([p[5], p[6].reshape(1).to(p[5].dtype)]) for p in pending]).tolist()  # the sync
+    for index, (i, flat, j, keep, in_bracket, _, _) in enumerate(pending):
+        n = flat.numel()
+        n_keep, n_above, same = host[3 * index: 3 * index + 3]
+        below, upto = n - n_keep, n - n_above
+        shape = scores_list[i].shape
+        if not below < j <= upto:  # the bracket missed the cut-off: the reference itself
+            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(shape)
+            continue
+        k = j - below  # how many candidates to prune, in (value, row-major index) order
+        # row-major order, the size known: no synchronisation on CUDA
+        idx = torch.nonzero_static(in_bracket, size=upto - below).squeeze(1)
+        del in_bracket
+        if same:  # all candidates are equal: the first k in row-major order go
+            keep_candidate = torch.arange(idx.numel(), device=idx.device) >= k
+        else:
+            keep_candidate = _sorted_mask(_keys(flat[idx], canonical=True), k)
+        keep.index_put_((idx,), keep_candidate)
+        masks[i] = keep.view(shape)
+    return masks
+
+
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Whether `t` lives where a synchronisation costs nothing (the CPU): selects the per-device paths."""
+    return t.device.type == "cpu"
+
+
+def _keys(flat: torch.Tensor, canonical: bool = False) -> torch.Tensor:
+    """|x| as integers ordered like the values (abs(-0.0) = +0.0: signed zeros tie, as in the sort);
+    `canonical`: every NaN the same key, so that NaNs tie as in the sort (an extra pass over the keys)."""
+    key = flat.abs().view(_ORDERED_INT[flat.dtype])
+    return key.clamp_(max=_NAN_KEY[flat.dtype]) if canonical else key
+
+
+def _sorted_mask(key: torch.Tensor, j: int) -> torch.Tensor:
+    """The published rule literally: prune the first j of a stable ascending sort."""
+    mask = torch.ones(key.shape, dtype=torch.bool, device=key.device)
+    mask[key.sort(stable=True).indices[:j]] = False
+    return mask
+
+
+# bits below the histogram's: about 2^15 buckets for fp32/fp64 keys; bf16/fp16 keys are counted exactly
+_RADIX_SHIFT = {torch.int32: 16, torch.int64: 48, torch.int16: 0}
+
+
+def _radix_mask(key: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU path: the keep mask pruning the j smallest of `key` (1-d, non-canonical NaNs allowed), ties
+    by row-major index. A histogram of the top bits finds the cut-off's bucket, `kthvalue` runs in that
+    bucket only; ties at the cut-off are resolved by index only when they straddle it."""
+    shift = _RADIX_SHIFT[key.dtype]
+    top = key >> shift if shift else key
     cumulative = torch.bincount(top).cumsum(0)
     bucket = int(torch.searchsorted(cumulative, j))  # the first bucket whose cumulative count reaches j
     below = int(cumulative[bucket - 1]) if bucket else 0
     members = key[top == bucket]
+    del top
     cutoff = members.kthvalue(j - below).values
-    return cutoff, below + int((members < cutoff).sum()), int((members == cutoff).sum())
+    nan_key = _NAN_KEY[dtype]
+    if int(cutoff) >= nan_key:  # the cut-off is a NaN: all NaNs tie, whatever their payload
+        cutoff = torch.tensor(nan_key, dtype=key.dtype)
+        prune = key < cutoff
+        need = j - int(prune.sum())
+        prune[(key >= cutoff).nonzero().squeeze(1)[:need]] = True
+        return ~prune
+    below += int((members < cutoff).sum())
+    if below + int((members == cutoff).sum()) == j:  # no tie straddles the cut-off
+        return key > cutoff
+    prune = key < cutoff
+    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
+    return ~prune
 
 
 @torch.no_grad()
@@ -182,8 +303,10 @@ def per_matrix_local_mask(scores: torch.Tensor, keep_ratio: float, layout: str =
     if layout == "linear":
         return local_mask(scores, keep_ratio)
     mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    for s, m in zip(matrix_views(scores, layout, split), matrix_views(mask, layout, split)):
-        m.copy_(local_mask(s, keep_ratio))
+    views = matrix_views(mask, layout, split)
+    # all matrices (experts, halves) selected in one batch: one host synchronisation on CUDA
+    for m, selected in zip(views, local_masks(matrix_views(scores, layout, split), [keep_ratio] * len(views))):
+        m.copy_(selected)
     return mask
 
 
@@ -211,6 +334,7 @@ class _MaskedTensor(nn.Module):
         # managed: only refresh_mask()/set_mask() change the mask (a DeepSpeed loop owns it, see module doc)
         self.managed = False
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
+        self._refresh_group = None  # weakrefs to the layers the last optimizer step invalidated with this one
 
     def _rule_repr(self) -> str:
         rule = f"keep_ratio={self.keep_ratio}" if self.subnet_type == "local" else f"threshold={self.threshold}"
@@ -237,11 +361,16 @@ class _MaskedTensor(nn.Module):
     @torch.no_grad()
     def refresh_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Recompute and cache the mask, from `scores` if given (e.g. DeepSpeed's full fp32 master copy)."""
-        mask = self.compute_mask(scores).to(self.weight.device)
+        return self._store_mask(self.compute_mask(scores))
+
+    def _store_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Cache `mask` as the one the rule gave for the current scores (refresh_mask, refresh_layers)."""
+        mask = mask.to(self.weight.device)
         if tuple(mask.shape) != tuple(self.scores_shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {self.scores_shape}")
         self._mask, self._mask_key = mask, self._key()
         self._cached = None
+        self._refresh_group = None
         self.mask_updates += 1
         return mask
 
@@ -252,9 +381,14 @@ class _MaskedTensor(nn.Module):
     @property
     def mask(self) -> torch.Tensor:
         """The current mask (bool, weight-shaped), recomputed first if the scores changed."""
-        if self._mask is None or (not self.managed and self._mask_key != self._key()):
-            self.refresh_mask()
+        if self._stale():
+            # the layers one optimizer step invalidated are selected together, with one synchronisation
+            peers = [m for m in (ref() for ref in self._refresh_group or ()) if m is not None and m is not self]
+            refresh_layers([self, *[m for m in peers if m._stale()]])
         return self._mask
+
+    def _stale(self) -> bool:
+        return self._mask is None or (not self.managed and self._mask_key != self._key())
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Pin an externally computed mask (valid until the scores change)."""
@@ -353,6 +487,50 @@ class MaskedLinear(_MaskedTensor):
             with torch.no_grad():
                 linear.weight.masked_fill_(~self.mask, 0)
         return linear
+
+
+_BATCH_ENTRIES = 1 << 28  # score entries selected per `local_masks` call by refresh_layers (bounds the memory)
+
+
+@torch.no_grad()
+def refresh_layers(layers, full_scores=None, budget: int = _BATCH_ENTRIES) -> None:
+    """Recompute and cache the masks of `layers` (mask layers, in order) now.
+
+    The matrices of all local-rule layers (`matrix_views`: per expert, per gate / up half, [out, in]) are
+    selected together through `local_masks` (one host synchronisation per batch of at most `budget` score
+    entries; the bits are those of `refresh_mask`); global-rule layers through their own `refresh_mask`.
+    `full_scores(param)`, when given, supplies each layer's scores (e.g. DeepSpeed's
+    `safe_get_full_fp32_param`, a collective): it is called once per layer, in order.
+    """
+    batch, size = [], 0
+
+    def flush():
+        matrices, keeps, targets, masks = [], [], [], []
+        for layer, scores in batch:
+            mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+            views = matrix_views(mask, layer.layout, layer.split)
+            matrices += matrix_views(scores, layer.layout, layer.split)
+            keeps += [layer.keep_ratio] * len(views)
+            targets += views
+            masks.append(mask)
+        for target, selected in zip(targets, local_masks(matrices, keeps)):
+            target.copy_(selected)
+        for (layer, _), mask in zip(batch, masks):
+            layer._store_mask(mask)
+        batch.clear()
+
+    for layer in layers:
+        scores = layer.scores if full_scores is None else full_scores(layer.scores)
+        if layer.subnet_type != "local":
+            layer.refresh_mask(scores)
+            continue
+        if batch and size + scores.numel() > budget:
+            flush()
+            size = 0
+        batch.append((layer, scores.detach()))
+        size += scores.numel()
+    if batch:
+        flush()
 
 
 class _Product:
@@ -482,13 +660,19 @@ def _masked_owner_forward(owner: nn.Module, *args, **kwargs):
 
 
 def _invalidate_after_step(optimizer, args, kwargs) -> None:
-    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale."""
+    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale, and group
+    the layers so that the first forward after the step selects all their masks in one batch."""
+    modules = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             ref = getattr(p, "_mft_module", None)
             module = ref() if ref is not None else None
             if module is not None:
                 module.invalidate()
+                modules.append(module)
+    refresh_group = [weakref.ref(m) for m in modules]
+    for module in modules:
+        module._refresh_group = refresh_group
 
 
 register_optimizer_step_post_hook(_invalidate_after_step)

@@ -1,4 +1,5 @@
-"""`mft train CONFIG.yaml [--key=value ...]` and `scripts/finetune.py` (the same, for `accelerate launch`)."""
+"""`mft train CONFIG.yaml [--key=value ...]` and `scripts/finetune.py` (the same, for `accelerate launch`);
+`mft checkpoints RUN` lists a run's checkpoints and snapshots."""
 
 from __future__ import annotations
 
@@ -22,6 +23,36 @@ def register(sub) -> None:
     # Only for `mft --help`: `mft train ...` is dispatched before argparse (its --key=value overrides are free
     # form), see main() below and mft.cli.main.
     sub.add_parser("train", help="FFT, MFT or LoRA from a YAML config, under accelerate launch", add_help=False)
+    p = sub.add_parser("checkpoints", help="list a training run's checkpoints (resumable) and snapshots (loadable)",
+                       description="List the complete checkpoints (resume state) and snapshots (save_model_snapshots: "
+                                   "a model folder, or for MFT the mask file) of a training run folder, one per line: "
+                                   "kind, step, epoch, path.")
+    p.add_argument("run", help="the run's output_dir")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead")
+    p.set_defaults(func=_checkpoints)
+
+
+def _checkpoints(args) -> int:
+    import json
+    import os
+
+    from mft.errors import MftError
+    from mft.train.loop import list_checkpoints
+
+    if not os.path.isdir(args.run):
+        raise MftError(f"no such run folder: {args.run}")
+    rows = list_checkpoints(args.run)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"{args.run}: no complete checkpoints or snapshots")
+        return 0
+    print("kind        step  epoch  path")
+    for r in rows:
+        epoch = "-" if r["epoch"] is None else r["epoch"]
+        print(f"{r['kind']:<10} {r['step']:>5}  {epoch!s:>5}  {r['path']}")
+    return 0
 
 
 def usage() -> str:

@@ -80,9 +80,14 @@ class TrainConfig:
     tokenizer_name: str | None = _help("tokenizer id or folder; default: model_name_or_path", default=None)
     tokenizer_revision: str | None = _help("revision of the tokenizer; default: model_revision when "
                                            "tokenizer_name is unset", default=None)
-    use_slow_tokenizer: bool = _help("accepted for the published configs; fast tokenizers are always used "
-                                     "(transformers 5 has no other kind, and labels need offset mappings)",
+    use_slow_tokenizer: bool = _help("load the slow (Python / SentencePiece) tokenizer where the model has one, "
+                                     "as the published configs do; labels then come from the token counts of "
+                                     "the rendered prefixes (needs the sentencepiece package for LLaMA)",
                                      default=False)
+    add_pad_token: bool = _help("a tokenizer without a pad token gets a new <pad> token and FFT grows the "
+                                "embeddings and lm_head to the next multiple of 8 rows (the published runs: "
+                                "LLaMA-2 32,000 -> 32,008); false pads with EOS and keeps the shapes. The "
+                                "frozen-weight methods (MFT, LoRA) always pad with EOS", default=False)
     trust_remote_code: bool = _help("allow model/tokenizer code from the Hub repository", default=False)
     use_flash_attn: bool = _help("load the model with flash_attention_2 (needs the flash-attn package and a GPU)",
                                  default=False)
@@ -93,8 +98,9 @@ class TrainConfig:
     # --- data --------------------------------------------------------------------------------------
     dataset_name: str | None = _help("one Hugging Face dataset (train split) or local file", default=None)
     dataset_config_name: str | None = _help("configuration name of dataset_name", default=None)
-    dataset_mixer: dict | None = _help("{source: amount}: an int > 1 takes that many rows (the first ones), "
-                                       "a number <= 1 that fraction; sources are Hub names or local "
+    dataset_mixer: dict | None = _help("{source: amount}: an int > 1 takes that many rows, a number <= 1 that "
+                                       "fraction, of the source shuffled with seed (as the original); sources "
+                                       "are Hub names or local "
                                        ".json/.jsonl/.parquet files", default=None)
     dataset_mixer_list: list[str] | None = _help("the same as a flat list: [source, amount, source, amount, ...]",
                                                  default=None)
@@ -102,7 +108,8 @@ class TrainConfig:
                                         "train_mix.jsonl for inspection", default=None)
     train_file: str | None = _help("one local .json/.jsonl/.parquet file of {\"messages\": [...]} rows",
                                    default=None)
-    max_train_samples: int | None = _help("keep only this many examples of the shuffled mix (debugging)",
+    max_train_samples: int | None = _help("train on only the first N tokenized examples of the mix "
+                                          "(debugging; as the original)",
                                           default=None)
     max_seq_length: int = _help("truncate tokenized examples to this many tokens", default=4096)
     preprocessing_num_workers: int | None = _help("processes for tokenization", default=None)
@@ -112,6 +119,10 @@ class TrainConfig:
     chat_template_name: str = _help("chat template: tulu (published) or 'tokenizer' for the tokenizer's own",
                                     default="tulu")
     add_bos: bool = _help("prepend the BOS token to every example (the tulu template has none)", default=False)
+    strict_roles: bool = _help("refuse rows with roles other than system/user/assistant or with an assistant "
+                               "turn right after another; false (the original) renders other roles as the "
+                               "template does (tulu: nothing) and trains consecutive assistant turns",
+                               default=False)
 
     # --- optimisation ------------------------------------------------------------------------------
     per_device_train_batch_size: int = _help("sequences per device per micro-batch", default=1)
@@ -125,9 +136,13 @@ class TrainConfig:
     max_train_steps: int | None = _help("stop after this many optimizer steps (overrides num_train_epochs)",
                                         default=None)
     reduce_loss: str = _help("mean (over label tokens of the batch) or sum", default="mean")
-    clip_grad_norm: float = _help("clip the gradient norm to this; <= 0 is off. Under DeepSpeed the config "
-                                  "file's gradient_clipping applies ('auto' = 1.0 in accelerate)", default=-1.0)
+    clip_grad_norm: float | None = _help("clip the gradient norm to this; <= 0 is off. Unset: 1.0, as every "
+                                         "published run (under DeepSpeed: the config file's gradient_clipping, "
+                                         "'auto' = 1.0); set, it wins on every path, DeepSpeed included",
+                                         default=None)
     fused_optimizer: bool = _help("use the fused AdamW kernel", default=True)
+    shard_optimizer_state: bool = _help("MFT without DeepSpeed on several processes (DDP): shard the scores' AdamW "
+                                        "state over the processes (torch ZeroRedundancyOptimizer)", default=True)
     seed: int = _help("random seed: data order, score initialisation", default=42)
     timeout: int = _help("seconds the processes wait for each other (long tokenization)", default=1800)
 
@@ -158,8 +173,12 @@ class TrainConfig:
                                        "refused when output_dir is or contains an input", default=False)
     allow_masked_base: bool = _help("MFT: allow a model_name_or_path that is already masked (holds mft_masks.json "
                                     "or the pruned fraction of exact zeros); refused otherwise", default=False)
-    checkpointing_steps: int | str | None = _help("save a checkpoint every N optimizer steps, or 'epoch'",
-                                                  default=None)
+    checkpointing_steps: int | str | None = _help("save a checkpoint every N optimizer steps, at the end of "
+                                                  "each epoch ('epoch') or K times per epoch ('epoch/K', as the "
+                                                  "original's epoch/3)", default=None)
+    save_model_snapshots: bool = _help("with each checkpoint also write snapshots/step_N/: a loadable model "
+                                       "folder (FFT, LoRA merged) or the mask file (MFT), never pruned; list "
+                                       "them with `mft checkpoints OUTPUT_DIR`", default=False)
     keep_last_n_checkpoints: int = _help("checkpoints kept in output_dir; -1 keeps all", default=3)
     resume_from_checkpoint: str | None = _help("checkpoint folder to resume from (the loop otherwise "
                                                "resumes from the latest complete one by itself)", default=None)
@@ -246,6 +265,9 @@ class TrainConfig:
             raise MftError(f"keep_last_n_checkpoints must be -1 (keep all) or >= 1; got {self.keep_last_n_checkpoints}")
         if isinstance(self.checkpointing_steps, int):
             _positive("checkpointing_steps", self.checkpointing_steps)
+        if self.save_model_snapshots and self.checkpointing_steps is None:
+            raise MftError("save_model_snapshots writes a snapshot with each checkpoint, but checkpointing_steps "
+                           "is unset; set it (N, epoch or epoch/K)")
         if not self.learning_rate > 0:
             raise MftError(f"learning_rate must be > 0; got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -492,7 +514,7 @@ _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True
 _OTHER_DATA_EXTS = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".xml", ".tar")
 _KIND_NAMES = {"bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
                "list[str]": "a list of strings", "list[int]": "layer indices like \"4 5 6 7\"",
-               "dict": "a mapping {key: value}", "int|str": "a positive integer or 'epoch'"}
+               "dict": "a mapping {key: value}", "int|str": "a positive integer, 'epoch' or 'epoch/K'"}
 
 
 def _kind(f) -> str:
@@ -569,6 +591,8 @@ def _coerce(key: str, value, kind: str):
     if kind == "int|str":  # checkpointing_steps
         if isinstance(value, str) and value.strip().lower() == "epoch":
             return "epoch"
+        if isinstance(value, str) and re.fullmatch(r"epoch/[1-9]\d*", value.strip().lower()):
+            return value.strip().lower()
         if isinstance(value, str) and value.strip().isdigit():
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""Training data: sources -> one shuffled mix of `messages` rows -> tokenized examples, loss on assistant tokens.
+"""Training data: sources -> the mix of `messages` rows -> tokenized examples, loss on assistant tokens.
 
     tokenizer, num_added = load_tokenizer(cfg)        # resize the embeddings if num_added > 0
     train, stats = build_train_dataset(cfg, tokenizer, main_process_first=accelerator.local_main_process_first)
@@ -6,21 +6,25 @@
                         collate_fn=Collator(tokenizer.pad_token_id))
 
 Sources (`TrainConfig.data_sources()`): Hugging Face dataset ids (train split), local folders, or local
-`.json` / `.jsonl` / `.parquet` files; every row holds `messages`: a list of `{"role", "content"}` strings
-(roles system / user / assistant with the tulu template). An amount above 1 takes the first N rows of a source
-(as the original), one of at most 1 that fraction; the mix is then shuffled with `seed` and cut to
-`max_train_samples`.
+`.json` / `.jsonl` / `.parquet` files; every row holds `messages`: a list of `{"role", "content"}` strings.
+Row selection is the original's (open-instruct's `get_datasets`): each source is shuffled with `seed`, an
+amount above 1 takes the first N rows of the shuffled source, one of at most 1 the first `int(f * rows)`;
+the selections are concatenated in source order. `max_train_samples` keeps the first N tokenized examples
+that have labels. The training order is the sampler's (a fresh seeded permutation per epoch).
 
-Label rule: the conversation is rendered with the chat template and tokenized once (no special tokens added
-by the tokenizer: the tulu template has no BOS; `add_bos` prepends one). A token is a label iff it starts
-inside an assistant turn's span, which runs from the end of the rendered prompt *with* the generation header
-(`<|assistant|>\\n`) to the end of that turn rendered as the last message (its content and EOS). So headers,
-system and user turns and the newline after an EOS are -100. Truncation to `max_seq_length` happens last;
-examples left without any label are dropped and counted in `DataStats`.
+Label rule (open-instruct's `encode_sft_example`, see `non_assistant_spans`): the conversation is rendered
+with the chat template and tokenized once (no special tokens added by the tokenizer: the tulu template has no
+BOS; `add_bos` prepends one). Each message that is not an assistant turn masks (-100) the text from the end of
+the conversation rendered up to it to the end of the conversation rendered through it, plus the generation
+header (`<|assistant|>\\n`) when an assistant turn follows; everything else is a label. With alternating turns
+that leaves exactly each assistant turn's content and EOS; an assistant turn right after another is trained
+with its header (and the newline before it), as the original does; a role the tulu template does not know
+renders as nothing. `strict_roles: true` refuses such rows instead. Truncation to `max_seq_length` happens
+last; examples left without any label are dropped and counted in `DataStats`.
 
 Cache: the tokenized set lives in `<cache root>/tokenized/<key>/`, where the cache root is
 `dataset_local_cache_dir`, else `$MFT_CACHE`, else `~/.cache/mft`, and `key` hashes the mixed data's
-`datasets` fingerprint (sources, amounts, seed, max_train_samples, file contents), the tokenizer, the
+`datasets` fingerprint (sources, amounts, seed, file contents), the tokenizer, the
 template, `max_seq_length`, `add_bos` and `LABEL_RULE_VERSION`. The first process through
 `main_process_first` tokenizes; the others load the result. Pass `accelerator.local_main_process_first` when
 each node has its own disk, `accelerator.main_process_first` when the cache folder is shared by all nodes.
@@ -43,16 +47,21 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Bump when the tokenization or label rule changes: old cache entries then stop matching.
-LABEL_RULE_VERSION = 1
+LABEL_RULE_VERSION = 2  # 2: open-instruct's non-assistant spans (consecutive assistant turns, other roles)
 TULU_ROLES = ("system", "user", "assistant")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Tokenizer
 def load_tokenizer(cfg: TrainConfig):
-    """(tokenizer, number of tokens added). The chat template is set from `chat_template_name`; a missing pad
-    token becomes the EOS token (labels and attention already ignore padding, and no embedding grows), and
-    only a tokenizer without EOS gets a new `<pad>` token — then the caller must resize the embeddings."""
+    """(tokenizer, number of tokens added). The chat template is set from `chat_template_name`.
+
+    `use_slow_tokenizer`: the SentencePiece tokenizer where the model ships one (`tokenizer.model`, LLaMA-2),
+    as transformers' `SentencePieceBackend` (the slow LLaMA tokenizer's legacy behaviour: the text after a
+    special token such as EOS starts with "▁"); a model without one keeps its fast tokenizer, as the original's
+    `use_fast=False` did. A missing pad token: `add_pad_token` with FFT adds `<pad>` (the published runs; the
+    caller grows the embeddings, see mft.train.loop), otherwise it becomes the EOS token (labels and attention
+    ignore padding, and no embedding grows); a tokenizer without EOS always gets `<pad>`."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer_name or cfg.model_name_or_path
@@ -61,8 +70,8 @@ def load_tokenizer(cfg: TrainConfig):
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise MftError(f"cannot load the tokenizer of {name!r}: {exc}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise MftError(f"the tokenizer of {name!r} is not a fast (Rust) tokenizer; labels need its offset mapping")
+    if cfg.use_slow_tokenizer:
+        tokenizer = _slow_tokenizer(name, revision, tokenizer)
     tokenizer.chat_template = chat_template(cfg, tokenizer)
     if tokenizer.eos_token is None and cfg.chat_template_name != TOKENIZER_TEMPLATE:
         raise MftError(f"the tokenizer of {name!r} has no EOS token; the {cfg.chat_template_name} template ends "
@@ -71,11 +80,38 @@ def load_tokenizer(cfg: TrainConfig):
         raise MftError(f"add_bos is set but the tokenizer of {name!r} has no BOS token")
     added = 0
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is not None:
+        if tokenizer.eos_token is not None and not (cfg.add_pad_token and cfg.resolved_method == "fft"):
             tokenizer.pad_token = tokenizer.eos_token
         else:
             added = tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer, added
+
+
+def _slow_tokenizer(name: str, revision, fast):
+    """The SentencePiece tokenizer of `name` if it ships `tokenizer.model`, else `fast` (logged)."""
+    from transformers.utils import cached_file
+
+    try:
+        vocab = cached_file(name, "tokenizer.model", revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        vocab = None
+    if vocab is None:
+        logger.info("use_slow_tokenizer: %s has no SentencePiece model (tokenizer.model); using its fast tokenizer",
+                    name)
+        return fast
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise MftError("use_slow_tokenizer needs the sentencepiece package for the SentencePiece tokenizer of "
+                       f"{name!r}: pip install sentencepiece (or set use_slow_tokenizer: false)") from None
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    special = {k: v for k, v in fast.special_tokens_map.items() if isinstance(v, str)}
+    try:
+        return SentencePieceBackend.from_pretrained(name, revision=revision, **special)
+    except (OSError, ValueError) as exc:
+        raise MftError(f"use_slow_tokenizer: cannot load the SentencePiece tokenizer of {name!r}: {exc}") from None
 
 
 def chat_template(cfg: TrainConfig, tokenizer) -> str:
@@ -95,32 +131,36 @@ def chat_template(cfg: TrainConfig, tokenizer) -> str:
 # One example
 def tokenize_messages(messages: list[dict], tokenizer, template: str, max_seq_length: int,
                       add_bos: bool = False) -> dict:
-    """{"input_ids", "labels", "truncated"} for one conversation, by the label rule in the module docstring."""
+    """{"input_ids", "labels", "truncated"} for one conversation, by the label rule in the module docstring.
+
+    Fast tokenizers locate tokens by their offset mapping; tokenizers without one (`use_slow_tokenizer`)
+    by the token counts of the rendered prefixes, as the original does."""
 
     def render(msgs, generation_prompt=False) -> str:
         return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
 
     text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(messages[:i], generation_prompt=True) if i else ""
-        turn = render(messages[: i + 1])
-        if not (turn.startswith(prompt) and text.startswith(turn)):
-            raise MftError("the chat template renders earlier turns differently once later turns follow, so the "
-                           "assistant tokens cannot be located; use chat_template_name: tulu")
-        spans.append((len(prompt), len(turn)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    k = 0
-    for j, (start, _) in enumerate(enc["offset_mapping"]):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        if k < len(spans) and spans[k][0] <= start < spans[k][1]:
-            labels[j] = ids[j]
+    masked = non_assistant_spans(messages, render, text)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids = list(enc["input_ids"])
+        labels = list(ids)
+        k = 0
+        for j, (start, _) in enumerate(enc["offset_mapping"]):
+            while k < len(masked) and start >= masked[k][1]:
+                k += 1
+            if k < len(masked) and masked[k][0] <= start:
+                labels[j] = IGNORE_INDEX
+    else:
+        def count(prefix: str) -> int:
+            return len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]) if prefix else 0
+
+        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        labels = list(ids)
+        for start, end in masked:
+            a, b = count(text[:start]), count(text[:end])
+            labels[a:b] = [IGNORE_INDEX] * len(labels[a:b])
     if add_bos and not (ids and ids[0] == tokenizer.bos_token_id):
         ids.insert(0, tokenizer.bos_token_id)
         labels.insert(0, IGNORE_INDEX)
@@ -128,18 +168,54 @@ def tokenize_messages(messages: list[dict], tokenizer, template: str, max_seq_le
     return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
 
 
+def non_assistant_spans(messages: list[dict], render, text: str) -> list[tuple[int, int]]:
+    """Sorted [start, end) character spans of `text` that are not trained: open-instruct's rule (January 2025
+    `encode_sft_example`, the published runs). Message i that is not an assistant turn covers from the end of
+    the rendered messages[:i] (0 for i = 0) to the end of messages[:i+1] rendered with the generation header
+    when message i+1 is an assistant turn. Everything else is trained: assistant content and EOS, and (as in
+    the original) the header of an assistant turn that follows an assistant turn or opens the conversation.
+
+    `render(msgs, generation_prompt)` renders with the chat template. Raises MftError when a rendered prefix
+    is not a prefix of `text` (the template rewrites earlier turns once later ones follow)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            continue
+        start = render(messages[:i]) if i else ""
+        follows = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        end = render(messages[: i + 1], generation_prompt=follows)
+        if not (text.startswith(start) and text.startswith(end)):
+            raise MftError("the chat template renders earlier turns differently once later turns follow, so the "
+                           "assistant tokens cannot be located; use chat_template_name: tulu")
+        if len(end) > len(start):
+            spans.append((len(start), len(end)))
+    return spans
+
+
 def _tokenize_row(row, tokenizer, template, max_seq_length, add_bos):
-    out = tokenize_messages(row["messages"], tokenizer, template, max_seq_length, add_bos)
+    messages = row["messages"]
+    out = tokenize_messages(messages, tokenizer, template, max_seq_length, add_bos)
     out["num_label_tokens"] = sum(1 for x in out["labels"] if x != IGNORE_INDEX)
+    out["consecutive_assistant"] = any(a["role"] == b["role"] == "assistant" for a, b in zip(messages, messages[1:]))
+    out["other_roles"] = any(m["role"] not in TULU_ROLES for m in messages)
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Sources and the mix
 def load_mixed_messages(cfg: TrainConfig) -> tuple:
-    """(datasets.Dataset with one column `messages`, {source: rows taken}): every source checked row by row,
-    cut to its amount, concatenated, shuffled with cfg.seed, cut to max_train_samples."""
+    """(datasets.Dataset with one column `messages`, {source: rows taken}): the original's row selection.
+
+    Each source is shuffled with `cfg.seed` (`datasets.Dataset.shuffle(seed=...)`, i.e. the permutation
+    `numpy.random.default_rng(seed).permutation(len(source))`), then cut to its amount: a count N takes the
+    first N rows of the shuffled source, a fraction f the first `int(f * len(source))`; the selections are
+    concatenated in source order, each selected row checked. This is open-instruct's `get_datasets` (January 2025, the
+    data code of the published runs). The training order comes from the sampler; `max_train_samples` is applied
+    later, to the tokenized examples (see build_train_dataset), as the original applies it.
+    """
     import datasets
+
+    import numpy as np
 
     parts, taken = [], {}
     roles = TULU_ROLES if cfg.chat_template_name != TOKENIZER_TEMPLATE else None
@@ -154,13 +230,13 @@ def load_mixed_messages(cfg: TrainConfig) -> tuple:
             k = int(amount * n)
         if k == 0:
             raise MftError(f"{source}: amount {amount} of its {n} rows is no rows at all")
-        ds = ds.select(range(k)) if k < n else ds
-        parts.append(_checked_messages(ds, source, roles))
+        # = ds.shuffle(seed=cfg.seed).select(range(k)): datasets draws this very permutation; kept explicit
+        # so that an error can name the row's place in the file
+        rows = np.random.default_rng(cfg.seed).permutation(n)[:k]
+        ds = ds.select(rows)
+        parts.append(_checked_messages(ds, source, roles, cfg.strict_roles, rows))
         taken[source] = taken.get(source, 0) + k
     mixed = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    mixed = mixed.shuffle(seed=cfg.seed)
-    if cfg.max_train_samples is not None and cfg.max_train_samples < len(mixed):
-        mixed = mixed.select(range(cfg.max_train_samples))
     return mixed, taken
 
 
@@ -188,19 +264,21 @@ def _load_source(cfg: TrainConfig, source: str):
     return ds
 
 
-def _checked_messages(ds, source: str, roles):
-    """Only the `messages` column, each message reduced to {role, content}; a bad row raises MftError."""
+def _checked_messages(ds, source: str, roles, strict_roles: bool = False, rows=None):
+    """Only the `messages` column, each message reduced to {role, content}; a bad row raises MftError naming
+    its row in the file (`rows[i]`: the file row of ds's row i; None: the same)."""
     import datasets
 
     features = datasets.Features({"messages": [{"role": datasets.Value("string"),
                                                "content": datasets.Value("string")}]})
-    return ds.map(_check_row, with_indices=True, fn_kwargs={"source": source, "roles": roles},
+    return ds.map(_check_row, with_indices=True, fn_kwargs={"source": source, "roles": roles, "strict": strict_roles,
+                                                           "rows": None if rows is None else rows.tolist()},
                   remove_columns=ds.column_names, features=features, desc=f"checking {source}")
 
 
-def _check_row(row, idx, source, roles):
+def _check_row(row, idx, source, roles, strict=False, rows=None):
     messages = row.get("messages")
-    where = f"{source}: row {idx} (counting from 0)"
+    where = f"{source}: row {idx if rows is None else rows[idx]} (counting from 0)"
     if messages is None:
         other = ", ".join(k for k, v in row.items() if v is not None)
         raise MftError(f"{where} has no \"messages\" (it has: {other or 'nothing'}); every row needs "
@@ -212,9 +290,13 @@ def _check_row(row, idx, source, roles):
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise MftError(f"{where}, message {j}: expected {{\"role\": str, \"content\": str}}; got {str(m)[:200]}")
-        if roles is not None and m["role"] not in roles:
+        if strict and roles is not None and m["role"] not in roles:
             raise MftError(f"{where}, message {j}: role {m['role']!r} is not one of {', '.join(roles)} "
-                           "(the tulu template knows no other)")
+                           "(the tulu template knows no other; strict_roles: false renders it as nothing, "
+                           "as the original)")
+        if strict and j and m["role"] == "assistant" and messages[j - 1].get("role") == "assistant":
+            raise MftError(f"{where}, message {j}: an assistant turn directly after another (strict_roles: false "
+                           "trains both, the second one's header included, as the original)")
         out.append({"role": m["role"], "content": m["content"]})
     return {"messages": out}
 
@@ -226,13 +308,16 @@ class DataStats:
     """What happened to the data; `summary()` is logged by build_train_dataset."""
 
     rows_per_source: dict = field(default_factory=dict)
-    num_raw: int = 0  # rows of the mix (after max_train_samples)
+    num_raw: int = 0  # rows of the mix
     num_examples: int = 0  # examples kept for training
     num_dropped_truncated: int = 0  # had assistant tokens, all cut off by max_seq_length
     num_dropped_no_assistant: int = 0  # no assistant turn at all
     num_truncated: int = 0  # examples longer than max_seq_length (kept or dropped)
     num_tokens: int = 0  # tokens of the kept examples
     num_label_tokens: int = 0  # label tokens of the kept examples
+    num_beyond_max_train_samples: int = 0  # examples with labels left out by max_train_samples
+    num_consecutive_assistant: int = 0  # rows with an assistant turn right after another (trained, as the original)
+    num_other_roles: int = 0  # rows with a role other than system/user/assistant (tulu renders it as nothing)
     from_cache: bool = False
     cache_dir: str = ""
 
@@ -246,6 +331,9 @@ class DataStats:
                 f"label tokens) from {self.num_raw} rows [{sources}]; dropped {self.num_dropped} without label "
                 f"tokens ({self.num_dropped_truncated} truncated away, {self.num_dropped_no_assistant} without an "
                 f"assistant turn); {self.num_truncated} truncated to the maximum length; "
+                f"{self.num_beyond_max_train_samples} left out by max_train_samples; "
+                f"{self.num_consecutive_assistant} rows with consecutive assistant turns (trained), "
+                f"{self.num_other_roles} with roles other than system/user/assistant; "
                 f"{'loaded from' if self.from_cache else 'tokenized into'} {self.cache_dir}")
 
 
@@ -270,7 +358,7 @@ def build_train_dataset(cfg: TrainConfig, tokenizer, main_process_first=contextl
         key_parts = {
             "label_rule": LABEL_RULE_VERSION,
             "data": mixed._fingerprint,
-            "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+            "tokenizer": _tokenizer_digest(tokenizer),
             "special": [tokenizer.bos_token, tokenizer.eos_token],
             "template": template,
             "max_seq_length": cfg.max_seq_length,
@@ -291,7 +379,9 @@ def build_train_dataset(cfg: TrainConfig, tokenizer, main_process_first=contextl
         int_list = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else \
             datasets.Sequence(datasets.Value("int32"))
         features = datasets.Features({"input_ids": int_list, "labels": int_list, "truncated": datasets.Value("bool"),
-                                      "num_label_tokens": datasets.Value("int32")})
+                                      "num_label_tokens": datasets.Value("int32"),
+                                      "consecutive_assistant": datasets.Value("bool"),
+                                      "other_roles": datasets.Value("bool")})
         tokenized = mixed.map(
             _tokenize_row,
             fn_kwargs={"tokenizer": tokenizer, "template": template, "max_seq_length": cfg.max_seq_length,
@@ -310,19 +400,46 @@ def build_train_dataset(cfg: TrainConfig, tokenizer, main_process_first=contextl
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
     keep = n_labels > 0
+    kept = np.nonzero(keep)[0]
+    # max_train_samples as the original: the first N examples left after dropping those without labels
+    limit = len(kept) if cfg.max_train_samples is None else min(cfg.max_train_samples, len(kept))
+    beyond = kept[limit:]
+    kept = kept[:limit]
+    used = np.zeros(len(keep), dtype=bool)
+    used[kept] = True
     stats = DataStats(
-        rows_per_source=taken, num_raw=len(tokenized), num_examples=int(keep.sum()),
+        rows_per_source=taken, num_raw=len(tokenized), num_examples=int(used.sum()),
         num_dropped_truncated=int((~keep & truncated).sum()), num_dropped_no_assistant=int((~keep & ~truncated).sum()),
-        num_truncated=int(truncated.sum()), num_tokens=int(lengths[keep].sum()),
-        num_label_tokens=int(n_labels[keep].sum()), from_cache=from_cache, cache_dir=cache_dir)
-    train = tokenized.remove_columns(["truncated", "num_label_tokens"])
-    if stats.num_dropped:
-        train = train.select(np.nonzero(keep)[0])
+        num_truncated=int(truncated.sum()), num_tokens=int(lengths[used].sum()),
+        num_label_tokens=int(n_labels[used].sum()), num_beyond_max_train_samples=len(beyond),
+        num_consecutive_assistant=int(table.column("consecutive_assistant").to_numpy(zero_copy_only=False).sum()),
+        num_other_roles=int(table.column("other_roles").to_numpy(zero_copy_only=False).sum()),
+        from_cache=from_cache, cache_dir=cache_dir)
+    train = tokenized.remove_columns(["truncated", "num_label_tokens", "consecutive_assistant", "other_roles"])
+    if len(kept) < len(tokenized):
+        train = train.select(kept)
     if stats.num_examples == 0:
         raise MftError(f"no training example has a label token left ({stats.summary()}); check the data has "
                        "assistant turns and max_seq_length is large enough")
     logger.info(stats.summary())
     return train, stats
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides the token ids: the fast tokenizer's serialized form, else (slow tokenizers) the
+    class, the SentencePiece model or the vocabulary, and the added tokens."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        sp = getattr(tokenizer, "sp_model", None)
+        if sp is not None and hasattr(sp, "serialized_model_proto"):
+            h.update(sp.serialized_model_proto())
+        else:
+            h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(json.dumps(sorted((str(k), str(v)) for k, v in tokenizer.added_tokens_decoder.items())).encode())
+    return h.hexdigest()
 
 
 def _shard_paths(path: str, num_proc: int | None) -> list[str]:

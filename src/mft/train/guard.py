@@ -30,7 +30,9 @@ NON_RESULT_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps",
     "keep_last_n_checkpoints", "logging_steps", "with_tracking", "report_to", "exp_name", "wandb_project_name",
     "wandb_entity", "timeout", "preprocessing_num_workers", "overwrite_cache", "dataset_local_cache_dir",
-    "dataset_mix_dir", "low_cpu_mem_usage", "use_slow_tokenizer", "allow_masked_base"})
+    "dataset_mix_dir", "low_cpu_mem_usage", "allow_masked_base", "save_model_snapshots",
+    # bit-identical scores with or without sharding the optimizer state (tests/train/test_distributed.py)
+    "shard_optimizer_state"})
 # Local path keys: compared by the folder or file they name, not by spelling.
 _PATH_KEYS = ("model_name_or_path", "tokenizer_name", "train_file", "dataset_name")
 # Where the job is, for the one-line Ctrl-C message (set by the training loop).

@@ -11,7 +11,11 @@ weights, load data and model, set the method up, prepare, resume, loop, save. Wh
   `mft_run.json` (base model, mask settings, per-rank mask digests) — no copy of the weights. Bake it with
   `mft apply --mask_model_name_or_path OUTPUT_DIR --output_dir OUTPUT_DIR/mask_applied`.
 - all: `train_config.yaml` (resolved settings), `train_log.jsonl` (one line per logged step),
-  `checkpoints/step_N/` and, written last, `run_complete.json`.
+  `checkpoints/step_N/`, with `save_model_snapshots` `snapshots/step_N/` (a loadable model, or MFT's mask file:
+  see `_save_snapshot`, `list_checkpoints`) and, written last, `run_complete.json`.
+
+Gradient clipping is 1.0 unless `clip_grad_norm` says otherwise, with or without DeepSpeed (`_gradient_clipping`),
+as in every published run.
 
 Checkpoints hold what is trained (MFT: the scores only, never the frozen weights), the optimizer, the
 scheduler, every RNG and the data position; re-running the same command resumes from the newest complete
@@ -19,12 +23,15 @@ one and reproduces an uninterrupted run bit for bit.
 
 Under DeepSpeed the scores live in bf16 inside the model while the optimizer keeps fp32 master copies. The
 masks are computed from those fp32 masters (`safe_get_full_fp32_param`, identical on every rank) after
-every optimizer step, so bf16 ties never decide a mask and every rank holds the same one.
+every optimizer step, so bf16 ties never decide a mask and every rank holds the same one. (The authors' fork
+sorts the bf16 scores in every forward instead; `score_dtype: bfloat16` without DeepSpeed selects from bf16
+scores, see the README's fidelity table.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -46,6 +53,8 @@ logger = logging.getLogger("mft.train")
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+SNAPSHOTS = "snapshots"  # save_model_snapshots: snapshots/step_N/, complete once renamed from .step_N.partial
+SNAPSHOT_INFO = "snapshot.json"  # FFT / LoRA snapshots: method, steps, epoch, base model
 
 
 # -- setup ---------------------------------------------------------------------------------------------------
@@ -113,6 +122,20 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
     return model
 
 
+def _grow_embeddings(cfg: TrainConfig, model, tokenizer, main: bool) -> None:
+    """After load_tokenizer added tokens: grow the input embeddings and lm_head to len(tokenizer) rows, rounded
+    up to a multiple of 8 with `add_pad_token` (the published runs: LLaMA-2 32,000 + <pad> -> 32,008), only when
+    the model has fewer rows (as the original). New rows are initialised as transformers does (the mean and
+    covariance of the old rows)."""
+    rows = model.get_input_embeddings().num_embeddings  # the full count, also for ZeRO-3-partitioned weights
+    if len(tokenizer) <= rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8 if cfg.add_pad_token else None)
+    if main:
+        logger.info("tokenizer: added %s; embeddings grown from %d to %d rows", tokenizer.pad_token, rows,
+                    model.get_input_embeddings().num_embeddings)
+
+
 def _setup_method(cfg: TrainConfig, model):
     """Turn the loaded model into what is trained; returns (model, description)."""
     method = cfg.resolved_method
@@ -135,6 +158,24 @@ def _setup_method(cfg: TrainConfig, model):
     return model, f"FFT: {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
+def _gradient_clipping(cfg: TrainConfig, ds_config: dict | None) -> float:
+    """The max gradient norm the run clips to (0.0: off). Unset `clip_grad_norm`: 1.0, the value of every
+    published run (DeepSpeed's `gradient_clipping: auto`, which accelerate fills with 1.0); under DeepSpeed a
+    number in its config file is kept. Set, `clip_grad_norm` wins on every path; under DeepSpeed it is written
+    into `ds_config` (before `accelerator.prepare`), so DeepSpeed clips to it."""
+    if cfg.clip_grad_norm is not None:
+        clip = max(float(cfg.clip_grad_norm), 0.0)
+        if ds_config is not None:
+            ds_config["gradient_clipping"] = clip
+        return clip
+    if ds_config is not None:
+        value = ds_config.get("gradient_clipping", "auto")
+        if value == "auto":
+            ds_config["gradient_clipping"] = value = 1.0
+        return max(float(value), 0.0)
+    return 1.0
+
+
 def _optimizer(cfg: TrainConfig, model, ds_config):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -147,6 +188,44 @@ def _optimizer(cfg: TrainConfig, model, ds_config):
 
         return DummyOptim(groups, lr=cfg.learning_rate)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_optimizer or None)
+
+
+def _shard_optimizer_state(cfg: TrainConfig, optimizer, accelerator, ds_config):
+    """The MFT layout without DeepSpeed (issue 12): frozen weights replicated in their training precision under
+    plain DDP (no gradients, no master copies, nothing gathered), the scores' gradients all-reduced by DDP,
+    and their AdamW state sharded over the processes (`ZeroRedundancyOptimizer`: each rank steps its shard
+    and broadcasts the new scores, so every rank holds the same scores and computes the same masks).
+    Returns `optimizer` unchanged for one process, DeepSpeed, other methods or `shard_optimizer_state: false`."""
+    if (ds_config is not None or accelerator.num_processes == 1 or not cfg.shard_optimizer_state
+            or cfg.resolved_method != "mft" or not isinstance(optimizer, torch.optim.AdamW)):
+        return optimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class ShardedAdamW(ZeroRedundancyOptimizer):
+        """`state_dict()` is called on every rank at the same points (accelerate's prepare and save_state).
+        Once it has stepped, it is a collective that consolidates the full state on rank 0 (the rank that
+        writes it; the others return their local view, which nobody writes). `load_state_dict` takes the
+        full state and keeps each rank's shard."""
+
+        stepped = False
+
+        def step(self, *args, **kwargs):
+            self.stepped = True
+            return super().step(*args, **kwargs)
+
+        def state_dict(self):
+            if not self.stepped:  # nothing to consolidate yet (accelerate's prepare round-trips the state)
+                return torch.optim.Optimizer.state_dict(self)
+            self.consolidate_state_dict(to=0)
+            return super().state_dict() if torch.distributed.get_rank() == 0 else torch.optim.Optimizer.state_dict(self)
+
+    accepted = inspect.signature(torch.optim.AdamW).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "differentiable"}
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    if accelerator.is_main_process:
+        logger.info("MFT layout: DDP, frozen weights replicated; the scores' AdamW state sharded over %d processes",
+                    accelerator.num_processes)
+    return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **defaults)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -189,6 +268,73 @@ def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
             for old in done[: -cfg.keep_last_n_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_due(every, completed_steps: int, batches_in_epoch: int, batches_per_epoch: int,
+                   accumulation: int) -> bool:
+    """Whether the optimizer step just completed is a checkpoint: `every` is checkpointing_steps (N: every N
+    steps; "epoch": the epoch's last step; "epoch/K": the steps ceil(j * S / K), j = 1..K, of each epoch of S
+    steps, so the last one ends the epoch)."""
+    if every is None:
+        return False
+    if isinstance(every, int):
+        return completed_steps % every == 0
+    if every == "epoch":
+        return batches_in_epoch == batches_per_epoch
+    k = int(every.split("/")[1])
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    step_in_epoch = math.ceil(batches_in_epoch / accumulation)
+    return step_in_epoch in {math.ceil(j * steps_per_epoch / k) for j in range(1, k + 1)}
+
+
+def _save_snapshot(accelerator, cfg, model, tokenizer, state: dict, extract_masks) -> Path:
+    """snapshots/step_N/: a from_pretrained folder (FFT; LoRA merged) or the mask file and mft_run.json (MFT),
+    written under a temporary name and renamed when complete. Never pruned."""
+    method = cfg.resolved_method
+    root = Path(cfg.output_dir) / SNAPSHOTS
+    final = root / f"step_{state['completed_steps']}"
+    partial = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    base = cfg.model_name_or_path
+    info = {"method": method, "steps": state["completed_steps"], "epoch": state["epoch"],
+            "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
+    if method == "mft":
+        _save_mft(accelerator, cfg, accelerator.unwrap_model(model), info, extract_masks, out=partial)
+    else:
+        _save_model(accelerator, cfg, model, tokenizer, method, out=partial, keep_training=True)
+        if accelerator.is_main_process:
+            (partial / SNAPSHOT_INFO).write_text(json.dumps(info, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[dict]:
+    """[{"kind": "checkpoint" | "snapshot", "step", "epoch", "path"}] of a run folder, complete ones only,
+    by step then kind. Checkpoints resume a run; snapshots are loadable models (FFT, LoRA) or mask files
+    (MFT): the model_name_or_path of an MFT config, or `mft apply --mask_model_name_or_path`."""
+    from mft.masking.apply import RUN_INFO
+
+    out = []
+    root = Path(output_dir)
+    for kind, folder, marker in (("checkpoint", CHECKPOINTS, TRAINER_STATE), ("snapshot", SNAPSHOTS, None)):
+        for path in sorted((root / folder).glob("step_*")) if (root / folder).is_dir() else []:
+            if not path.name.split("_")[1].isdigit():
+                continue
+            info_file = path / marker if marker else next((path / n for n in (SNAPSHOT_INFO, RUN_INFO)
+                                                          if (path / n).exists()), None)
+            if info_file is None or not info_file.exists():
+                continue
+            info = json.loads(info_file.read_text())
+            out.append({"kind": kind, "step": int(path.name.split("_")[1]), "epoch": info.get("epoch"),
+                        "path": str(path)})
+    return sorted(out, key=lambda r: (r["step"], r["kind"]))
 
 
 def _trainable_only_hooks(accelerator, model) -> None:
@@ -298,12 +444,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise MftError(f"the tokenizer of {cfg.tokenizer_name or cfg.model_name_or_path} has neither a pad nor "
                            f"an EOS token, and {method} cannot grow the frozen embeddings; add a pad token when "
                            "fine-tuning the base model")
-        model.resize_token_embeddings(len(tokenizer))
+        _grow_embeddings(cfg, model, tokenizer, main)
     model, description = _setup_method(cfg, model)
     if main:
         logger.info(description)
-    optimizer = torch_optimizer = _optimizer(cfg, model, ds_config)
+    optimizer = torch_optimizer = _shard_optimizer_state(cfg, _optimizer(cfg, model, ds_config), accelerator, ds_config)
 
+    clip = _gradient_clipping(cfg, ds_config)
+    if main:
+        logger.info("gradient clipping: %s", f"max norm {clip:g}" if clip > 0 else "off")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ds = ds_config is not None
     if not ds:
@@ -354,6 +503,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = progress(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
     model.train()
     window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    grad_norm = None
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
@@ -363,8 +513,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             with accelerator.accumulate(model):
                 loss = _loss(model, batch, cfg.reduce_loss)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                if accelerator.sync_gradients and clip > 0 and not ds:  # DeepSpeed clips by its config
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 optimizer.zero_grad()
             batches_in_epoch += 1
@@ -382,6 +532,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
                 record = {"step": completed_steps, "epoch": epoch, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                           "tokens_per_s": tokens / (time.perf_counter() - window_start)}
+                if grad_norm is not None:  # of the last step, before clipping
+                    record["grad_norm"] = float(grad_norm)
                 if tracker is not None:
                     record.update(tracker.stats())
                 bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -392,11 +544,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
                 window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             bar.update(1)  # after set_postfix: a log line carries this step's loss
-            save_now = (isinstance(cfg.checkpointing_steps, int) and completed_steps % cfg.checkpointing_steps == 0) \
-                or (cfg.checkpointing_steps == "epoch" and batches_in_epoch == len(loader))
-            if save_now:
-                _save_checkpoint(accelerator, cfg, {"completed_steps": completed_steps, "epoch": epoch,
-                                                    "batches_in_epoch": batches_in_epoch}, ds)
+            if checkpoint_due(cfg.checkpointing_steps, completed_steps, batches_in_epoch, len(loader),
+                              cfg.gradient_accumulation_steps):
+                state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                _save_checkpoint(accelerator, cfg, state, ds)
+                if cfg.save_model_snapshots:
+                    _save_snapshot(accelerator, cfg, model, tokenizer, state, extract_masks)
             if completed_steps >= max_steps:
                 break
         if completed_steps >= max_steps:
@@ -405,7 +558,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # outputs
     base = cfg.model_name_or_path
-    info = {"method": method, "steps": completed_steps,
+    info = {"method": method, "steps": completed_steps, "gradient_clipping": clip,
             "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
     if method == "mft":
         _save_mft(accelerator, cfg, unwrapped, info, extract_masks)
@@ -435,7 +588,7 @@ def _loss(model, batch, reduce_loss: str):
                                              ignore_index=-100, reduction="sum")
 
 
-def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
+def _save_mft(accelerator, cfg, unwrapped, info, extract_masks, out: Path | None = None) -> None:
     from accelerate.utils import gather_object
 
     from mft.masking.apply import RUN_INFO
@@ -451,19 +604,27 @@ def _save_mft(accelerator, cfg, unwrapped, info, extract_masks) -> None:
         mask_cfg = cfg.mask_config()
         mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
                            "learned", mask_cfg.to_dict(), info["base_model"], layouts=mask_layouts(layers))
-        write_masks(Path(cfg.output_dir) / DEFAULT_NAME, mask_set)
+        out = Path(cfg.output_dir) if out is None else out
+        write_masks(out / DEFAULT_NAME, mask_set)
         entries = sum(m.numel() for m in masks.values())
         info.update({"mask_config": mask_cfg.to_dict(), "mask_digest_per_rank": digests,
                      "fingerprint": mask_set.fingerprint,
                      "kept_fraction": sum(int(m.sum()) for m in masks.values()) / entries})
-        (Path(cfg.output_dir) / RUN_INFO).write_text(json.dumps(info, indent=1))
+        (out / RUN_INFO).write_text(json.dumps(info, indent=1))
 
 
-def _save_model(accelerator, cfg, model, tokenizer, method) -> None:
-    out = Path(cfg.output_dir)
+def _save_model(accelerator, cfg, model, tokenizer, method, out: Path | None = None,
+                keep_training: bool = False) -> None:
+    """A from_pretrained folder in `out` (default output_dir). keep_training: the live model goes on training
+    (a snapshot), so LoRA merges a copy."""
+    out = Path(cfg.output_dir) if out is None else out
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards onto the main process
     unwrapped = accelerator.unwrap_model(model)
     if method == "lora":
+        if keep_training and accelerator.is_main_process and not any(p.numel() == 0 for p in unwrapped.parameters()):
+            import copy
+
+            unwrapped = copy.deepcopy(unwrapped)
         unwrapped, state_dict = _merged_lora(cfg, unwrapped, state_dict, accelerator)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
