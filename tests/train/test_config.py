@@ -181,11 +181,16 @@ def test_method_and_mask_errors(base, extra, message):
 # --- data sources ------------------------------------------------------------------------------------
 def test_data_sources_forms(tmp_path, data_file):
     common = ["--model_name_or_path=m"]
-    cfg = load_config(None, common + ["--dataset_mixer={org/a: 10000, org/b: 0.5, org/c: 1}"])
-    assert cfg.data_sources() == [("org/a", 10000), ("org/b", 0.5), ("org/c", 1.0)]
-    assert isinstance(cfg.data_sources()[0][1], int) and isinstance(cfg.data_sources()[2][1], float)
-    cfg = load_config(None, common + [f"--dataset_mixer_list={data_file} 3 org/b 1.0"])
-    assert cfg.data_sources() == [(data_file, 3), ("org/b", 1.0)]
+    cfg = load_config(None, common + ["--dataset_mixer={org/a: 10000, org/b: 2, org/c: 1}"])
+    assert cfg.data_sources() == [("org/a", 10000), ("org/b", 2), ("org/c", 1)]  # counts: 1 is one row
+    assert all(isinstance(amount, int) for _, amount in cfg.data_sources())
+    cfg = load_config(None, common + ["--dataset_mixer={org/b: 0.5, org/c: 1}"])
+    assert cfg.data_sources() == [("org/b", 0.5), ("org/c", 1.0)]  # fractions: 1 is every row
+    assert isinstance(cfg.data_sources()[1][1], float)
+    cfg = load_config(None, common + [f"--dataset_mixer_list={data_file} 3 org/b 1"])
+    assert cfg.data_sources() == [(data_file, 3), ("org/b", 1)]
+    with pytest.raises(MftError, match=r"mixes row counts .* \(org/b: 0.5, org/c: 1.0\)"):
+        load_config(None, common + ["--dataset_mixer={org/a: 10000, org/b: 0.5, org/c: 1.0}"])
     assert load_config(None, common + ["--dataset_name=org/x"]).data_sources() == [("org/x", 1.0)]
 
 

@@ -305,7 +305,7 @@ def original_selection(sources: list[tuple[list[dict], float]], seed: int) -> li
     out = []
     for rows, amount in sources:
         order = np.random.default_rng(seed).permutation(len(rows))
-        n = int(amount) if amount > 1 else int(amount * len(rows))
+        n = amount if isinstance(amount, int) else int(amount * len(rows))
         out += [rows[i] for i in order[:n]]
     return out
 
@@ -319,29 +319,69 @@ def test_row_selection_reproduces_the_original(tmp_path, data_file_factory):
     rows_b = [conv(100 + i) for i in range(15)]
     a = data_file_factory(rows_a)
     b = data_file_factory(rows_b, suffix=".parquet")
-    mixed, taken = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 0.4}}"))
-    expected = original_selection([(rows_a, 6), (rows_b, 0.4)], seed=42)
+    mixed, taken = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 6}}"))
+    expected = original_selection([(rows_a, 6), (rows_b, 6)], seed=42)
     assert taken == {a: 6, b: 6} and len(expected) == 12
     assert list(mixed["messages"]) == [r["messages"] for r in expected]  # the same rows, in the same order
     # ...which is not what the file order gives: of the first 6 of each, only a few are among them
     first = {r["id"] for r in rows_a[:6] + rows_b[:6]}
     assert len(first & {r["id"] for r in expected}) <= 4
-    other_seed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 0.4}}", "--seed=3"))
+    other_seed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 6, {b}: 6}}", "--seed=3"))
     assert list(other_seed["messages"]) == [r["messages"] for r in
-                                            original_selection([(rows_a, 6), (rows_b, 0.4)], seed=3)]
+                                            original_selection([(rows_a, 6), (rows_b, 6)], seed=3)]
     assert list(other_seed["messages"]) != list(mixed["messages"])
+    fractions, taken = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 0.35, {b}: 1}}"))
+    assert taken == {a: 7, b: 15}  # all fractions: 1 is every row
+    assert list(fractions["messages"]) == [r["messages"] for r in
+                                           original_selection([(rows_a, 0.35), (rows_b, 1.0)], seed=42)]
+
+
+def test_counts_mode_amount_1_is_one_row_and_counts_do_not_mix_with_fractions(tmp_path, data_file_factory):
+    # open-instruct get_datasets: any amount above 1 makes every amount a count (1 = one row), and a count
+    # next to a fraction is refused ("Cannot mix fractions and counts, yet.")
+    rows_a = [conv(i) for i in range(7)]
+    rows_c = [conv(100 + i) for i in range(20)]
+    a, c = data_file_factory(rows_a), data_file_factory(rows_c)
+    mixed, taken = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{a}: 1, {c}: 10}}"))
+    assert taken == {a: 1, c: 10} and len(mixed) == 11
+    assert list(mixed["messages"]) == [r["messages"] for r in original_selection([(rows_a, 1), (rows_c, 10)], 42)]
+    with pytest.raises(MftError, match=r"dataset_mixer mixes row counts .* \(.*data\d+\.jsonl: 0\.5\)"):
+        load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer={{{c}: 3, {a}: 0.5}}"))
+    with pytest.raises(MftError, match=r"dataset_mixer_list mixes row counts .*: 1\.0\)"):
+        load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer_list=[{c}, 3, {a}, '1.0']"))
+
+
+def test_a_source_named_twice_is_refused(tmp_path, data_file_factory):
+    # the original turns dataset_mixer_list into a dict (the last amount wins, silently); 3 + 2 rows was wrong too
+    a = data_file_factory([conv(i) for i in range(7)])
+    with pytest.raises(MftError, match=rf"dataset_mixer_list names '{a}' twice; give each source once"):
+        load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer_list=[{a}, 3, {a}, 2]"))
+
+
+@pytest.mark.parametrize("key", ["train_file", "dataset_name"])
+def test_train_file_and_dataset_name_keep_file_order(tmp_path, data_file_factory, byte_tokenizer, key):
+    # the original reads train_file / dataset_name with plain load_dataset (no get_datasets, no shuffle), so
+    # max_train_samples takes the first rows of the file
+    rows = [conv(i) for i in range(20)]
+    path = data_file_factory(rows)
+    mixed, taken = load_mixed_messages(make_cfg(tmp_path, f"--{key}={path}"))
+    assert taken == {path: 20}
+    assert [r["messages"] for r in mixed] == [r["messages"] for r in rows]
+    cut, stats = build_train_dataset(make_cfg(tmp_path, f"--{key}={path}", "--max_train_samples=3"), byte_tokenizer)
+    firsts = build_train_dataset(make_cfg(tmp_path, f"--train_file={data_file_factory(rows[:3])}"), byte_tokenizer)[0]
+    assert cut["input_ids"] == firsts["input_ids"] and stats.num_beyond_max_train_samples == 17
 
 
 def test_mixer_list_counts_and_max_train_samples_cuts_tokenized_examples(tmp_path, data_file_factory,
                                                                          byte_tokenizer):
     a = data_file_factory([conv(i) for i in range(10)])  # ids 0..9
     b = data_file_factory([conv(100 + i) for i in range(8)], suffix=".parquet")  # ids 100..107
-    mixer = f"--dataset_mixer={{{a}: 4, {b}: 0.5}}"
+    mixer = f"--dataset_mixer={{{a}: 4, {b}: 4}}"
     mixed, taken = load_mixed_messages(make_cfg(tmp_path, mixer))
     assert taken == {a: 4, b: 4}
     assert mixed.column_names == ["messages"]
     order = [r["messages"][0]["content"] for r in mixed]
-    listed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer_list={a} 4 {b} 0.5"))
+    listed, _ = load_mixed_messages(make_cfg(tmp_path, f"--dataset_mixer_list={a} 4 {b} 4"))
     assert [r["messages"][0]["content"] for r in listed] == order
     # max_train_samples: the first N examples with labels, after tokenizing (the original's place for it)
     no_labels = {"messages": [{"role": "user", "content": "no answer"}]}

@@ -99,7 +99,8 @@ class TrainConfig:
     dataset_name: str | None = _help("one Hugging Face dataset (train split) or local file", default=None)
     dataset_config_name: str | None = _help("configuration name of dataset_name", default=None)
     dataset_mixer: dict | None = _help("{source: amount}: an int > 1 takes that many rows, a number <= 1 that "
-                                       "fraction, of the source shuffled with seed (as the original); sources "
+                                       "fraction, of the source shuffled with seed (as the original; counts and "
+                                       "fractions do not mix, and among counts 1 is one row); sources "
                                        "are Hub names or local "
                                        ".json/.jsonl/.parquet files", default=None)
     dataset_mixer_list: list[str] | None = _help("the same as a flat list: [source, amount, source, amount, ...]",
@@ -213,18 +214,36 @@ class TrainConfig:
         return MaskConfig(**values)
 
     def data_sources(self) -> list[tuple[str, float]]:
-        """[(source, amount)] in order, from whichever of the four data keys is set. amount: an int > 1 is a
-        row count, a float <= 1 a fraction (1.0 = all rows)."""
+        """[(source, amount)] in order, from whichever of the four data keys is set. amount: an int is a row
+        count, a float <= 1 a fraction (1.0 = all rows). open-instruct's get_datasets rule: if any amount is
+        above 1, all are counts and each must be written as an integer (then 1 means one row); a mix of counts
+        and fractions raises MftError naming the fractions. A source named twice in dataset_mixer_list raises
+        (the original keeps the last amount silently)."""
         if self.dataset_mixer:
-            return [(str(k), _amount("dataset_mixer", k, v)) for k, v in self.dataset_mixer.items()]
-        if self.dataset_mixer_list:
+            key, pairs = "dataset_mixer", [(str(k), v) for k, v in self.dataset_mixer.items()]
+        elif self.dataset_mixer_list:
             items = self.dataset_mixer_list
-            return [(items[i], _amount("dataset_mixer_list", items[i], items[i + 1])) for i in range(0, len(items), 2)]
-        if self.dataset_name:
+            key, pairs = "dataset_mixer_list", [(str(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
+        elif self.dataset_name:
             return [(self.dataset_name, 1.0)]
-        if self.train_file:
+        elif self.train_file:
             return [(self.train_file, 1.0)]
-        return []
+        else:
+            return []
+        seen = set()
+        for source, _ in pairs:
+            if source in seen:
+                raise MftError(f"{key} names {source!r} twice; give each source once, with one amount")
+            seen.add(source)
+        amounts = [_amount(key, source, value) for source, value in pairs]
+        if any(a > 1 for a in amounts):
+            fractions = [f"{source}: {value}" for source, value in pairs if not _written_as_int(value)]
+            if fractions:
+                raise MftError(f"{key} mixes row counts (amounts above 1) with amounts not written as whole "
+                               f"numbers ({', '.join(fractions)}); as in open-instruct, either every amount is a "
+                               "whole row count (then 1 is one row) or every one a fraction <= 1")
+            amounts = [int(a) for a in amounts]
+        return [(source, a) for (source, _), a in zip(pairs, amounts)]
 
     def to_dict(self) -> dict:
         """Every field, with `method` resolved (what the run actually does)."""
@@ -636,6 +655,17 @@ def _merge(values: dict, new: dict, where: str) -> None:
                            f"{seen[name][1]!r} vs {value!r}")
         seen[name] = (key, value)
         values[name] = value
+
+
+def _written_as_int(value) -> bool:
+    """True for 3 or '3', False for 3.0, '3.0' or 0.5 (open-instruct reads list amounts with '.' as floats)."""
+    if isinstance(value, str):
+        try:
+            int(value.strip())
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _amount(key: str, source, value) -> float | int:

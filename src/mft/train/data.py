@@ -7,9 +7,10 @@
 
 Sources (`TrainConfig.data_sources()`): Hugging Face dataset ids (train split), local folders, or local
 `.json` / `.jsonl` / `.parquet` files; every row holds `messages`: a list of `{"role", "content"}` strings.
-Row selection is the original's (open-instruct's `get_datasets`): each source is shuffled with `seed`, an
-amount above 1 takes the first N rows of the shuffled source, one of at most 1 the first `int(f * rows)`;
-the selections are concatenated in source order. `max_train_samples` keeps the first N tokenized examples
+Row selection is the original's: `train_file` / `dataset_name` give every row in file order; mixer sources
+(open-instruct's `get_datasets`) are each shuffled with `seed`, then a count N takes the first N rows of the
+shuffled source, a fraction f the first `int(f * rows)` (counts and fractions do not mix, see
+`TrainConfig.data_sources`); the selections are concatenated in source order. `max_train_samples` keeps the first N tokenized examples
 that have labels. The training order is the sampler's (a fresh seeded permutation per epoch).
 
 Label rule (open-instruct's `encode_sft_example`, see `non_assistant_spans`): the conversation is rendered
@@ -206,7 +207,8 @@ def _tokenize_row(row, tokenizer, template, max_seq_length, add_bos):
 def load_mixed_messages(cfg: TrainConfig) -> tuple:
     """(datasets.Dataset with one column `messages`, {source: rows taken}): the original's row selection.
 
-    Each source is shuffled with `cfg.seed` (`datasets.Dataset.shuffle(seed=...)`, i.e. the permutation
+    train_file / dataset_name: all rows in file order (the original reads them without get_datasets). Mixer
+    sources: each is shuffled with `cfg.seed` (`datasets.Dataset.shuffle(seed=...)`, i.e. the permutation
     `numpy.random.default_rng(seed).permutation(len(source))`), then cut to its amount: a count N takes the
     first N rows of the shuffled source, a fraction f the first `int(f * len(source))`; the selections are
     concatenated in source order, each selected row checked. This is open-instruct's `get_datasets` (January 2025, the
@@ -218,6 +220,8 @@ def load_mixed_messages(cfg: TrainConfig) -> tuple:
     import numpy as np
 
     parts, taken = [], {}
+    # train_file / dataset_name: the original loads them with plain load_dataset, no get_datasets, no shuffle
+    shuffle = bool(cfg.dataset_mixer or cfg.dataset_mixer_list)
     roles = TULU_ROLES if cfg.chat_template_name != TOKENIZER_TEMPLATE else None
     for source, amount in cfg.data_sources():
         ds = _load_source(cfg, source)
@@ -232,7 +236,7 @@ def load_mixed_messages(cfg: TrainConfig) -> tuple:
             raise MftError(f"{source}: amount {amount} of its {n} rows is no rows at all")
         # = ds.shuffle(seed=cfg.seed).select(range(k)): datasets draws this very permutation; kept explicit
         # so that an error can name the row's place in the file
-        rows = np.random.default_rng(cfg.seed).permutation(n)[:k]
+        rows = (np.random.default_rng(cfg.seed).permutation(n) if shuffle else np.arange(n))[:k]
         ds = ds.select(rows)
         parts.append(_checked_messages(ds, source, roles, cfg.strict_roles, rows))
         taken[source] = taken.get(source, 0) + k
