@@ -412,6 +412,8 @@ def test_count_above_the_source_size_takes_it_all(tmp_path, data_file_factory):
                     {"role": "assistant", "content": "c"}]}],
      r"row 0 .*message 2: an assistant turn directly after another \(strict_roles: false trains both"),
     ([{"prompt": "x"}], r"data0.jsonl has no \"messages\" column \(columns: prompt\)"),
+    ([conv(0), {"messages": []}], r"data0.jsonl: row 1 \(counting from 0\): \"messages\" is empty; every row needs "
+                                  r"at least one"),
 ])
 def test_bad_rows_name_the_file_and_row(tmp_path, data_file_factory, rows, message):
     path = data_file_factory(rows)

@@ -202,6 +202,18 @@ def test_bad_input_fails_before_loading_the_model(workspace, capsys, args, messa
     assert not out.exists()
 
 
+def test_a_bad_row_fails_before_the_run_folder_is_written(workspace, capsys):
+    # an empty "messages" once crashed inside transformers' chat template, after train_config.yaml was written
+    data = workspace["root"] / "empty_row.jsonl"
+    data.write_text(Path(workspace["data"]).read_text().splitlines()[0] + "\n" + '{"messages": []}\n')
+    out = workspace["root"] / "bad_row"
+    code = main(["train", f"--model_name_or_path={workspace['base']}", f"--train_file={data}",
+                 f"--output_dir={out}", "--report_to=[none]", f"--dataset_local_cache_dir={workspace['root'] / 'cache'}"])
+    assert code == 1
+    assert f'{data}: row 1 (counting from 0): "messages" is empty' in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_finished_run_is_not_overwritten(workspace, capsys):
     out = workspace["root"] / "finished"
     out.mkdir()

@@ -290,6 +290,9 @@ def _check_row(row, idx, source, roles, strict=False, rows=None):
     if not isinstance(messages, list):
         raise MftError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}}; "
                        f"got {type(messages).__name__}")
+    if not messages:  # the original raises too ("messages field is empty.")
+        raise MftError(f"{where}: \"messages\" is empty; every row needs at least one {{\"role\", \"content\"}} "
+                       "message (and an assistant turn to train on)")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):

@@ -426,13 +426,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     ds_config = _deepspeed_config(accelerator)
     main = accelerator.is_main_process
     final_dir = Path(cfg.output_dir)
-    cfg = guard.open_output(cfg, out_state, accelerator)  # checks a resume; overwrite: a folder beside the old
-    out = Path(cfg.output_dir)
-    set_seed(cfg.seed)
+    guard.check_resume(cfg, out_state, accelerator)  # read-only; before the data work
 
-    # data
+    # data: a bad row is refused before the run folder records anything
     tokenizer, num_added = load_tokenizer(cfg)
     dataset, _ = build_train_dataset(cfg, tokenizer, main_process_first=accelerator.local_main_process_first)
+    cfg = guard.open_output(cfg, out_state, accelerator)  # overwrite: a folder beside the old
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
                                          sampler=EpochSampler(len(dataset), cfg.seed),
                                          collate_fn=Collator(tokenizer.pad_token_id))
