@@ -214,6 +214,25 @@ def test_a_bad_row_fails_before_the_run_folder_is_written(workspace, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_a_mask_only_snapshot_as_model_is_refused_naming_its_base(workspace, capsys, tmp_path, with_tokenizer):
+    # the files an MFT snapshot holds (snapshots/step_N/): masks and mft_run.json, no config.json or weights;
+    # once: "no tokenizer files", and with tokenizer_name a raw "Unrecognized model" from transformers
+    snap = tmp_path / "run" / "snapshots" / "step_2"
+    snap.mkdir(parents=True)
+    (snap / "masks.safetensors").write_bytes(b"")
+    (snap / "mft_run.json").write_text(json.dumps({"method": "mft", "steps": 2, "base_model": str(workspace["base"])}))
+    out = tmp_path / "out"
+    args = ["train", f"--model_name_or_path={snap}", f"--train_file={workspace['data']}", f"--output_dir={out}",
+            "--subnet_mode=both", "--masked_layers=0 1", "--report_to=[none]"]
+    args += [f"--tokenizer_name={workspace['base']}"] if with_tokenizer else []
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"model_name_or_path {snap} is a mask-only MFT snapshot of {workspace['base']}, not a model; use " \
+           f"{workspace['base']} as model_name_or_path (and `mft apply --mask_model_name_or_path {snap}" in err
+    assert not out.exists()
+
+
 def test_finished_run_is_not_overwritten(workspace, capsys):
     out = workspace["root"] / "finished"
     out.mkdir()

@@ -49,10 +49,28 @@ def check_inputs(cfg: TrainConfig) -> None:
     inputs.update({f"training data {src}": src for src in local_data})
     check_output_vs_inputs(cfg.output_dir, inputs, output_flag="output_dir")
     check_writable(cfg.output_dir, output_flag="output_dir")
+    check_not_mask_only(cfg.model_name_or_path)
     check_tokenizer_files(cfg.tokenizer_name or cfg.model_name_or_path)
     for src in local_data:
         if source_kind(src) == "file" and src.lower().endswith((".jsonl", ".json")):
             check_json_lines(os.path.expanduser(src))
+
+
+def check_not_mask_only(name_or_path: str) -> None:
+    """A local folder holding an MFT run's masks and mft_run.json but no config.json (an MFT run folder or one
+    of its snapshots) has no weights to train: name its base model instead of failing inside transformers."""
+    from mft.masking.apply import RUN_INFO
+
+    folder = Path(os.path.expanduser(name_or_path))
+    if not (folder / RUN_INFO).is_file() or (folder / "config.json").exists():
+        return
+    try:
+        base = json.loads((folder / RUN_INFO).read_text()).get("base_model") or "its base model"
+    except (OSError, ValueError, AttributeError):
+        base = "its base model (see its mft_run.json)"
+    raise MftError(f"model_name_or_path {folder} is a mask-only MFT snapshot of {base}, not a model; use {base} "
+                   f"as model_name_or_path (and `mft apply --mask_model_name_or_path {folder} --output_dir DIR` to "
+                   "bake the masks into a model you can train further)")
 
 
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
