@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -292,6 +293,7 @@ def test_published_tokenizer_handling_grows_to_a_multiple_of_8_and_mft_starts_fr
     assert model.config.vocab_size == 344
     tok = AutoTokenizer.from_pretrained(fft)
     assert (len(tok), tok.pad_token, tok.pad_token_id, tok.eos_token_id) == (341, "<pad>", 340, 2)
+    assert model.config.pad_token_id == 340  # config.json names the added <pad> (it once said null)
     mft = run(workspace, "mft_from_padded", model_name_or_path=str(fft), subnet_mode="both", masked_layers="1",
               **common).output_dir
     assert main(["apply", "--mask_model_name_or_path", str(mft), "--output_dir", str(mft / "mask_applied"),
@@ -346,11 +348,21 @@ def test_epoch_thirds_write_loadable_snapshots_and_mft_starts_from_one(workspace
     assert not list(mask_snapshots.glob("step_2/*model*.safetensors"))  # the mask file, no weights
     assert main(["apply", "--mask_model_name_or_path", str(mask_snapshots / "step_2"), "--output_dir",
                  str(mft / "applied_2"), "--quiet"]) == 0
+    # the base snapshot's snapshot.json ({"method": "fft", "steps": 4}) would misdescribe the applied model
+    assert (snapshots / "step_4" / "snapshot.json").exists() and not (mft / "applied_2" / "snapshot.json").exists()
     applied = load_file(str(mft / "applied_2" / "model.safetensors"))
     early = read_masks(mask_snapshots / "step_2" / "masks.safetensors").masks
     base4 = models[4].state_dict()
     for name, mask in early.items():
         assert torch.equal(applied[f"{name}.weight"], base4[f"{name}.weight"] * mask)
+
+
+def test_epoch_fraction_finer_than_the_steps_of_an_epoch_is_logged(workspace, caplog):
+    # 48 rows / (4 x 2) = 6 optimizer steps per epoch; epoch/7 cannot be honoured, so every step is one
+    with caplog.at_level(logging.WARNING, logger="mft.train.loop"):
+        run(workspace, "fft_sevenths", max_train_steps=1, checkpointing_steps="epoch/7")
+    assert "checkpointing_steps epoch/7: an epoch has only 6 optimizer steps, so a checkpoint follows every step" \
+        in caplog.text
 
 
 def test_lora_snapshots_merge_a_copy_and_training_goes_on(workspace):

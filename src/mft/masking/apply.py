@@ -256,10 +256,11 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: We
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """config, generation config, tokenizer files, chat template...: every top-level file but weights,
-    weight indices, mask files and a training run's bookkeeping (log, settings, finished marker)."""
+    weight indices, mask files and a training run's bookkeeping (log, settings, finished marker, snapshot.json)."""
     from mft.train.config import RUN_FILES
+    from mft.train.loop import SNAPSHOT_INFO  # a training snapshot's record would misdescribe the applied model
 
-    skip = set(INDEX_FILES) | set(RUN_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt"}
+    skip = set(INDEX_FILES) | set(RUN_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt", SNAPSHOT_INFO}
     for item in src.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(item, dst / item.name)

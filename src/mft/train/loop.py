@@ -446,6 +446,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                            f"an EOS token, and {method} cannot grow the frozen embeddings; add a pad token when "
                            "fine-tuning the base model")
         _grow_embeddings(cfg, model, tokenizer, main)
+        model.config.pad_token_id = tokenizer.pad_token_id  # the saved config.json names the added <pad>
     model, description = _setup_method(cfg, model)
     if main:
         logger.info(description)
@@ -462,6 +463,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
+    every = cfg.checkpointing_steps
+    if main and isinstance(every, str) and "/" in every and int(every.split("/")[1]) > steps_per_epoch:
+        logger.warning("checkpointing_steps %s: an epoch has only %d optimizer steps, so a checkpoint follows "
+                       "every step", every, steps_per_epoch)
     # Stepped once per optimizer step by this loop (not by accelerate, which would step it once per process).
     # DeepSpeed keeps using this optimizer's param groups, so the schedule reaches it too.
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer=torch_optimizer,
