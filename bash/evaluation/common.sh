@@ -54,7 +54,8 @@ mft_eval_paths() {
         if [[ -d "$run/mask_applied" || "$name" == *masktune* ]]; then
             MODEL_PATH="$run/mask_applied"
             if [[ ! -d "$MODEL_PATH" ]]; then
-                local hint="mft apply --base_model_name_or_path <the FFT model> --mask_model_name_or_path $run --output_dir $MODEL_PATH"
+                local hint="mft apply --base_model_name_or_path <the FFT model> --mask_model_name_or_path $run"
+                hint+=" --output_dir $MODEL_PATH"
                 if [[ "${DRY_RUN:-0}" != 1 ]]; then
                     echo "error: MFT run $run has no mask_applied/ (the FFT weights with the mask baked in);" \
                         "create it first: $hint" >&2

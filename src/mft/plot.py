@@ -270,8 +270,11 @@ def register(sub) -> None:
                        "layer-window sweep), with the held-out scores of evaluations found under the run folders. "
                        "Writes a PNG and, beside it, a CSV of every plotted number.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holds train_log.jsonl)")
-    p.add_argument("--labels", nargs="+", default=None, help="names for the runs (default: each folder's shortest path suffix no other run shares)")
-    p.add_argument("--output", default="runs.png", help="the PNG to write (.png added when the name has no suffix); the CSV goes beside it (default: runs.png)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="names for the runs (default: each folder's shortest path suffix no other run shares)")
+    p.add_argument("--output", default="runs.png",
+                   help="the PNG to write (.png added when the name has no suffix); the CSV goes beside it "
+                   "(default: runs.png)")
     p.set_defaults(func=run_plot_command)
 
 

@@ -151,8 +151,8 @@ def test_environment_settings():
     assert (option(train, "--sparsity_attn"), option(train, "--sparsity_mlp")) == ("0.8", "0.8")
     assert option(train, "--output_dir") == "/runs/masktune_llama2-7b_local_8-11-layers_0.8_math"
     assert option(train, "--report_to") == "wandb" and option(train, "--model_name_or_path") == "/ckpt/fft"
-    assert apply[:2] == ["python3.11", f"{ROOT}/scripts/apply_masks.py"] and option(apply, "--base_model_name_or_path") == \
-        "/ckpt/fft"
+    assert apply[:2] == ["python3.11", f"{ROOT}/scripts/apply_masks.py"]
+    assert option(apply, "--base_model_name_or_path") == "/ckpt/fft"
     [fft] = commands(launch("run_fft_llama3.1-8b_math.sh", NUM_GPUS="2", BASE_MODEL="/models/Llama-3.1-8B",
                             OUTPUT_DIR="/runs/x", DS_CONFIG="configs/ds_configs/stage2_accelerate.conf", cwd=ROOT))
     assert option(fft, "--model_name_or_path") == "/models/Llama-3.1-8B" and option(fft, "--output_dir") == "/runs/x"
