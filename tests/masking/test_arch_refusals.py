@@ -129,3 +129,43 @@ def test_router_anywhere_in_the_path_is_a_router():
     assert "layer 1 holds MLP weights that cannot be masked: transformer.blocks.1.ffn.experts.mlp.w1 [192, 32]" \
         in str(err.value)
     assert "router" not in str(err.value)
+
+
+@pytest.mark.parametrize("family, pattern, refused", [
+    ("qwen2_moe", r"shared_expert_gate", "model.layers.0.mlp.shared_expert_gate.weight [1, 32]"),  # a plain Linear
+    ("qwen2_moe", r"layers\.1\.mlp\.gate$", "model.layers.1.mlp.gate.weight [4, 32]"),  # pattern names the module
+    ("mixtral", r"mlp\.gate$", "model.layers.0.mlp.gate.weight [4, 32]"),
+])
+def test_target_modules_naming_a_router_is_refused(family, pattern, refused):
+    model = build(family)
+    with pytest.raises(MftError) as err:
+        select_targets(model, MaskConfig(target_modules=[pattern]))
+    msg = str(err.value)
+    assert f"target_modules {[pattern]} match weights that cannot be masked: {refused} (a router/gate (" in msg
+    assert "MFT never masks routers" in msg
+
+
+def test_refusal_names_the_kinds_not_the_subnet_mode():
+    model = build("llama")
+    model.model.layers[1].self_attn.odd = torch.nn.Module()
+    model.model.layers[1].self_attn.odd.kernel = torch.nn.Parameter(torch.zeros(2, 32, 3))
+    with pytest.raises(MftError, match=r"^layer 1 holds attention / MLP weights that cannot be masked: "
+                                       r"model\.layers\.1\.self_attn\.odd\.kernel \[2, 32, 3\] \(attention: a 3-D "
+                                       r"parameter of Module"):
+        select_targets(model, MaskConfig(masked_layers=[1], subnet_mode="both"))
+
+
+def test_readme_python_example_runs_as_written():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    block = next(b for b in blocks if "inject_masks(model, MaskConfig(" in b)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=8, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    scope = {"model": _model(config)}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert [t.name for t in scope["targets"]][:2] == ["model.layers.4.self_attn.q_proj", "model.layers.4.self_attn.k_proj"]
+    assert len(scope["targets"]) == 28 and len(scope["masks"]) == 28
+    # keep 0.9 per matrix: q_proj [32, 32] -> int(0.1 * 1024) = 102 zeros, now exact zeros in the baked weight
+    assert int((~scope["masks"]["model.layers.4.self_attn.q_proj"]).sum()) == 102
+    assert int((scope["model"].model.layers[4].self_attn.q_proj.weight == 0).sum()) >= 102
