@@ -24,7 +24,7 @@ Environment:
   MODEL_TYPE     vllm (default) | hf | auto
   TENSOR_PARALLEL_SIZE, DTYPE, GPU_MEMORY_UTILIZATION
                  passed to mft eval as --tensor-parallel-size, --dtype, --gpu-memory-utilization when set
-                 (default: mft eval's, which it logs)
+                 (default: mft eval's, which it logs); refused with EVAL_HARNESS=olmes (olmes has its own flags)
   EVAL_HARNESS   mft (default) | olmes: run a real `olmes` per task, as the authors did, then
                  scripts/get_math_score.py for MATH
   MFT, OLMES, PYTHON   commands to use (default mft, olmes, python)
@@ -104,6 +104,16 @@ mft_eval_main() { # mft_eval_main DOMAIN MODEL [extra flags...]
     if [[ "${EVAL_HARNESS:-mft}" == olmes ]]; then
         command -v "${OLMES:-olmes}" >/dev/null 2>&1 || [[ "${DRY_RUN:-0}" == 1 ]] \
             || { echo "error: EVAL_HARNESS=olmes but '${OLMES:-olmes}' is not installed" >&2; return 1; }
+        # olmes has no such flags (its vLLM settings go through its own --model-args / --gpus): refuse
+        # rather than drop them silently.
+        local var
+        for var in TENSOR_PARALLEL_SIZE DTYPE GPU_MEMORY_UTILIZATION; do
+            if [[ -n "${!var:-}" ]]; then
+                echo "error: $var is an mft eval setting; with EVAL_HARNESS=olmes pass olmes' own flags after" \
+                    "MODEL (e.g. --gpus, --model-args) and unset $var" >&2
+                return 1
+            fi
+        done
         for spec in "${specs[@]}"; do
             mft_run "${OLMES:-olmes}" --model "$MODEL_PATH" --model-type "${MODEL_TYPE:-vllm}" \
                 --task "$spec" --output-dir "$(mft_olmes_dir "$spec")" "$@"

@@ -41,11 +41,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: 
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 512, num_layers: int = 4, hidden: int = 32, **overrides):
-    """A `transformers` config of `family` with `num_layers` decoder layers of width `hidden`."""
+    """A `transformers` config of `family` with `num_layers` decoder layers of width `hidden`.
+
+    Its bos/eos/pad ids are `train_tokenizer`'s (`<s>` 0, `</s>` 1, `<pad>` 3): vLLM stops on the config's
+    EOS too (it reaches generation_config.json), so a config EOS the tokenizer calls `<unk>` would end
+    generations there."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_attention_heads=4, intermediate_size=2 * hidden + 8,
-                  num_hidden_layers=num_layers, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  num_hidden_layers=num_layers, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                   pad_token_id=3, tie_word_embeddings=False)
     per_family = {
         "llama": ("LlamaConfig", dict(num_key_value_heads=2)),

@@ -184,7 +184,7 @@ def test_a_corrupt_metrics_json_is_one_line_naming_it(not_a_model, tmp_path):
 
 def test_batch_size_below_one_is_refused(not_a_model, tmp_path):
     code, err = eval_into(not_a_model, tmp_path / "o", "--batch-size", "0")
-    assert code == 1 and "--batch-size must be at least 1, got 0" in err
+    assert code == 1 and "--batch-size must be a positive integer or 'auto', got '0'" in err
 
 
 @pytest.mark.slow
@@ -197,16 +197,17 @@ def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_
     out = tmp_path / "results"
     assert run(model_copy, out, "gsm8k")[0] == 0
     config = json.loads((out / "metrics.json").read_text())["model_config"]
-    assert (config["device"], config["dtype"], config["batch_size"]) == ("cpu", "float32", 8)
+    # the setting is recorded ("auto", the default): the size it resolves to is known only once a model is loaded
+    assert (config["device"], config["dtype"], config["batch_size"]) == ("cpu", "float32", "auto")
     stored = json.loads((out / "task-000-gsm8k-provenance.json").read_text())["model_config"]
-    assert (stored["device"], stored["dtype"], stored["batch_size"]) == ("cpu", "float32", 8)
+    assert (stored["device"], stored["dtype"], stored["batch_size"]) == ("cpu", "float32", "auto")
     args = ["eval", "--model", str(model_copy), "--output-dir", str(out), "--model-type", "hf", "--limit", "2",
             "--data-dir", "packaged", "--workers", "1", "--task", json.dumps({"task_name": "gsm8k",
                                                                                "generation_kwargs": SHORT})]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main([*args, "--batch-size", "1"]) == 0
-    assert "gsm8k: recomputing: the model settings changed (batch_size 8 -> 1)" in err.getvalue()
+    assert "gsm8k: recomputing: the model settings changed (batch_size 'auto' -> 1)" in err.getvalue()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main([*args, "--batch-size", "1", "--dtype", "bfloat16"]) == 0

@@ -3,7 +3,10 @@ machine has none, so `vllm` is the only thing replaced), and the decode rule the
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -11,11 +14,12 @@ import torch
 from mft.errors import MftError
 from mft.eval.backends import decode_continuation, encode_prompts
 from mft.eval.hf_backend import HFBackend
-from mft.eval.vllm_backend import VLLM_MIN_VERSION, choose_dtype, choose_tensor_parallel_size
+from mft.eval.vllm_backend import VLLM_MIN_VERSION, choose_dtype, choose_tensor_parallel_size, divided_sizes
 
 from . import vllm_standin
 from .conftest import read_jsonl
 
+_find_spec = importlib.util.find_spec
 GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>", "\n\n"]  # EVAL_SPEC's gsm8k stops
 
 
@@ -166,18 +170,36 @@ def test_over_length_prompts_are_cut_from_the_left(monkeypatch, chatml_model_dir
         vllm.llm.generate([{"prompt_token_ids": full[-64:]}], vllm.sampling_params([], 16))
 
 
-@pytest.mark.parametrize("gpus, heads, kv_heads, expected", [
-    (1, 32, 32, 1), (2, 32, 32, 2), (3, 32, 32, 2), (5, 32, 32, 4), (6, 32, 32, 4), (7, 32, 32, 4), (8, 32, 32, 8),
-    (8, 32, 8, 8), (7, 28, 4, 4),  # Qwen2.5-7B: 28 heads, 4 KV heads; 7 divides 28 but not the KV heads
-    (6, 40, 40, 5),  # LLaMA-2-13B on 6 GPUs
+@pytest.mark.parametrize("gpus, heads, kv_heads, intermediate, expected", [
+    (1, 32, 32, 11008, 1), (2, 32, 32, 11008, 2), (3, 32, 32, 11008, 2), (5, 32, 32, 11008, 4),
+    (6, 32, 32, 11008, 4), (7, 32, 32, 11008, 4), (8, 32, 32, 11008, 8), (8, 32, 8, 14336, 8),
+    (7, 28, 4, 18944, 4),  # Qwen2.5-7B: 28 heads, 4 KV heads; 7 divides 28 but not the KV heads
+    (6, 40, 40, 13824, 4),  # LLaMA-2-13B on 6 GPUs: 5 divides the 40 heads, not intermediate_size 13824
+    (6, 40, 40, 13820, 5),  # the same heads with an MLP width 5 divides
 ])
-def test_default_tensor_parallel_size(gpus, heads, kv_heads, expected):
-    assert choose_tensor_parallel_size(None, heads, kv_heads, gpus) == expected
+def test_default_tensor_parallel_size(gpus, heads, kv_heads, intermediate, expected):
+    assert choose_tensor_parallel_size(None, heads, kv_heads, gpus, {"intermediate_size": intermediate}) == expected
+
+
+def test_tensor_parallel_rule_reads_every_width_vllm_splits():
+    """LLaMA-2-13B's config: 5 GPUs would split its heads but not its MLP (vLLM asserts in
+    MergedColumnParallelLinear); a Qwen2-MoE config adds the experts' and the shared expert's widths."""
+    from transformers import LlamaConfig, Qwen2MoeConfig
+
+    llama13 = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40)
+    assert divided_sizes(llama13) == {"intermediate_size": 13824}
+    with pytest.raises(MftError, match=r"--tensor-parallel-size 5 does not divide the model's intermediate_size "
+                                       r"13824; sizes that fit 6 GPU\(s\): \[1, 2, 4\]"):
+        choose_tensor_parallel_size(5, 40, 40, 6, divided_sizes(llama13))
+    moe = Qwen2MoeConfig(intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632)
+    assert divided_sizes(moe) == {"intermediate_size": 5632, "moe_intermediate_size": 1408,
+                                  "shared_expert_intermediate_size": 5632}
+    assert choose_tensor_parallel_size(None, 16, 16, 8, {"moe_intermediate_size": 1412}) == 4  # 1412 = 4 * 353
 
 
 def test_tensor_parallel_size_errors():
-    with pytest.raises(MftError, match=r"--tensor-parallel-size 3 does not divide the model's 32 attention heads "
-                                       r".*sizes that fit 4 GPU\(s\): \[1, 2, 4\]"):
+    with pytest.raises(MftError, match=r"--tensor-parallel-size 3 does not divide the model's 32 attention heads, "
+                                       r"32 key/value heads .*sizes that fit 4 GPU\(s\): \[1, 2, 4\]"):
         choose_tensor_parallel_size(3, 32, 32, 4)
     with pytest.raises(MftError, match="--tensor-parallel-size 8 needs 8 GPUs; 4 visible"):
         choose_tensor_parallel_size(8, 32, 32, 4)
@@ -186,10 +208,18 @@ def test_tensor_parallel_size_errors():
 
 
 def test_dtype_rule():
-    assert choose_dtype(None, "float32") == "bfloat16"
-    assert choose_dtype("auto", "float16") == "float16"
-    assert choose_dtype("auto", "bfloat16") == "bfloat16"
-    assert choose_dtype("float32", "float32") == "float32"
+    """vLLM's own auto rule (_resolve_auto_dtype) for the GPU: an A100/H100 (8.0/9.0) has bfloat16, a V100
+    (7.0) or T4 (7.5) does not, so a float32 or bfloat16 checkpoint runs in float16 there."""
+    assert choose_dtype(None, "float32", (9, 0)) == "bfloat16"
+    assert choose_dtype("auto", "float16", (8, 0)) == "float16"
+    assert choose_dtype("auto", "bfloat16", (9, 0)) == "bfloat16"
+    assert choose_dtype("float32", "float32", (9, 0)) == "float32"
+    assert choose_dtype("auto", "float32", (7, 0)) == "float16"
+    assert choose_dtype("auto", "bfloat16", (7, 5)) == "float16"
+    assert choose_dtype("auto", "float32", (7, 0), "gemma2") == "float32"  # vLLM refuses gemma2 in float16
+    with pytest.raises(MftError, match="--dtype bfloat16 needs a GPU of compute capability 8.0 or newer; this "
+                                       "one has 7.0: use --dtype float16"):
+        choose_dtype("bfloat16", "bfloat16", (7, 0))
 
 
 def test_multi_gpu_settings_reach_vllm_and_are_logged(monkeypatch, capsys, chatml_model_dir, tmp_path):
@@ -198,11 +228,11 @@ def test_multi_gpu_settings_reach_vllm_and_are_logged(monkeypatch, capsys, chatm
     from mft.eval.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(str(chatml_model_dir), gpu_memory_utilization=0.7)
-    assert backend.llm.init == {"model": str(chatml_model_dir), "tensor_parallel_size": 2, "max_model_len": 2048,
+    assert backend.llm.init == {"model": str(chatml_model_dir), "tensor_parallel_size": 2, "max_model_len": 512,
                                 "dtype": "bfloat16", "gpu_memory_utilization": 0.7}
     log = capsys.readouterr().err
     assert "tensor_parallel_size 2 (largest that fits: 3 GPU(s) visible, 4 heads" in log
-    assert "dtype bfloat16 (checkpoint: float32)" in log
+    assert "dtype bfloat16 (auto; checkpoint: float32 from its config; compute capability 9.0)" in log
     half = tmp_path / "half"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,3 +312,197 @@ def test_the_floor_is_the_one_pip_installs():
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert f'vllm = ["vllm>={VLLM_MIN_VERSION}", "mft[eval]"]' in pyproject
     assert VLLM_MIN_VERSION == vllm_standin.VERSIONS[0]
+
+
+def _copy_model(src, dst, **generation_config):
+    """A copy of a checkpoint folder with keys added to (or replaced in) its generation_config.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **generation_config}))
+    return dst
+
+
+def test_extra_eos_ids_of_the_generation_config_stop_both_backends(monkeypatch, chatml_model_dir, tmp_path):
+    """A chat checkpoint lists its end-of-turn token as a second EOS (Llama-3-Instruct, Qwen-Instruct): vLLM
+    adds it to stop_token_ids, so the request ends there even when no stop string names it. Without
+    `<|im_end|>` among the stops, the first prompt stops on its 7th token (as it does with the stop string)."""
+    vllm_standin.install(monkeypatch, gpus=1)
+    from mft.eval.vllm_backend import VLLMBackend
+
+    tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chat = _copy_model(chatml_model_dir, tmp_path / "chat", eos_token_id=[tokenizer.eos_token_id, im_end])
+    stops = ["Question:", "\n\n"]
+    plain = HFBackend(str(chatml_model_dir)).generate(PROMPTS[:1], stops, 24)[0]
+    assert "<|im_end|>" in plain.text  # the model does reach the token
+    vllm = VLLMBackend(str(chat))
+    a = vllm.generate(PROMPTS, stops, 24)
+    b = HFBackend(str(chat), batch_size=2).generate(PROMPTS, stops, 24)
+    assert [(g.text, g.num_tokens) for g in a] == [(g.text, g.num_tokens) for g in b]
+    assert a[0].num_tokens == 7 and "<|im_end|>" not in a[0].text and plain.text.startswith(a[0].text)
+    assert vllm.stop_token_ids == sorted([tokenizer.eos_token_id, im_end])
+    (out,) = vllm.llm.generate([vllm.llm.calls[0]["prompts"][0]], vllm.sampling_params(stops, 24))
+    assert out.outputs[0].stop_reason == im_end and out.outputs[0].token_ids[-1] == im_end
+
+
+def test_the_checkpoints_sampling_settings_do_not_change_greedy_decoding(monkeypatch, chatml_model_dir, tmp_path):
+    """generation_config.json's repetition_penalty / no_repeat_ngram_size (Qwen2.5-Instruct ships 1.05) are
+    ignored by vLLM when it is given SamplingParams, and olmes gives greedy ones: both backends decode plain
+    greedy. `model.generate` with the checkpoint's settings gives other text (so the test can fail)."""
+    vllm_standin.install(monkeypatch, gpus=1)
+    from mft.eval.vllm_backend import VLLMBackend
+
+    penalised = _copy_model(chatml_model_dir, tmp_path / "penalised", repetition_penalty=1.3,
+                            no_repeat_ngram_size=2)
+    prompts = [p.replace("<|im_end|>", "") for p in PROMPTS]
+    plain = HFBackend(str(chatml_model_dir), batch_size=2).generate(prompts, ["Question:"], 24)
+    hf = HFBackend(str(penalised), batch_size=2)
+    assert [(g.text, g.num_tokens) for g in hf.generate(prompts, ["Question:"], 24)] == \
+        [(g.text, g.num_tokens) for g in plain]
+    vllm = VLLMBackend(str(penalised)).generate(prompts, ["Question:"], 24)
+    assert [(g.text, g.num_tokens) for g in vllm] == [(g.text, g.num_tokens) for g in plain]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(penalised)  # its own generation_config.json applies
+    ids = torch.tensor([encode_prompts(hf.tokenizer, prompts[:1], 2000)[0]])
+    with torch.inference_mode():
+        own = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
+    assert decode_continuation(hf.tokenizer, ids[0], own) != plain[0].text
+
+
+def test_an_incomplete_utf8_character_at_the_end_is_held_back(chatml_model_dir):
+    """vLLM's DecodeStream holds back text ending in an incomplete character and never emits it when the
+    request ends there; the shared rule leaves it out too (it used to end the text with U+FFFD)."""
+    tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
+    prompt = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    words = tokenizer(" 12 apples", add_special_tokens=False)["input_ids"]
+    first, second = tokenizer.convert_tokens_to_ids(["Ã", "©"])  # the bytes of "é" (0xC3 0xA9), byte-level
+    params = vllm_standin.SamplingParams(max_tokens=50, skip_special_tokens=False, spaces_between_special_tokens=False)
+    for new, expected in [(words + [first], " 12 apples"), (words + [first, second], " 12 applesé"),
+                          (words + [first, first], " 12 apples"), ([first], ""),
+                          ([first] + words, "\ufffd 12 apples")]:
+        standin = vllm_standin.detokenize(tokenizer, prompt, new, params, None)[0]
+        assert decode_continuation(tokenizer, prompt, new) == standin == expected, new
+
+
+def test_max_model_len_above_the_models_context(monkeypatch, capsys, chatml_model_dir, tmp_path):
+    """The tiny model has 512 positions. vLLM refuses a longer max_model_len; both backends cap the
+    protocol's default 2048 at 512 (logged) and refuse a longer explicit one before loading."""
+    vllm_standin.install(monkeypatch, gpus=1)
+    from mft.eval.vllm_backend import VLLMBackend
+
+    with pytest.raises(ValueError, match=r"User-specified max_model_len \(2048\) is greater than the derived"):
+        vllm_standin.LLM(str(chatml_model_dir), max_model_len=2048)
+    vllm = VLLMBackend(str(chatml_model_dir))
+    assert vllm.max_model_len == 512 and vllm.llm.init["max_model_len"] == 512
+    assert "max_model_len 512: the protocol's 2048 capped at" in capsys.readouterr().err
+    assert HFBackend(str(chatml_model_dir)).max_model_len == 512
+    message = r"--max-model-len 1024 is longer than .*'s context \(max_position_embeddings = 512 in its config\)"
+    vllm_standin.LLM.instances.clear()
+    with pytest.raises(MftError, match=message):
+        VLLMBackend(str(chatml_model_dir), max_model_len=1024)
+    with pytest.raises(MftError, match=message):
+        HFBackend(str(chatml_model_dir), max_model_len=1024)
+    assert vllm_standin.LLM.instances == []
+    from mft.cli import main
+
+    assert main(["eval", "--model", str(chatml_model_dir), "--task", "gsm8k", "--data-dir", "packaged",
+                 "--max-model-len", "1024", "--output-dir", str(tmp_path / "out")]) == 1
+    assert re.search("mft eval: error: " + message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_dtype_on_a_gpu_without_bfloat16(monkeypatch, capsys, chatml_model_dir, tmp_path):
+    """A V100 (compute capability 7.0): vLLM refuses bfloat16, and its own auto picks float16, so the project
+    does too; a checkpoint whose config has no dtype is read from its weights (bfloat16 here)."""
+    vllm_standin.install(monkeypatch, gpus=1, capability=(7, 0))
+    from mft.eval.vllm_backend import VLLMBackend
+
+    with pytest.raises(ValueError, match="Bfloat16 is only supported on GPUs with compute capability of at least 8.0"):
+        vllm_standin.LLM(str(chatml_model_dir), dtype="bfloat16")
+    assert VLLMBackend(str(chatml_model_dir)).llm.init["dtype"] == "float16"
+    with pytest.raises(MftError, match="--dtype bfloat16 needs a GPU of compute capability 8.0"):
+        VLLMBackend(str(chatml_model_dir), dtype="bfloat16")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(chatml_model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(chatml_model_dir).save_pretrained(bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    assert config.pop("dtype", None) == "bfloat16" or config.pop("torch_dtype", None) == "bfloat16"
+    (bf16 / "config.json").write_text(json.dumps(config))
+    vllm_standin.install(monkeypatch, gpus=1, capability=(9, 0))
+    capsys.readouterr()
+    assert VLLMBackend(str(bf16)).llm.init["dtype"] == "bfloat16"  # was float32 -> bfloat16 by assumption
+    assert "checkpoint: bfloat16 from its weights" in capsys.readouterr().err
+    vllm_standin.install(monkeypatch, gpus=1, capability=(7, 5))
+    assert VLLMBackend(str(bf16)).llm.init["dtype"] == "float16"
+
+
+def test_errors_come_before_anything_is_created(monkeypatch, capsys, chatml_model_dir, tmp_path):
+    """Each of these used to fail after loading the model (or with a traceback), leaving an empty folder."""
+    import sys
+
+    from mft.cli import main
+
+    ifeval = tmp_path / "data" / "ifeval"
+    ifeval.mkdir(parents=True)
+    rows = [{"key": 1, "prompt": "Write a haiku.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+            {"key": 2, "prompt": "", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}]
+    (ifeval / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = [
+        (["--task", "gsm8k", "--data-dir", "packaged", "--max-model-len", "512"],
+         "max_model_len 512 leaves no room for a prompt with max_gen_toks 512"),
+        (["--task", "gsm8k", "--data-dir", "packaged", "--max-model-len", "-5"],
+         "--max-model-len must be a positive number of tokens, got -5"),
+        (["--task", '{"task_name": "ifeval", "generation_kwargs": {"max_gen_toks": 16}}', "--data-dir",
+          str(tmp_path / "data")],
+         r"ifeval: the prompt of doc_id\(s\) \[1\] is empty"),
+        (["--task", '{"task_name": "gsm8k", "generation_kwargs": {"max_gen_toks": 0}}', "--data-dir", "packaged"],
+         "gsm8k: max_gen_toks must be a positive integer, got 0"),
+        (["--task", "gsm8k", "--data-dir", "packaged", "--model-type", "vllm"],
+         r"--model-type vllm but vLLM is not installed"),
+        (["--task", "gsm8k", "--data-dir", "packaged", "--tensor-parallel-size", "2"],
+         r"--tensor-parallel-size only apply to the vllm backend, not hf \(--model-type auto resolved to hf "
+         r"\(vLLM is not installed\)\)"),
+    ]
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed (find_spec raises ValueError for None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else _find_spec(name, *a))
+    for flags, message in cases:
+        out = tmp_path / "out"
+        assert main(["eval", "--model", str(chatml_model_dir), "--output-dir", str(out), *flags]) == 1, flags
+        assert re.search("mft eval: error: .*" + message, capsys.readouterr().err), flags
+        assert not out.exists(), flags
+
+
+def test_hf_records_the_resolved_dtype_and_device(chatml_model_dir, shared_data, tmp_path):
+    """`--dtype auto` means float32 on a CPU and bfloat16 on most GPUs: reuse compares what ran."""
+    from mft.cli import main
+
+    task = json.dumps({"task_name": "gsm8k", "num_shots": 1, "generation_kwargs": {"max_gen_toks": 4}})
+    assert main(["eval", "--model", str(chatml_model_dir), "--task", task, "--model-type", "hf", "--limit", "1",
+                 "--data-dir", str(shared_data), "--output-dir", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "metrics.json").read_text())["model_config"]
+    assert (config["dtype"], config["device"], config["max_model_len"]) == ("float32", "cpu", 512)
+
+
+def test_the_olmes_route_refuses_mft_settings():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bash/evaluation/llama2-7b_if.sh"
+    result = subprocess.run(["bash", str(script), "masktune_x"], capture_output=True, text=True,
+                            env={**os.environ, "DRY_RUN": "1", "EVAL_HARNESS": "olmes", "TENSOR_PARALLEL_SIZE": "4"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert "error: TENSOR_PARALLEL_SIZE is an mft eval setting; with EVAL_HARNESS=olmes pass olmes' own flags" \
+        in result.stderr
+
+
+def test_tiny_models_stop_only_on_the_tokenizers_eos(chatml_model_dir):
+    """mft.tiny's config EOS used to be id 2 (`<unk>` for its tokenizer): vLLM would stop on `<unk>` too."""
+    from mft.eval.backends import stop_token_ids
+
+    tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
+    assert stop_token_ids(str(chatml_model_dir), tokenizer) == [tokenizer.eos_token_id] == [1]

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, {standin!r})
 import vllm_standin as _standin
 torch.cuda.device_count = lambda: 2  # the stand-in runs on the CPU; two pretend GPUs -> tensor parallel 2
+torch.cuda.get_device_capability = lambda device=None: (9, 0)  # of an H100
 __version__ = _standin.VERSIONS[-1]
 LLM, SamplingParams = _standin.LLM, _standin.SamplingParams
 '''
@@ -42,5 +43,5 @@ def test_vllm_check_runs_mft_eval_with_vllm(tmp_path):
     assert "RESULT vllm eval: 3 predictions" in result.stdout and "vllm_check: ok" in result.stdout
     assert "RESULT vllm vs hf (information): 3/3 identical continuations" in result.stdout
     assert "tensor_parallel_size 2 (largest that fits: 2 GPU(s) visible, 4 heads" in result.stderr
-    assert "dtype bfloat16 (checkpoint: float32)" in result.stderr
+    assert "dtype bfloat16 (auto; checkpoint: float32 from its config; compute capability 9.0)" in result.stderr
     assert (tmp_path / "work" / "vllm" / "metrics.json").is_file()

@@ -20,7 +20,16 @@ newest release) and 0.11.1 (the project's floor), which agree on everything belo
   completed it is the last one in `token_ids`.
 - `vllm/v1/engine/input_processor.py` (`processor.py` in 0.11): an empty prompt and a prompt of
   `max_model_len` tokens or more are refused; generation also ends when prompt + output reach `max_model_len`.
-- `vllm/config/parallel.py` / model config: the attention heads must divide by `tensor_parallel_size`.
+  `SamplingParams.update_from_generation_config` (there) turns the ids of the checkpoint's generation config
+  `eos_token_id` other than the tokenizer's EOS into `stop_token_ids`: such a token ends the request like
+  EOS (kept in `token_ids`, not decoded, `stop_reason` = its id). Nothing else of the generation config
+  applies when SamplingParams are given (no repetition penalty etc.).
+- `vllm/config/model.py`: `max_model_len` above the model's derived length (the smallest of
+  `max_position_embeddings`, `n_positions`, ... in the config) is a ValueError; None = the derived length.
+  `dtype` bfloat16 on a GPU below compute capability 8.0 is a ValueError (`platforms/cuda.py`).
+- `vllm/config/parallel.py`, `model_executor/layers/linear.py`: the attention heads must divide by
+  `tensor_parallel_size` (ValueError), and so must the MLP's intermediate size (MergedColumnParallelLinear's
+  assert: AssertionError).
 
 To refresh for a new vLLM release: `pip download --no-deps vllm==X -d /tmp/v && cd /tmp/v && unzip -q vllm-*.whl
 'vllm/sampling_params.py' 'vllm/outputs.py' 'vllm/entrypoints/llm.py' 'vllm/v1/engine/*'`, then
@@ -112,8 +121,10 @@ def check_stop_strings(text: str, new_chars: int, stops: list[str]) -> tuple[str
     return best
 
 
-def detokenize(tokenizer, prompt_ids: list[int], new_ids: list[int], params: SamplingParams, eos_id: int | None):
-    """(text, token_ids, finish_reason, stop_reason) as vLLM's FastIncrementalDetokenizer + stop checks."""
+def detokenize(tokenizer, prompt_ids: list[int], new_ids: list[int], params: SamplingParams, eos_id: int | None,
+               stop_ids=()):
+    """(text, token_ids, finish_reason, stop_reason) as vLLM's FastIncrementalDetokenizer + stop checks;
+    `stop_ids`: the stop token ids (`SamplingParams.stop_token_ids` plus the generation config's extra EOS)."""
     from tokenizers.decoders import DecodeStream
 
     backend = tokenizer._tokenizer
@@ -125,6 +136,8 @@ def detokenize(tokenizer, prompt_ids: list[int], new_ids: list[int], params: Sam
         kept.append(token)
         if eos_id is not None and token == eos_id and not params.ignore_eos:
             return text, kept, "stop", None
+        if token in stop_ids:
+            return text, kept, "stop", token
         piece = stream.step(backend, token) or ""
         if bare_specials and added:
             if token in added and last_special:
@@ -145,26 +158,48 @@ class LLM:
 
     def __init__(self, model: str, **kwargs):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         unknown = sorted(set(kwargs) - set(LLM_KEYWORDS))
         if unknown:
             raise TypeError(f"LLM got keyword(s) {unknown} this stand-in does not know from vLLM {VERSIONS}")
         self.init = {"model": model, **kwargs}
-        self.max_model_len = kwargs.get("max_model_len")
+        text = AutoConfig.from_pretrained(model).get_text_config()
+        keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_sequence_length", "max_seq_length", "seq_len")
+        derived = min((getattr(text, k) for k in keys if isinstance(getattr(text, k, None), int)), default=None)
+        self.max_model_len = kwargs.get("max_model_len") or derived
+        if derived is not None and self.max_model_len > derived:
+            raise ValueError(f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "
+                             f"max_model_len (max_position_embeddings={derived} or model_max_length=None in "
+                             "model's config.json).")
         dtype = kwargs.get("dtype", "auto")
         if dtype not in LLM_DTYPES:
             raise ValueError(f"Unknown dtype: {dtype!r}")
+        capability = torch.cuda.get_device_capability(0)
+        if dtype == "bfloat16" and tuple(capability) < (8, 0):
+            raise ValueError("Bfloat16 is only supported on GPUs with compute capability of at least 8.0. Your "
+                             f"GPU has compute capability {capability[0]}.{capability[1]}.")
         utilization = kwargs.get("gpu_memory_utilization", 0.9)
         if not 0 < utilization <= 1:
             raise ValueError(f"GPU memory utilization must be within (0, 1]. Got {utilization}.")
-        heads = AutoConfig.from_pretrained(model).get_text_config().num_attention_heads
+        heads = text.num_attention_heads
         tp = kwargs.get("tensor_parallel_size", 1)
         if heads % tp:
             raise ValueError(f"Total number of attention heads ({heads}) must be divisible by tensor parallel "
                              f"size ({tp}).")
+        assert text.intermediate_size % tp == 0  # MergedColumnParallelLinear: every output size divides by tp
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        try:  # vLLM's try_get_generation_config: generation_config.json, else derived from config.json
+            generation = GenerationConfig.from_pretrained(model)
+        except OSError:
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model))
+        eos_ids = generation.eos_token_id
+        eos_ids = set() if eos_ids is None else {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
+        self.extra_stop_ids = sorted(eos_ids - {self.tokenizer.eos_token_id})
+        # Plain greedy from the library's defaults: none of generation_config.json's processors.
+        self.model.generation_config = GenerationConfig()
         self.calls: list[dict] = []
         LLM.instances.append(self)
 
@@ -200,32 +235,41 @@ class LLM:
             room = sampling_params.max_tokens
             if self.max_model_len is not None:
                 room = min(room, self.max_model_len - len(row))
-            config = GenerationConfig(do_sample=False, max_new_tokens=room, min_new_tokens=0,
-                                      eos_token_id=None if sampling_params.ignore_eos else eos_id,
+            stop_ids = set(sampling_params.stop_token_ids or ()) | set(
+                () if sampling_params.ignore_eos else self.extra_stop_ids)
+            ends = sorted(stop_ids | ({eos_id} if eos_id is not None and not sampling_params.ignore_eos else set()))
+            config = GenerationConfig(do_sample=False, max_new_tokens=room, eos_token_id=ends or None,
                                       pad_token_id=self.tokenizer.pad_token_id)
             with torch.inference_mode():
                 out = self.model.generate(input_ids=torch.tensor([row]), generation_config=config)
             new = out[0, len(row):].tolist()
-            text, kept, finish, stop_reason = detokenize(self.tokenizer, row, new, sampling_params, eos_id)
+            text, kept, finish, stop_reason = detokenize(self.tokenizer, row, new, sampling_params, eos_id,
+                                                         stop_ids)
             completion = CompletionOutput(0, text, kept, None, None, finish, stop_reason)
             results.append(RequestOutput(str(index), prompts[index] if isinstance(prompts[index], str) else None,
                                          row, None, [completion], True))
         return results
 
 
-def install(monkeypatch, version: str = VERSIONS[-1], gpus: int | None = None) -> types.ModuleType:
-    """Put the stand-in in place of `vllm` (and, with `gpus`, pretend that many CUDA devices are visible)."""
+def install(monkeypatch, version: str = VERSIONS[-1], gpus: int | None = None,
+            capability: tuple[int, int] = (9, 0)) -> types.ModuleType:
+    """Put the stand-in in place of `vllm` (and, with `gpus`, pretend that many CUDA devices of compute
+    `capability` are visible: an H100's 9.0 by default)."""
     import sys
 
     import torch
 
+    import importlib.machinery
+
     module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # importlib.util.find_spec("vllm") finds it
     module.__version__ = version
     module.LLM, module.SamplingParams = LLM, SamplingParams
     module.RequestOutput, module.CompletionOutput = RequestOutput, CompletionOutput
     monkeypatch.setitem(sys.modules, "vllm", module)
     if gpus is not None:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     LLM.instances.clear()
     return module
 

@@ -189,11 +189,16 @@ def test_no_gpu_count_without_nvidia_smi(tmp_path):
 
 @pytest.mark.parametrize("script", sorted(p.name for p in TRAINING.glob("*.sh") if p.name != "common.sh"))
 def test_dry_run_needs_no_cluster_variable(script):
-    """No NUM_GPUS, no nvidia-smi, no machine variables: every launcher prints its commands (8 GPUs shown)."""
+    """No NUM_GPUS, no nvidia-smi, no machine variables: every launcher prints its commands (8 GPUs shown).
+    The baselines launcher runs no training (two `apply_masks.py` lines on one process): it needs none either."""
     if shutil.which("nvidia-smi"):
         pytest.skip("this machine has nvidia-smi")
     result = launch(script)
     cmds = commands(result)
+    if script == "run_baselines.sh":
+        assert [c[1] for c in cmds] == ["scripts/apply_masks.py"] * 2
+        assert "--random_masks" in cmds[0] and "--use_l1_mask" in cmds[1]
+        return
     launches = [c for c in cmds if "launch" in c]
     assert launches and all(option(c, "--num_processes") == "8" for c in launches)
     assert all(option(c, "--gradient_accumulation_steps") == "16" for c in launches)

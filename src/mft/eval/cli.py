@@ -33,14 +33,17 @@ def register(subparsers) -> None:
                    help="local data: gsm8k/test.jsonl, math500/test.jsonl, humaneval/test.jsonl, "
                    "humanevalplus/test.jsonl, ifeval/train.jsonl (missing ones come from the hub); 'packaged' = the "
                    "copies shipped in the package (GSM8K test, MATH-500)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="model length (prompt + generation), 2048")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="model length (prompt + generation); default 2048 (the protocol's), capped at the model's "
+                   "context with a log line; a longer value than the model's context is refused")
     p.add_argument("--workers", type=int, default=None, help="scoring/sandbox processes (default: CPU count)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="vllm: GPUs per model (default: the largest that fits the visible GPUs and divides the "
                    "model's attention heads; logged)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="weights' dtype (vllm auto: the checkpoint's, bfloat16 for a float32 checkpoint; "
-                   "hf auto: bfloat16 on GPU, float32 on CPU)")
+                   help="weights' dtype (auto, on a GPU: vLLM's rule, the checkpoint's dtype, the GPU's preferred "
+                   "one for a float32 checkpoint or one the GPU lacks: bfloat16 from compute capability 8.0, "
+                   "float16 before; hf on a CPU: the checkpoint's, float32 without native bf16; logged and recorded)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                    help="vllm: fraction of each GPU's memory vLLM may take, in (0, 1] (default: vLLM's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 
 from mft.errors import MftError
-from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, cut_at_stop, decode_continuation,
-                               encode_prompts, prompt_budget, stop_list)
+from mft.eval.backends import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts, generation_text,
+                               hf_settings, prompt_budget, stop_list, stop_token_ids)
 
 AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
 AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
@@ -133,25 +133,25 @@ class HFBackend:
     """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time (`"auto"`:
     as many as fit in free memory, see `auto_batch_size`)."""
 
-    def __init__(self, model_path: str, batch_size: int | str = 8, max_model_len: int = MAX_MODEL_LEN,
+    def __init__(self, model_path: str, batch_size: int | str = 8, max_model_len: int | None = None,
                  device: str | None = None, dtype=None):
         import torch
         from transformers import AutoTokenizer
 
         from mft.models import load_pretrained
-        from mft.precision import checkpoint_dtype, compute_dtype
+        from mft.precision import compute_dtype
 
         from mft.progress import quiet_libraries_off_terminal
 
         quiet_libraries_off_terminal()
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # The checkpoint's own dtype on a CPU, fp32 where the CPU has no native bf16 matrix instructions.
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else checkpoint_dtype(model_path) or torch.float32)
-        dtype = compute_dtype(dtype, self.device, model_path)
+        # device, dtype (`backends.hf_device_dtype`) and max_model_len, checked before loading
+        settings = hf_settings(model_path, max_model_len, dtype, device)
+        self.device, self.max_model_len = settings["device"], settings["max_model_len"]
+        dtype = compute_dtype(getattr(torch, settings["dtype"]), self.device, model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = load_pretrained(model_path, dtype=dtype).to(self.device).eval()  # image-text models too
+        self.stop_ids = set(stop_token_ids(model_path, self.tokenizer))  # EOS and the generation config's
         self.batch_size = parse_batch_size(batch_size)
-        self.max_model_len = max_model_len
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -197,7 +197,6 @@ class HFBackend:
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
-        eos_id = self.tokenizer.eos_token_id
         scanner = StopScanner(self.tokenizer, stops)
         cache = DynamicCache(config=self.model.config)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
@@ -212,7 +211,8 @@ class HFBackend:
                 for j, token in enumerate(chosen.tolist()):
                     tokens = new_tokens[alive[j]]
                     tokens.append(token)
-                    if not (token == eos_id or len(tokens) >= max_gen_toks or scanner.hit(tokens, rows[alive[j]])):
+                    if not (token in self.stop_ids or len(tokens) >= max_gen_toks
+                            or scanner.hit(tokens, rows[alive[j]])):
                         keep.append(j)
                 if bar is not None:
                     bar.update(len(alive))
@@ -226,5 +226,5 @@ class HFBackend:
                 input_ids = chosen[:, None]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 positions = positions[:, -1:] + 1
-        return [Generation(cut_at_stop(decode_continuation(self.tokenizer, row, tokens), stops), len(tokens))
+        return [Generation(generation_text(self.tokenizer, row, tokens, self.stop_ids, stops), len(tokens))
                 for row, tokens in zip(rows, new_tokens)]

@@ -83,15 +83,24 @@ def prepare_dir(output_dir: str, model_config: dict) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MftError(f"cannot create output folder {out}: {exc.strerror}; choose a writable --output-dir") from exc
+    check_dir(out, model_config["model"])
+    return out
+
+
+def check_dir(output_dir, model: str) -> None:
+    """`prepare_dir`'s refusal without creating anything: MftError when an existing folder holds results
+    of a model other than `model` (or a record that is not readable JSON). Nothing when it does not exist."""
+    out = Path(output_dir).expanduser()
+    if not out.is_dir():
+        return
     records = [out / "metrics.json", *existing(out, "*", "provenance.json"), *existing(out, "*", "metrics.json")]
     for path in records:
         if not path.is_file():
             continue
         previous = _recorded_model(read_json(path))
-        if previous and previous != model_config["model"]:
-            raise MftError(f"{out} holds results of model {previous} ({path.name}), not {model_config['model']}; "
+        if previous and previous != model:
+            raise MftError(f"{out} holds results of model {previous} ({path.name}), not {model}; "
                            "use a separate --output-dir per model")
-    return out
 
 
 def _changed_keys(old: dict, new: dict) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mft.errors import MftError
 from mft.eval import outputs
-from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, check_backend_options, check_model_path,
-                               hf_device_dtype, load_backend, resolve_model_type)
+from mft.eval.backends import (DECODE_KWARGS, Generation, check_backend_options, check_model_path, load_backend,
+                               prompt_budget, resolve_model_type_why, resolve_settings)
 from mft.eval.data import describe_record, packaged_data_dir
 from mft.eval.fingerprint import model_fingerprint
 from mft.eval.hf_backend import parse_batch_size
@@ -47,12 +47,25 @@ def build_requests(task: Task, docs: list[dict]) -> list[dict]:
              "label": task.label(d)} for d in docs]
 
 
-def plan_tasks(tasks: list[Task], out: Path, model_config: dict) -> list[Plan]:
-    plans = []
-    for index, task in enumerate(tasks):
+def load_requests(tasks: list[Task]) -> list[tuple[Task, list[dict], list[dict]]]:
+    """(task, docs, requests) per task, checked before anything is created or loaded: no prompt is empty
+    (vLLM refuses an empty one)."""
+    loaded = []
+    for task in tasks:
         docs = task.load_docs()
         log(f"{task.name}: data: {describe_record(task.data_source)}")
         requests = build_requests(task, docs)
+        empty = [r["doc_id"] for r in requests if not r["request"]["context"]]
+        if empty:
+            raise MftError(f"{task.name}: the prompt of doc_id(s) {empty[:10]} is empty; every request needs a "
+                           "non-empty prompt (vLLM refuses an empty one): check the task's data")
+        loaded.append((task, docs, requests))
+    return loaded
+
+
+def plan_tasks(loaded: list[tuple[Task, list[dict], list[dict]]], out: Path, model_config: dict) -> list[Plan]:
+    plans = []
+    for index, (task, docs, requests) in enumerate(loaded):
         predictions, metrics, reason = outputs.reusable(out, task.name, requests, task.config(), model_config)
         if reason:
             log(f"{task.name}: recomputing: {reason}" if predictions is None else f"{task.name}: {reason}")
@@ -103,14 +116,16 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
 
 
 def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str = "auto", limit: int | None = None,
-             batch_size: int | str = "auto", data_dir: str | None = None, max_model_len: int = MAX_MODEL_LEN,
+             batch_size: int | str = "auto", data_dir: str | None = None, max_model_len: int | None = None,
              workers: int | None = None, tensor_parallel_size: int | None = None, dtype: str | None = None,
              gpu_memory_utilization: float | None = None) -> dict:
     """Evaluate `model` on the tasks; returns the metrics.json content.
 
     `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
     `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`: see `VLLMBackend` (the first and last only
-    with vllm; `dtype` also sets the hf backend's weights when not None/"auto").
+    with vllm; `dtype` also sets the hf backend's weights when not None/"auto"). `max_model_len` None = the
+    protocol's 2048, capped at the model's context (`backends.resolve_max_model_len`). The resolved device,
+    dtype, max_model_len and tensor_parallel_size are recorded in `model_config`.
     """
     if data_dir == "packaged":
         data_dir = str(packaged_data_dir())
@@ -121,24 +136,33 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     batch_size = parse_batch_size(batch_size)
     tasks = build_tasks(task_specs, limit=limit, data_dir=data_dir)
     check_model_path(model)
-    model_type = resolve_model_type(model_type)
-    check_backend_options(model_type, tensor_parallel_size, dtype, gpu_memory_utilization)
     local = Path(model).expanduser()
-    # The settings that shape the generations (reuse compares them): the decode rule too, so predictions
-    # decoded by an earlier rule are generated again.
+    outputs.check_dir(output_dir, str(local.resolve()) if local.exists() else model)  # before any slow work
+    model_type, why = resolve_model_type_why(model_type)
+    if why:
+        log(why)
+    check_backend_options(model_type, tensor_parallel_size, dtype, gpu_memory_utilization, why)
+    loaded = load_requests(tasks)
+    settings = resolve_settings(model_type, model, max_model_len, tensor_parallel_size, dtype)
+    if model_type == "hf":  # VLLMBackend logs its own when it loads
+        for line in settings["log"]:
+            log(f"hf: {line}")
+    for task in tasks:  # each task's max_gen_toks leaves room for a prompt
+        prompt_budget(settings["max_model_len"], task.max_gen_toks)
+    # The settings that shape the generations (reuse compares them), as resolved: `--dtype auto` is
+    # float32 on a CPU and bfloat16 on most GPUs; the decode rule too, so predictions decoded by an
+    # earlier rule are generated again.
     model_config = {"model": str(local.resolve()) if local.exists() else model, "model_type": model_type,
-                    "max_model_len": max_model_len, "dtype": dtype or "auto",
-                    "tensor_parallel_size": tensor_parallel_size, "decode": dict(DECODE_KWARGS),
-                    "fingerprint": model_fingerprint(model)}
+                    "max_model_len": settings["max_model_len"], "dtype": settings["dtype"],
+                    "device": settings["device"], "tensor_parallel_size": settings["tensor_parallel_size"],
+                    "decode": dict(DECODE_KWARGS), "fingerprint": model_fingerprint(model)}
     if model_type == "hf":
-        # The hf backend's device and effective dtype change the arithmetic, and so can the batch size
-        # (rows are left-padded to the batch's longest prompt, and kernels sum in another order for
-        # another shape): predictions made on the CPU in float32, or in batches of 8, are not reused on
-        # a GPU in bfloat16 or in batches of 16. (vLLM schedules its own batches; --batch-size is unused.)
-        device, hf_dtype = hf_device_dtype(dtype)
-        model_config.update({"dtype": hf_dtype, "device": device, "batch_size": batch_size})
+        # The hf backend's batch size can change the arithmetic too (rows are left-padded to the batch's
+        # longest prompt, and kernels sum in another order for another shape): predictions made in batches
+        # of 8 are not reused for batches of 16. (vLLM schedules its own batches; --batch-size is unused.)
+        model_config["batch_size"] = batch_size
     out = outputs.prepare_dir(output_dir, model_config)
-    plans = plan_tasks(tasks, out, model_config)
+    plans = plan_tasks(loaded, out, model_config)
     backend, entries = None, []
     for plan in plans:
         started, name = time.time(), plan.task.name
@@ -149,6 +173,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         else:
             if backend is None:
                 log(f"loading {model} with the {model_type} backend")
+                # The flags as given: each backend resolves them again, to the same `settings`.
                 backend = load_backend(model_type, model, batch_size, max_model_len, tensor_parallel_size, dtype,
                                        gpu_memory_utilization)
             generations = generate(plan, backend, out, model_config)

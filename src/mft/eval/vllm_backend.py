@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 
 from mft.errors import MftError
-from mft.eval.backends import (DECODE_KWARGS, MAX_MODEL_LEN, Generation, cut_at_stop, encode_prompts, prompt_budget,
-                               stop_list)
+from mft.eval.backends import (DECODE_KWARGS, Generation, auto_dtype, check_dtype_on_gpu, checkpoint_dtype,
+                               cut_at_stop, encode_prompts, gpu_capability, load_config, prompt_budget,
+                               resolve_max_model_len, stop_list, stop_token_ids)
 
 # vLLM 0.11.1 is the first release that declares the transformers it works with (`transformers>=4.56,<5`);
 # 0.8-0.11.0 ask for any transformers >= 4.4x, so pip pairs them with transformers 5 and `LLM()` then fails
@@ -78,83 +79,145 @@ def cuda_problem(driver: tuple[int, int] | None, torch_cuda: str | None, gpus: i
     return None
 
 
-def checkpoint_settings(model_path: str) -> tuple[int, int, str]:
-    """(attention heads, key/value heads, dtype name) from the checkpoint's config (its text config for
-    multimodal models). A config without a dtype is float32, as `transformers` saves it."""
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
+def checkpoint_settings(model_path: str, config=None) -> tuple[int, int, dict[str, int], str, str]:
+    """(attention heads, key/value heads, the other sizes vLLM's linear layers split (`divided_sizes`),
+    dtype name, where the dtype was read: `backends.checkpoint_dtype`) from the checkpoint's config (its
+    text config for multimodal models)."""
+    config = config if config is not None else load_config(model_path)
     text = config.get_text_config()
-    dtype = None
-    for c in (config, text):
-        dtype = dtype or getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return heads, kv_heads, str(dtype or "float32")
+    dtype, source = checkpoint_dtype(model_path, config)
+    return heads, kv_heads, divided_sizes(text), dtype, source
 
 
-def tensor_parallel_fits(size: int, heads: int, kv_heads: int) -> bool:
-    """vLLM's rule: the heads split evenly over the GPUs, and the key/value heads split evenly or are
-    replicated evenly (`kv_heads % size == 0` or `size % kv_heads == 0`)."""
-    return heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0)
+def divided_sizes(text_config) -> dict[str, int]:
+    """The MLP widths tensor parallelism splits over the GPUs: every positive `*intermediate_size*` of the
+    config (`intermediate_size`; MoE's `moe_intermediate_size`, `shared_expert_intermediate_size`; a
+    per-layer list gives each entry). vLLM's MergedColumnParallelLinear (gate/up) asserts each output size
+    divides by the size, RowParallelLinear (down) `divide()`s its input size, FusedMoEConfig asserts the
+    experts' (vllm/model_executor/layers/linear.py, fused_moe/config.py, 0.11.1 and 0.33.0). The vocabulary
+    is padded to a multiple and the attention projections follow the heads, so neither adds a rule."""
+    sizes = {}
+    for name, value in sorted(text_config.to_dict().items()):
+        if "intermediate_size" not in name:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                sizes[name if len(values) == 1 else f"{name}[{i}]"] = v
+    return sizes
 
 
-def choose_tensor_parallel_size(requested: int | None, heads: int, kv_heads: int, gpus: int) -> int:
-    """`requested`, checked; by default the largest size that fits `gpus` visible GPUs and the heads
-    (32 heads on 6 GPUs -> 4). MftError when no GPU is visible or `requested` cannot work."""
+def tensor_parallel_fits(size: int, heads: int, kv_heads: int, divided: dict[str, int] | None = None) -> bool:
+    """vLLM's rule: the heads split evenly over the GPUs, the key/value heads split evenly or are
+    replicated evenly (`kv_heads % size == 0` or `size % kv_heads == 0`), and each of `divided`
+    (`divided_sizes`) splits evenly."""
+    return not tensor_parallel_misfits(size, heads, kv_heads, divided)
+
+
+def tensor_parallel_misfits(size: int, heads: int, kv_heads: int, divided: dict[str, int] | None = None) -> list[str]:
+    """What does not split over `size` GPUs, in words; empty when the size fits."""
+    problems = []
+    if heads % size:
+        problems.append(f"{heads} attention heads")
+    if kv_heads % size and size % kv_heads:
+        problems.append(f"{kv_heads} key/value heads (neither divides the other)")
+    problems += [f"{name} {value}" for name, value in (divided or {}).items() if value % size]
+    return problems
+
+
+def choose_tensor_parallel_size(requested: int | None, heads: int, kv_heads: int, gpus: int,
+                                divided: dict[str, int] | None = None) -> int:
+    """`requested`, checked; by default the largest size that fits `gpus` visible GPUs, the heads and the
+    `divided` sizes (32 heads on 6 GPUs -> 4; LLaMA-2-13B's 40 heads and intermediate_size 13824 on 6 GPUs
+    -> 4, not 5). MftError when no GPU is visible or `requested` cannot work."""
     if gpus < 1:
         raise MftError("the vllm backend needs a CUDA GPU and none is visible; use --model-type hf, or check "
                        "CUDA_VISIBLE_DEVICES and the driver (./setup_eval_env.sh checks them)")
+    fits = [size for size in range(1, gpus + 1) if tensor_parallel_fits(size, heads, kv_heads, divided)]
     if requested is None:
-        return max(size for size in range(1, gpus + 1) if tensor_parallel_fits(size, heads, kv_heads))
+        return max(fits)
     if requested > gpus:
         raise MftError(f"--tensor-parallel-size {requested} needs {requested} GPUs; {gpus} visible")
-    if not tensor_parallel_fits(requested, heads, kv_heads):
-        fits = [size for size in range(1, gpus + 1) if tensor_parallel_fits(size, heads, kv_heads)]
-        raise MftError(f"--tensor-parallel-size {requested} does not divide the model's {heads} attention heads "
-                       f"({kv_heads} key/value heads); sizes that fit {gpus} GPU(s): {fits}")
+    problems = tensor_parallel_misfits(requested, heads, kv_heads, divided)
+    if problems:
+        raise MftError(f"--tensor-parallel-size {requested} does not divide the model's {', '.join(problems)}; "
+                       f"sizes that fit {gpus} GPU(s): {fits}")
     return requested
 
 
-def choose_dtype(requested: str | None, checkpoint_dtype: str) -> str:
-    """`requested` unless None/"auto"; else the checkpoint's dtype, bfloat16 for a float32 checkpoint
-    (vLLM 0.11+ does the same for "auto"; older vLLM, as in olmes, picked float16)."""
+def choose_dtype(requested: str | None, checkpoint: str, capability: tuple[int, int] | None,
+                 model_type: str = "") -> str:
+    """`requested` unless None/"auto" (checked against the GPU: `check_dtype_on_gpu`); else vLLM's own
+    auto rule on a GPU of compute `capability` (`backends.auto_dtype`): the checkpoint's dtype, the GPU's
+    preferred one (bfloat16 from compute capability 8.0, float16 before) for a float32 checkpoint or a
+    dtype the GPU lacks. The project passes the result explicitly, so it is logged and recorded."""
     if requested not in (None, "auto"):
+        check_dtype_on_gpu(requested, capability, model_type)
         return requested
-    return "bfloat16" if checkpoint_dtype == "float32" else checkpoint_dtype
+    return auto_dtype(checkpoint, model_type, capability or (8, 0))
+
+
+def resolve_vllm_settings(model_path: str, max_model_len: int | None = None, tensor_parallel_size: int | None = None,
+                          dtype: str | None = None, config=None) -> dict:
+    """The settings `LLM()` gets, resolved and checked without loading anything: `max_model_len`
+    (`backends.resolve_max_model_len`), `tensor_parallel_size` (`choose_tensor_parallel_size` over the
+    visible GPUs), `dtype` (`choose_dtype` for the first GPU's compute capability), and `log`: the lines
+    that say how each was chosen. MftError for a setting that cannot work, or for a vLLM older than
+    VLLM_MIN_VERSION."""
+    import torch
+    import vllm  # first: the installed vLLM is checked before anything else, and it initialises CUDA
+
+    check_vllm_version(vllm.__version__)
+
+    config = config if config is not None else load_config(model_path)
+    heads, kv_heads, divided, checkpoint, source = checkpoint_settings(model_path, config)
+    gpus = torch.cuda.device_count()
+    size = choose_tensor_parallel_size(tensor_parallel_size, heads, kv_heads, gpus, divided)
+    capability = gpu_capability()
+    model_type = getattr(config.get_text_config(), "model_type", "")
+    chosen_dtype = choose_dtype(dtype, checkpoint, capability, model_type)
+    length, length_note = resolve_max_model_len(max_model_len, config, model_path)
+    shown = ", ".join(f"{k} {v}" for k, v in divided.items())
+    cc = f"compute capability {capability[0]}.{capability[1]}" if capability else "no GPU"
+    lines = [f"tensor_parallel_size {size} ({'given' if tensor_parallel_size else 'largest that fits'}: {gpus} "
+             f"GPU(s) visible, {heads} heads, {kv_heads} key/value heads{', ' + shown if shown else ''}), dtype "
+             f"{chosen_dtype} ({'given' if dtype not in (None, 'auto') else 'auto'}; checkpoint: {checkpoint} "
+             f"from its {source}; {cc}), max_model_len {length}"]
+    if length_note:
+        lines.append(length_note)
+    return {"tensor_parallel_size": size, "dtype": chosen_dtype, "max_model_len": length, "log": lines}
 
 
 class VLLMBackend:
-    """Greedy decoding as olmes, model length 2048 as in the protocol.
+    """Greedy decoding as olmes, model length 2048 as in the protocol (capped at the model's context).
 
-    `tensor_parallel_size` None = the largest that fits the visible GPUs and the model's heads; `dtype`
-    None/"auto" = `choose_dtype`; `gpu_memory_utilization` None = vLLM's default. The choices are logged.
+    `max_model_len` None = `backends.resolve_max_model_len`; `tensor_parallel_size` None = the largest that
+    fits the visible GPUs and the model (`choose_tensor_parallel_size`); `dtype` None/"auto" =
+    `choose_dtype`; `gpu_memory_utilization` None = vLLM's default. The choices are logged.
     """
 
-    def __init__(self, model_path: str, max_model_len: int = MAX_MODEL_LEN, tensor_parallel_size: int | None = None,
+    def __init__(self, model_path: str, max_model_len: int | None = None, tensor_parallel_size: int | None = None,
                  dtype: str | None = None, gpu_memory_utilization: float | None = None):
-        import torch
         import vllm
 
         check_vllm_version(vllm.__version__)
-        heads, kv_heads, checkpoint_dtype = checkpoint_settings(model_path)
-        gpus = torch.cuda.device_count()
-        self.tensor_parallel_size = choose_tensor_parallel_size(tensor_parallel_size, heads, kv_heads, gpus)
-        self.dtype = choose_dtype(dtype, checkpoint_dtype)
-        self.max_model_len = max_model_len
-        log(f"vllm {vllm.__version__}: tensor_parallel_size {self.tensor_parallel_size} "
-            f"({'given' if tensor_parallel_size else 'largest that fits'}: {gpus} GPU(s) visible, {heads} heads, "
-            f"{kv_heads} key/value heads), dtype {self.dtype} (checkpoint: {checkpoint_dtype}), "
-            f"gpu_memory_utilization {gpu_memory_utilization or 'vLLM default'}")
+        settings = resolve_vllm_settings(model_path, max_model_len, tensor_parallel_size, dtype)
+        self.tensor_parallel_size = settings["tensor_parallel_size"]
+        self.dtype = settings["dtype"]
+        self.max_model_len = settings["max_model_len"]
+        for line in settings["log"]:
+            log(f"vllm {vllm.__version__}: {line}")
+        log(f"vllm {vllm.__version__}: gpu_memory_utilization {gpu_memory_utilization or 'vLLM default'}")
         options = {"model": model_path, "tensor_parallel_size": self.tensor_parallel_size,
-                   "max_model_len": max_model_len, "dtype": self.dtype}
+                   "max_model_len": self.max_model_len, "dtype": self.dtype}
         if gpu_memory_utilization is not None:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = vllm.LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
+        # What vLLM stops on besides the stop strings (it reads them itself; here for the record and tests).
+        self.stop_token_ids = stop_token_ids(model_path, self.tokenizer)
 
     def sampling_params(self, stops: list[str], max_gen_toks: int):
         from vllm import SamplingParams

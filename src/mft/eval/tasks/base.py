@@ -34,7 +34,9 @@ class Task:
 
     def __post_init__(self):
         self.num_shots = self.default_shots if self.num_shots is None else self.num_shots
-        self.max_gen_toks = self.max_gen_toks or self.default_max_gen_toks
+        self.max_gen_toks = self.default_max_gen_toks if self.max_gen_toks is None else self.max_gen_toks
+        if isinstance(self.max_gen_toks, bool) or not isinstance(self.max_gen_toks, int) or self.max_gen_toks < 1:
+            raise MftError(f"{self.name}: max_gen_toks must be a positive integer, got {self.max_gen_toks!r}")
         self.fewshot_source = self.fewshot_source or self.default_fewshot
         available = len(data.load_fewshot(self.fewshot_source)) if self.fewshot_source else 0
         if not 0 <= self.num_shots <= available:
