@@ -350,11 +350,11 @@ def _refuse_shared(model: nn.Module, targets: list[Target]) -> None:
         others = [n for n in users.get(id(p), []) if n != t.param] if p is not None else []
         if others:
             what = "the input embedding " if embedding is not None and p is embedding else ""
-            tied.append(f"{t.param} is tied to {what}{', '.join(others)}")
+            tied.append(f"cannot mask {t.name}: its weight is tied to {what}({', '.join(others)})")
     if tied:
-        raise MftError("cannot mask a weight shared with another module: " + "; ".join(tied) + ". Its mask would "
-                       "zero the shared Parameter for every module that uses it (tie_word_embeddings ties "
-                       "lm_head to the input embedding); narrow target_modules, or untie the weights first.")
+        raise MftError("; ".join(tied) + ". Its mask would zero the shared Parameter for every module that uses it "
+                       "(tie_word_embeddings ties lm_head to the input embedding); narrow target_modules, or untie "
+                       "the weights first.")
 
 
 def targets_of_masks(mask_set) -> list[Target]:
