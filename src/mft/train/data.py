@@ -10,8 +10,8 @@ Sources (`TrainConfig.data_sources()`): Hugging Face dataset ids (train split), 
 Row selection is the original's: `train_file` / `dataset_name` give every row in file order; mixer sources
 (open-instruct's `get_datasets`) are each shuffled with `seed`, then a count N takes the first N rows of the
 shuffled source, a fraction f the first `int(f * rows)` (counts and fractions do not mix, see
-`TrainConfig.data_sources`); the selections are concatenated in source order. `max_train_samples` keeps the first N tokenized examples
-that have labels. The training order is the sampler's (a fresh seeded permutation per epoch).
+`TrainConfig.data_sources`); the selections are concatenated in source order. `max_train_samples` keeps
+the first N tokenized examples that have labels. The training order is the sampler's (a fresh seeded permutation per epoch).
 
 Label rule (open-instruct's `encode_sft_example`, see `non_assistant_spans`): the conversation is rendered
 with the chat template and tokenized once (no special tokens added by the tokenizer: the tulu template has no
