@@ -13,9 +13,10 @@ every tensor; they are written as a plain safetensors folder with the tokenizer,
 generation config. The dequantized values are those of the Q4_1 file (d * q + m per block of 32), rounded
 to the chosen dtype: this is the quantized model made dense, not the original bf16 release.
 
-Cache: `$MFT_CACHE_DIR/models/NAME-DTYPE/`, `$MFT_CACHE_DIR` defaulting to `$XDG_CACHE_HOME/mft` or
-`~/.cache/mft`. A folder is built under a temporary name and renamed into place when complete, so a folder
-with the final name is always whole; `mft-model.json` in it records the source file, its sha256 and the dtype.
+Cache: `cache_dir()/models/NAME-DTYPE/` (`$MFT_CACHE_DIR`, see `cache_dir`). A folder is built under a temporary
+name and renamed into place when complete, so a folder with the final name is always whole; `mft-model.json`
+in it records the source file, its sha256, the dtype and every file's size, and a folder whose files differ
+from that list is refused. A killed run's temporary folder is removed by the next `get`.
 """
 
 from __future__ import annotations

@@ -163,3 +163,27 @@ def test_a_cache_path_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, 
     assert f"error: the mft cache folder {tmp_path / 'afile'} (from $MFT_CACHE_DIR or its default) is a file, " \
            "not a folder; set MFT_CACHE_DIR to a folder" in err
     assert "Traceback" not in err
+
+
+def test_one_cache_folder_for_models_tokenized_data_and_nltk(tmp_path, monkeypatch):
+    """MFT_CACHE_DIR (MFT_CACHE as its alias) roots all three; an empty XDG_CACHE_HOME means ~/.cache, never the
+    working folder."""
+    from types import SimpleNamespace
+
+    from mft.eval.punkt_data import cache_root as nltk_root
+    from mft.train.data import cache_root as tokenized_root
+
+    cfg = SimpleNamespace(dataset_local_cache_dir=None)
+    for variable in ("MFT_CACHE_DIR", "MFT_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home" / ".cache" / "mft"
+    assert (models.cache_dir(), tokenized_root(cfg), nltk_root()) == (home, str(home / "tokenized"), home / "nltk_data")
+    monkeypatch.setenv("MFT_CACHE", str(tmp_path / "old"))
+    assert (tokenized_root(cfg), models.model_dir(NAME)) == (str(tmp_path / "old" / "tokenized"),
+                                                             tmp_path / "old" / "models" / f"{NAME}-bf16")
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "new"))  # the documented name wins over the alias
+    assert (tokenized_root(cfg), nltk_root()) == (str(tmp_path / "new" / "tokenized"), tmp_path / "new" / "nltk_data")
+    assert tokenized_root(SimpleNamespace(dataset_local_cache_dir=str(tmp_path / "own"))) == str(tmp_path / "own" / "tokenized")
