@@ -161,7 +161,8 @@ def test_straight_through_gradient_of_a_3d_expert_tensor(family):
 def test_llama4_router_is_never_wrapped():
     model = build("llama4_text")
     with pytest.raises(MftError, match=r"model\.layers\.0\.feed_forward\.router\.weight \[4, 32\] "
-                                       r"\(Llama4Router\.forward is not a plain linear map\)"):
+                                       r"\(a router/gate \(Llama4Router\): it scores tokens, it is not a projection; "
+                                       r"MFT never masks routers\)"):
         select_targets(model, MaskConfig(target_modules=[r"layers\.0\.feed_forward\.router"]))
     names = [t.name for t in select_targets(model, MaskConfig(masked_layers=[0], subnet_mode="mlp"))]
     assert not any("router" in n for n in names)
@@ -176,8 +177,8 @@ def test_unmaskable_weight_in_a_chosen_layer_is_refused_by_name():
             self.kernel = nn.Parameter(torch.zeros(2, 32, 3))
 
     model.model.layers[1].mlp.odd = Odd()
-    with pytest.raises(MftError, match=r"layer 1 holds mlp weights that cannot be masked: "
-                                       r"model\.layers\.1\.mlp\.odd\.kernel \[2, 32, 3\]"):
+    with pytest.raises(MftError, match=r"layer 1 holds MLP weights that cannot be masked: "
+                                       r"model\.layers\.1\.mlp\.odd\.kernel \[2, 32, 3\] \(MLP: a 3-D"):
         select_targets(model, MaskConfig(masked_layers=[1], subnet_mode="mlp"))
     # attention alone is unaffected, and says so in its table
     assert len(select_targets(model, MaskConfig(masked_layers=[1], subnet_mode="attn"))) == 4

@@ -62,7 +62,8 @@ class MaskConfig:
     threshold_attn: float = field(default=0.0, metadata={"help": "global mode: keep attention score >= this"})
     threshold_mlp: float = field(default=0.0, metadata={"help": "global mode: keep MLP score >= this"})
     target_modules: list[str] = field(default_factory=list, metadata={
-        "help": "extra regular expressions matched against full module names (linears only); "
+        "help": "extra regular expressions matched against full module or weight names (routers and tied weights "
+                "are refused); "
                 "their keep ratio is keep_ratio_mlp"})
     score_init: str = field(default="normal", metadata={
         "help": "normal (std score_init_std, published), kaiming_uniform, or magnitude (initial mask = L1 mask)"})

@@ -20,9 +20,13 @@ A fused `gate_up_proj` of experts holds two matrices per expert (gate and up: sp
 **Kinds.** A weight is *attn* when a component of its path below the decoder layer names attention
 (`self_attn`, `attention`, `attn`: q/k/v/o, fused qkv, DeepSeek's MLA `q_a_proj ... kv_b_proj`) and *mlp* when
 one names the feed-forward block (`mlp`, `feed_forward`, `ffn`, `block_sparse_moe`, `moe`: dense MLPs, shared
-experts and routed experts). *Routers* (`router`, an MoE block's `gate`, `shared_expert_gate`) score tokens,
-they are not projections: `subnet_mode` never selects them, and they are never wrapped unless their forward is a
-plain linear map and a `target_modules` pattern names them.
+experts and routed experts). A linear with a standard feed-forward name (`fc1`, `fc2`, `c_fc`, `up_proj`, ...)
+sitting directly on the decoder block, below no attention or MLP module, is *mlp* (OPT's `layers.N.fc1`). Any
+other weight of a chosen layer (Jamba's mamba mixer, say) is *unclassified*, and `masked_layers` refuses the
+layer naming it rather than leave it dense. *Routers* (a path component containing `router`, e.g. DBRX's
+`ffn.router.layer`, `shared_expert_gate`, or a `gate` beside `experts`, and anything below them) score tokens,
+they are not projections: `subnet_mode` skips them and a `target_modules` pattern naming one (its weight or its
+module) is refused. A weight shared with another module (a tied `lm_head`) is refused at selection.
 """
 
 from __future__ import annotations
@@ -38,11 +42,16 @@ from mft.masking.config import MaskConfig
 _ATTN = re.compile(r"attn|attention", re.IGNORECASE)
 _MLP = re.compile(r"mlp|feed_?forward|ffn|moe", re.IGNORECASE)
 _ROUTER_NAMES = {"router", "shared_expert_gate"}
+# Standard feed-forward projection names: a linear with one of these names sitting directly on a decoder block
+# (no attention or MLP container in its path, e.g. OPT's `layers.N.fc1` / `fc2`) is the block's feed-forward.
+_FFN_NAMES = {"fc1", "fc2", "fc_in", "fc_out", "c_fc", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj",
+              "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h"}
 # 3-D expert parameters, by name; `gate_up_proj` holds two matrices per expert.
 _EXPERT_PARAMS = {"gate_up_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 # nn.Linear subclasses whose forward overrides nn.Linear's but computes the same plain linear map.
 _PLAIN_LINEAR_SUBCLASSES = {"FalconLinear"}
 LAYOUTS = ("linear", "conv1d", "experts", "experts_t")
+_KIND_WORDS = {"attn": "attention", "mlp": "MLP", "router": "router", None: "unclassified"}
 
 
 @dataclass(frozen=True)
@@ -93,12 +102,17 @@ def linear_kind(path: str) -> str | None:
     return None
 
 
-def _is_router(module_path: str, parent: nn.Module | None) -> bool:
-    """Routers score tokens: `router`, `shared_expert_gate`, or a `gate` that sits beside `experts`."""
-    last = module_path.rsplit(".", 1)[-1]
-    if last in _ROUTER_NAMES or "router" in last:
-        return True
-    return last == "gate" and parent is not None and hasattr(parent, "experts")
+def _is_router(module_path: str, modules: dict[str, nn.Module]) -> bool:
+    """Routers score tokens: a module at or below a path component `*router*` or `shared_expert_gate`
+    (DBRX's `ffn.router.layer`), or below a `gate` that sits beside `experts`. `modules`: name -> module of
+    the searched module (`named_modules()`), to find a `gate`'s parent."""
+    parts = module_path.split(".")
+    for k, part in enumerate(parts):
+        if part in _ROUTER_NAMES or "router" in part.lower():
+            return True
+        if part == "gate" and hasattr(modules.get(".".join(parts[:k])), "experts"):
+            return True
+    return False
 
 
 def _weight_shape(p) -> tuple[int, ...]:
@@ -162,6 +176,7 @@ class _Weight:
     shape: tuple[int, ...]
     split: str | None = None
     why: str = ""  # why it cannot be masked
+    module: str = ""  # the owning module's full name (for patterns naming a module whose weight is a parameter)
 
 
 def _linear_ok(m: nn.Module) -> bool:
@@ -182,8 +197,10 @@ def _expert_layout(owner: nn.Module, pname: str, shape: tuple[int, ...], hidden:
     return ("experts_t" if transposed else "experts"), ""
 
 
-def _weights(module: nn.Module, prefix: str, hidden: int | None = None):
-    """Every weight (ndim >= 2) below `module`: maskable ones with their layout, the others with why not."""
+def _weights(module: nn.Module, prefix: str, hidden: int | None = None, block: bool = False):
+    """Every weight (ndim >= 2) below `module`: maskable ones with their layout, the others with why not.
+    `block`: `module` is a decoder block, so a feed-forward-named linear directly on it is kind mlp. Routers
+    are never maskable (they score tokens; they are not projections)."""
     from transformers.pytorch_utils import Conv1D
 
     from mft.masking.layer import MaskedExperts, MaskedLinear
@@ -193,11 +210,12 @@ def _weights(module: nn.Module, prefix: str, hidden: int | None = None):
         if isinstance(m, MaskedExperts):
             continue
         full_mod = f"{prefix}.{rel_mod}" if prefix and rel_mod else (prefix or rel_mod)
-        parent = modules.get(rel_mod.rpartition(".")[0]) if rel_mod else None
-        router = bool(rel_mod) and _is_router(rel_mod, parent)
+        router = bool(rel_mod) and _is_router(rel_mod, modules)
         kind = "router" if router else linear_kind(rel_mod + ".weight") if rel_mod else None
+        if kind is None and block and rel_mod in _FFN_NAMES and isinstance(m, (nn.Linear, Conv1D)):
+            kind = "mlp"
         if isinstance(m, MaskedLinear):
-            yield _Weight(full_mod, rel_mod, kind, m.layout, m.scores_shape)
+            yield _Weight(full_mod, rel_mod, kind, m.layout, m.scores_shape, module=full_mod)
             continue
         masked_params = getattr(m, "_mft_masks", {})
         for pname, p in m.named_parameters(recurse=False):
@@ -208,24 +226,28 @@ def _weights(module: nn.Module, prefix: str, hidden: int | None = None):
             rel = f"{rel_mod}.{pname}" if rel_mod else pname
             if pname in masked_params:
                 layer = masked_params[pname]
-                yield _Weight(full, rel, kind, layer.layout, shape, layer.split)
+                yield _Weight(full, rel, kind, layer.layout, shape, layer.split, module=full_mod)
+            elif router:
+                yield _Weight(full, rel, kind, None, shape, why=f"a router/gate ({type(m).__name__}): it scores "
+                              "tokens, it is not a projection; MFT never masks routers",
+                              module=full_mod)
             elif isinstance(m, nn.Linear) and pname == "weight":
                 if _linear_ok(m):
-                    yield _Weight(full_mod, rel_mod, kind, "linear", shape)
+                    yield _Weight(full_mod, rel_mod, kind, "linear", shape, module=full_mod)
                 else:
                     yield _Weight(full, rel, kind, None, shape, why=f"{type(m).__name__}.forward is not a plain "
-                                  "linear map")
+                                  "linear map", module=full_mod)
             elif isinstance(m, Conv1D) and pname == "weight":
-                yield _Weight(full_mod, rel_mod, kind, "conv1d", shape)
-            elif len(shape) == 3 and pname in _EXPERT_PARAMS and not router:
+                yield _Weight(full_mod, rel_mod, kind, "conv1d", shape, module=full_mod)
+            elif len(shape) == 3 and pname in _EXPERT_PARAMS:
                 layout, why = _expert_layout(m, pname, shape, hidden)
                 split = None
                 if pname == "gate_up_proj":
                     split = "halves" if getattr(m, "is_concatenated", True) else "interleaved"
-                yield _Weight(full, rel, kind, layout, shape, split, why)
+                yield _Weight(full, rel, kind, layout, shape, split, why, module=full_mod)
             else:
                 yield _Weight(full, rel, kind, None, shape, why=f"a {len(shape)}-D parameter of "
-                              f"{type(m).__name__}, not a linear, Conv1D or expert projection")
+                              f"{type(m).__name__}, not a linear, Conv1D or expert projection", module=full_mod)
 
 
 def _hidden(model: nn.Module) -> int | None:
@@ -243,7 +265,7 @@ def describe_layer(model: nn.Module) -> str:
     except MftError as exc:
         return str(exc)
     groups: dict[str, list[str]] = {"attn": [], "mlp": [], "router": [], "other": []}
-    for w in _weights(layers[0], "", _hidden(model)):
+    for w in _weights(layers[0], "", _hidden(model), block=True):
         groups[w.kind if w.kind in groups else "other"].append(w.rel + ("" if w.layout else " (not maskable)"))
     return (f"{len(layers)} decoder layers at `{prefix}`; each has attention weights "
             f"[{', '.join(groups['attn']) or '-'}], MLP weights [{', '.join(groups['mlp']) or '-'}]"
@@ -265,11 +287,13 @@ def select_targets(model: nn.Module, cfg: MaskConfig) -> list[Target]:
                            f"layers (indices 0-{len(layers) - 1}) in its language model; masked_layers={cfg.masked_layers}")
         kinds = ("attn", "mlp") if cfg.subnet_mode == "both" else (cfg.subnet_mode,)
         for i in cfg.masked_layers:
-            found = list(_weights(layers[i], f"{prefix}.{i}", hidden))
+            found = list(_weights(layers[i], f"{prefix}.{i}", hidden, block=True))
             refused = [w for w in found if w.kind in kinds and w.layout is None]
             if refused:
-                raise MftError(f"layer {i} holds {cfg.subnet_mode} weights that cannot be masked: "
-                               + "; ".join(f"{w.name} {list(w.shape)} ({w.why})" for w in refused)
+                raise MftError(f"layer {i} holds {' / '.join(_KIND_WORDS[k] for k in kinds)} weights that cannot "
+                               "be masked: "
+                               + "; ".join(f"{w.name} {list(w.shape)} ({_KIND_WORDS[w.kind]}: {w.why})"
+                                           for w in refused)
                                + ". Masking the rest would silently leave them dense; choose another subnet_mode "
                                "or select modules explicitly with target_modules.")
             picked = [w for w in found if w.kind in kinds]
@@ -278,12 +302,21 @@ def select_targets(model: nn.Module, cfg: MaskConfig) -> list[Target]:
                 raise MftError(f"layer {i} (`{prefix}.{i}`) has no {' or '.join(kinds)} weights to mask "
                                f"(subnet_mode={cfg.subnet_mode}); its weights: {listing}. "
                                "Select modules explicitly with target_modules.")
+            # A weight that is neither attention, MLP nor router might belong to the requested kind: never guess.
+            unclassified = [w for w in found if w.kind is None]
+            if unclassified:
+                raise MftError(f"layer {i} (`{prefix}.{i}`) holds weights that are neither attention nor MLP by "
+                               "name or place: " + "; ".join(f"{w.name} {list(w.shape)}" for w in unclassified)
+                               + f". subnet_mode={cfg.subnet_mode} cannot tell whether they belong to it, and "
+                               "would leave them dense; select modules explicitly with target_modules.")
             for w in picked:
                 chosen[w.name] = Target(w.name, w.kind, w.shape, w.layout, w.split)
     if cfg.target_modules:
         patterns = [re.compile(p) for p in cfg.target_modules]
+        # A pattern may name the weight or its module (Mixtral's router `mlp.gate` owns the parameter
+        # `mlp.gate.weight`; a fused expert parameter's module is `experts`).
         matched = [w for w in _weights(model, "", hidden) if w.name not in chosen
-                   and any(p.search(w.name) for p in patterns)]
+                   and any(p.search(w.name) or p.search(w.module) for p in patterns)]
         refused = [w for w in matched if w.layout is None]
         if refused:
             raise MftError(f"target_modules {cfg.target_modules} match weights that cannot be masked: "
@@ -296,8 +329,32 @@ def select_targets(model: nn.Module, cfg: MaskConfig) -> list[Target]:
         raise MftError(f"no module matches the selection (masked_layers={cfg.masked_layers}, "
                        f"subnet_mode={cfg.subnet_mode}, target_modules={cfg.target_modules}); the model has "
                        f"{describe_layer(model)}")
+    _refuse_shared(model, list(chosen.values()))
     order = {name: k for k, (name, _) in enumerate(model.named_parameters())}
     return sorted(chosen.values(), key=lambda t: order.get(t.param, order.get(t.name + ".weight", -1)))
+
+
+def _refuse_shared(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse a target whose weight Parameter is shared with another module (a tied `lm_head`, weights shared
+    across layers): masking one user and baking the mask would zero the weight for every other user too."""
+    users: dict[int, list[str]] = {}
+    by_name = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(name)
+        by_name[name] = p
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding = getattr(embeddings, "weight", None)
+    tied = []
+    for t in targets:
+        p = by_name.get(t.param)
+        others = [n for n in users.get(id(p), []) if n != t.param] if p is not None else []
+        if others:
+            what = "the input embedding " if embedding is not None and p is embedding else ""
+            tied.append(f"cannot mask {t.name}: its weight is tied to {what}({', '.join(others)})")
+    if tied:
+        raise MftError("; ".join(tied) + ". Its mask would zero the shared Parameter for every module that uses it "
+                       "(tie_word_embeddings ties lm_head to the input embedding); narrow target_modules, or untie "
+                       "the weights first.")
 
 
 def targets_of_masks(mask_set) -> list[Target]:
