@@ -246,10 +246,10 @@ def resolve_model(name_or_path: str | None) -> str | None:
         return name_or_path
     if Path(name_or_path).exists():  # a local path wins: say so, and refuse one that is no model folder
         local = Path(name_or_path).resolve()
-        if not (local / "config.json").is_file():
+        if not any((local / f).is_file() for f in ("config.json", "mft_run.json")):  # a model or an MFT run
             raise MftError(f"{local} is a local path named like the short name {name_or_path!r} and shadows it, "
-                           "but it is no model folder (no config.json); rename or move it, or run from another "
-                           "folder to use the short name")
+                           "but it is no model folder (no config.json) nor MFT run (no mft_run.json); rename or "
+                           "move it, or run from another folder to use the short name")
         print(f"note: {name_or_path} is the local folder {local}, not the short name (a local path wins)",
               file=sys.stderr)
     return name_or_path if Path(name_or_path).exists() else str(get_model(name_or_path, DEFAULT_DTYPE))

@@ -49,7 +49,7 @@ def test_resolver_maps_short_names_and_leaves_paths_alone(cache, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / NAME).mkdir()  # a local folder of that name shadows the short name: no model folder, refused
     with pytest.raises(MftError, match=rf"{tmp_path / NAME} is a local path named like the short name '{NAME}' "
-                                       r"and shadows it, but it is no model folder \(no config.json\)"):
+                                       r"and shadows it, but it is no model folder \(no config.json\) nor MFT run"):
         models.resolve_model(NAME)
     (tmp_path / NAME / "config.json").write_text("{}")  # a model folder of that name wins, with a note
     assert models.resolve_model(NAME) == NAME
