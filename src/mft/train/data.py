@@ -24,7 +24,7 @@ renders as nothing. `strict_roles: true` refuses such rows instead. Truncation t
 last; examples left without any label are dropped and counted in `DataStats`.
 
 Cache: the tokenized set lives in `<cache root>/tokenized/<key>/`, where the cache root is
-`dataset_local_cache_dir`, else `$MFT_CACHE`, else `~/.cache/mft`, and `key` hashes the mixed data's
+`dataset_local_cache_dir`, else mft's cache folder (`$MFT_CACHE_DIR`, see `mft.hub.cache_dir`), and `key` hashes the mixed data's
 `datasets` fingerprint (sources, amounts, seed, file contents), the tokenizer, the
 template, `max_seq_length`, `add_bos` and `LABEL_RULE_VERSION`. The first process through
 `main_process_first` tokenizes; the others load the result. Pass `accelerator.local_main_process_first` when
@@ -352,8 +352,11 @@ class DataStats:
 
 
 def cache_root(cfg: TrainConfig) -> str:
-    root = cfg.dataset_local_cache_dir or os.environ.get("MFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mft")
+    """Where tokenized data is cached: `dataset_local_cache_dir`, else mft's cache folder (`mft.hub.cache_dir`:
+    `$MFT_CACHE_DIR`, `$MFT_CACHE` as an alias, `$XDG_CACHE_HOME/mft`, `~/.cache/mft`), + `tokenized`."""
+    from mft.hub import cache_dir
+
+    root = cfg.dataset_local_cache_dir or str(cache_dir())
     return os.path.join(os.path.expanduser(root), "tokenized")
 
 
