@@ -259,3 +259,27 @@ def test_code_carrying_pickles_are_refused_without_suggesting_to_run_them(saved_
     err += capsys.readouterr().err
     assert f"refusing to load {ckpt / 'pytorch_model.bin'}: it is a pickle holding more than tensors" in err
     assert "weights_only=False" not in err and "this ran" not in err and "Traceback" not in err
+
+
+def test_only_save_masks_never_replaces_another_runs_mask_file_without_overwrite(saved_model, tmp_path, capsys):
+    """break6 #1: `--only_save_masks` into a copy of a learned run's folder replaced its masks.safetensors."""
+    base = saved_model("llama")
+    run = tmp_path / "mftB"
+    write_masks(run / "masks.safetensors", learned_masks(base, seed=4))
+    (run / A.RUN_INFO).write_text(json.dumps({"base_model": str(base), "source": "learned"}))
+    before = digest(run)
+    random = ["--base_model_name_or_path", str(base), "--random_masks", "--masked_layers", "1 2",
+              "--sparsity_attn", "0.5", "--sparsity_mlp", "0.5", "--only_save_masks", "--output_dir", str(run)]
+    assert main(["apply", *random, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"output folder {run} already exists and is not empty; pass --overwrite to replace it" in err
+    assert digest(run) == before and no_leftovers(run) and no_leftovers(tmp_path)
+    # told to: only the mask file is replaced (renamed into place), the run record is kept
+    assert main(["apply", *random, "--overwrite", "--quiet"]) == 0
+    after = digest(run)
+    assert after["masks.safetensors"] != before["masks.safetensors"]
+    assert after[A.RUN_INFO] == before[A.RUN_INFO] and sorted(after) == sorted(before) and no_leftovers(run)
+    assert read_masks(run / "masks.safetensors").source == "random"
+    # an empty or new folder needs no flag
+    assert main(["apply", *random[:-1], str(tmp_path / "new"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["masks.safetensors"]

@@ -283,9 +283,16 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     swap_into_place(tmp, output_dir)
 
 
-def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors") -> Path:
-    """`--only_save_masks`: the mask file alone, in `output_dir`."""
+def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors", *,
+                    overwrite: bool = False) -> Path:
+    """`--only_save_masks`: the mask file alone, in `output_dir`.
+
+    A non-empty `output_dir` (e.g. another run's folder with its own mask file) is refused unless `overwrite`;
+    then only the mask file of that name is replaced, written beside it and renamed into place (a kill leaves the
+    old file whole). Raises MftError.
+    """
     output_dir = Path(output_dir)
+    _check_output(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     return _save_mask_file(output_dir, mask_set, fmt)
 
