@@ -94,21 +94,67 @@ def test_a_failed_overwrite_leaves_the_old_output_intact(saved_model, tmp_path, 
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_reported(saved_model, tmp_path, capsys):
+    from mft.paths import TEMP_MARKER
+
     base = saved_model("llama")
     out = tmp_path / "out"
-    dead = tmp_path / ".out.tmp-999999999-0badc0de"  # no such process
+    dead = tmp_path / ".out.tmp-999999999-0badc0de"  # no such process, and the marker this tool writes
     (dead / "half").mkdir(parents=True)
     (dead / "half" / "model.safetensors").write_bytes(b"partial")
-    old_style = tmp_path / ".out.old-1a2b3c4d"
-    old_style.mkdir()
+    (dead / TEMP_MARKER).write_text("x")
     live = tmp_path / f".out.tmp-{os.getppid()}-12345678"  # a running process's: left alone
     live.mkdir()
+    (live / TEMP_MARKER).write_text("x")
     assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"note: removed {dead}, the temporary output of an interrupted earlier run" in err
-    assert f"note: removed {old_style}" in err
-    assert not dead.exists() and not old_style.exists() and live.exists()
-    assert (out / "model.safetensors").exists()
+    assert not dead.exists() and live.exists()
+    assert (out / "model.safetensors").exists() and not (out / TEMP_MARKER).exists()
+
+
+def test_a_users_hidden_siblings_are_never_deleted(saved_model, tmp_path, capsys):
+    """break6 #2: `.outL.old-backup` (a folder) and `.outL.tmp-mine` (a file) of the user's were deleted as
+    leftovers; so would be a marker-less folder with a dead pid and the exact pattern."""
+    base = saved_model("llama")
+    out = tmp_path / "outL"
+    backup = tmp_path / ".outL.old-backup"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
+    mine = tmp_path / ".outL.tmp-mine"
+    mine.write_text("mine\n")
+    unmarked = tmp_path / ".outL.tmp-999999999-0badc0de"  # our pattern, dead pid, but no marker: not ours
+    unmarked.mkdir()
+    (unmarked / "data.bin").write_bytes(b"keep")
+    before = digest(tmp_path)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
+    assert (backup / "notes.txt").read_text() == "mine" and mine.read_text() == "mine\n"
+    assert (unmarked / "data.bin").read_bytes() == b"keep"
+    after = digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("outL/")} == before
+    assert "removed" not in capsys.readouterr().err
+
+
+def test_an_interrupted_swap_is_restored_or_kept_never_deleted(saved_model, tmp_path, capsys):
+    """break6 #2: killed between swap_into_place's two renames, the only complete old output is
+    `.<out>.old-PID-tag`; the next run restored nothing and deleted it."""
+    base = saved_model("llama")
+    out = tmp_path / "out"
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
+    first = digest(out)
+    old = tmp_path / ".out.old-999999999-0badc0de"  # the state a kill between the renames leaves (dead pid)
+    os.replace(out, old)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"note: restored {out} from {old}, left aside by an interrupted earlier run" in err
+    assert "already exists and is not empty" in err  # restored, it is an existing output again
+    assert digest(out) == first and not old.exists()
+    # with the output in place (killed after the second rename), the aside copy is kept and reported
+    shutil.copytree(out, old)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--overwrite",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: kept {old}: an earlier run left it aside while replacing {out}" in err
+    assert digest(old) == first and digest(out) == first
 
 
 @pytest.mark.parametrize("source", [L1, ["--random_masks", "--masked_layers", "1 2"], "learned"])

@@ -30,7 +30,8 @@ from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
-from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
+from mft.paths import (check_writable, follow_umask, make_temp_dir, os_error, remove_leftovers, swap_into_place,
+                       temp_sibling)
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
@@ -123,8 +124,8 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     """Write `base` with `mask_set` baked in to `output_dir` (see the module doc). Returns the folder."""
     output_dir = Path(output_dir)
     check_writable(output_dir)
+    remove_leftovers(output_dir)  # first: it may restore an output an interrupted swap left aside
     _check_output(output_dir, overwrite)
-    remove_leftovers(output_dir)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
     locator = WeightLocator(checkpoint)
@@ -135,7 +136,7 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
 
     tmp = temp_sibling(output_dir)
     try:
-        tmp.mkdir(parents=True)
+        make_temp_dir(tmp)
         total = sum((checkpoint.path / shard).stat().st_size for shard in checkpoint.shards)
         bar = tqdm(total=total, desc="apply masks", unit="B", unit_scale=True, disable=not progress)  # bytes copied
         if checkpoint.format == "safetensors":

@@ -207,7 +207,7 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
 
     from accelerate.utils import broadcast_object_list
 
-    from mft.paths import remove_leftovers, temp_sibling
+    from mft.paths import make_temp_dir, remove_leftovers, temp_sibling
 
     check_resume(cfg, state, accelerator)
     final = Path(cfg.output_dir)
@@ -217,7 +217,10 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
     write_dir = Path(target[0])
     if accelerator.is_main_process:
         remove_leftovers(final)
-        write_dir.mkdir(parents=True, exist_ok=True)
+        if write_dir == final:
+            write_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            make_temp_dir(write_dir)
         if state == "resume" and not cfg.resume_from_checkpoint:
             from mft.train.loop import latest_checkpoint
 
