@@ -177,8 +177,14 @@ def test_masking_an_already_masked_checkpoint_is_refused(saved_model, tmp_path, 
     assert main(["apply", "--base_model_name_or_path", str(applied), *args, "--output_dir", str(out)]) == 1
     err = capsys.readouterr().err
     zeros = int(0.1 * 32 * 32)  # q_proj of the tiny llama: 32 x 32, keep 0.9
-    assert zeros == 102 and (f"model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 "
-                             "(9.96%), at least the 102 the new mask prunes") in err
+    assert zeros == 102 and ("model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 (9.96%); a "
+                             "trained dense weight holds next to none, and 11 or more mean a baked mask") in err
+    # break6 #4: a new mask pruning more than the baked one (keep 0.5 / 0.8 on 0.9) compounded unnoticed
+    for lower in (["--sparsity_attn", "0.5", "--sparsity_mlp", "0.5"], ["--sparsity_attn", "0.8"]):
+        assert main(["apply", "--base_model_name_or_path", str(applied), "--random_masks", "--masked_layers", "1",
+                     *lower, "--output_dir", str(out)]) == 1
+        assert "model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 (9.96%)" in \
+            capsys.readouterr().err and not out.exists()
     # told that it is intended: the compounded masks are applied
     assert main(["apply", "--base_model_name_or_path", str(applied), *args, "--output_dir", str(out),
                  "--allow_masked_base", "--quiet"]) == 0

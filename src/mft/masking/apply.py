@@ -13,6 +13,7 @@ run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -299,15 +300,18 @@ def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safet
 
 
 # -- provenance: is the checkpoint masked already? -----------------------------------------------------------
+MASKED_ZERO_FRACTION = 0.01  # exact zeros in a targeted matrix from which it counts as masked already
+
 def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, str | None]]) -> str | None:
     """Why `checkpoint` looks masked already, or None.
 
     `pruned`: {mask name: (entries the new mask would prune, weight shape, layout)}. Masked when the folder holds
-    the record an apply writes (`mft_masks.json`), or when a weight to be masked already holds at least that
-    many exact zeros (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)` per
-    matrix, so a stack of expert matrices may hold one fewer per matrix). Reads one weight at a time. Where the
-    rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an L1 mask of a
-    masked matrix selects the same zeros again.
+    the record an apply writes (`mft_masks.json`), or when a weight to be masked holds a non-trivial number of
+    exact zeros: at least `MASKED_ZERO_FRACTION` (1 %) of its entries, or the count the new mask prunes if that is
+    lower (less one per matrix of an expert stack, for rounding). A trained dense weight holds next to none; a
+    baked mask of keep ratio k leaves `int((1 - k) n)`, so any usual ratio (k <= 0.99) is caught whatever the
+    new ratio. Reads one weight at a time. Where the rule comes from: masking twice compounds the masks (0.5 on
+    0.9 keeps about 45 %, not the 50 % reported), and an L1 mask of a masked matrix selects the same zeros again.
     """
     from mft.masking.checkpoint import WeightLocator
 
@@ -323,12 +327,14 @@ def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, s
     for name, (count, shape, layout) in pruned.items():
         if count <= 0:
             continue
+        n = _entries(shape)
         matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        limit = max(1, min(count - matrices, math.ceil(MASKED_ZERO_FRACTION * n)))
         weight = locator.read(name, tuple(shape), layout)
         zeros = int((weight == 0).sum())
-        if zeros >= count - matrices:
-            return (f"{name} already holds {zeros} exact zeros of {weight.numel()} "
-                    f"({zeros / weight.numel():.2%}), at least the {count} the new mask prunes")
+        if zeros >= limit:
+            return (f"{name} already holds {zeros} exact zeros of {n} ({zeros / n:.2%}); a trained dense weight "
+                    f"holds next to none, and {limit} or more mean a baked mask")
     return None
 
 

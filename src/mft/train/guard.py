@@ -113,9 +113,10 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     if cfg.allow_masked_base:
         return
     mask_cfg = cfg.mask_config()
-    # local masks prune int((1 - k) n) per matrix; global ones have no fixed count, so only the record counts
-    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)), tuple(t.shape), t.layout)
-              for t in targets if mask_cfg.subnet_type == "local"}
+    # local masks prune int((1 - k) n) per matrix; global ones have no fixed count per matrix, so only the
+    # fraction of zeros counts (see already_masked)
+    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)) if mask_cfg.subnet_type == "local"
+                       else _entries(t.shape), tuple(t.shape), t.layout) for t in targets}
     checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
     why = already_masked(checkpoint, pruned)
     if why:
