@@ -55,6 +55,13 @@ def check_output_vs_inputs(output: str | os.PathLike, inputs: dict[str, str | os
                     if src.is_dir() else "")
             raise MftError(f"{output_flag} {output} {relation} the {what} {path}: writing the output there would "
                            f"delete or change that input. Choose an output folder outside it{hint}")
+        # the path as given (a symlink inside the output, say) would be deleted with the output, even if what it
+        # points to survives; the run would then record a path that no longer exists
+        given = Path(os.path.abspath(os.path.expanduser(str(path))))
+        link = resolved(given.parent) / given.name
+        if link == out or out in link.parents:
+            raise MftError(f"the {what} {path} lies inside {output_flag} {output} (a link to {src}): replacing the "
+                           f"output would delete it. Give the {what} as {src}, or choose another output folder")
 
 
 def check_writable(output: str | os.PathLike, output_flag: str = "--output_dir") -> None:

@@ -286,3 +286,21 @@ def test_resume_refuses_changed_input_files_at_the_same_path(workspace, tmp_path
     assert f"{out} holds an interrupted run started with other settings, so it cannot be resumed: " in msg
     assert f"model_name_or_path model.safetensors: changed ({size} -> {weights.stat().st_size} bytes" in msg
     assert f"training data {data} {data.name}: changed" in msg
+
+
+def test_a_symlink_input_inside_output_dir_is_refused(workspace, capsys):
+    """break6 #5: outG/mylink -> base with --output_dir=outG --overwrite_output_dir deleted the user's link and
+    recorded model_name_or_path: outG/mylink, a path that no longer existed."""
+    root = workspace["root"]
+    out = root / "outG"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    link = out / "mylink"
+    link.symlink_to(workspace["base"])
+    assert train_main(["train", f"--model_name_or_path={link}", f"--train_file={workspace['data']}",
+                       f"--output_dir={out}", "--overwrite_output_dir", "--report_to=[none]"]) == 1
+    err = capsys.readouterr().err
+    assert (f"the model_name_or_path {link} lies inside output_dir {out} (a link to "
+            f"{os.path.realpath(workspace['base'])}): replacing the output would delete it") in err
+    assert link.is_symlink() and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["mylink", "notes.txt"]
