@@ -23,15 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+from mft.eval.data import packaged_data_dir
+
+GSM8K = packaged_data_dir() / "gsm8k" / "test.jsonl"  # shipped in the package (licence in its PROVENANCE.md)
 
 
 def load_questions(n: int) -> list[str]:
-    if GSM8K.is_file():
-        with open(GSM8K, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][: max(n, 300)]
-        return [f"{r['question']}\n{r['answer']}" for r in rows]
-    return [f"Question {i}: what is {i} plus {i + 1}?\nAnswer: {i} + {i + 1} = {2 * i + 1}." for i in range(300)]
+    """The first max(n, 300) GSM8K test problems as "question\\nanswer" texts (the tokenizer trains on them).
+
+    Raises FileNotFoundError when the packaged file is missing (a broken install): never made-up prompts.
+    """
+    if not GSM8K.is_file():
+        raise FileNotFoundError(f"the packaged GSM8K test set is missing at {GSM8K}: reinstall mft (pip install -e .)")
+    with open(GSM8K, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][: max(n, 300)]
+    return [f"{r['question']}\n{r['answer']}" for r in rows]
 
 
 def build_model(folder: str, texts: list[str]) -> None:

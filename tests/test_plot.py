@@ -95,3 +95,47 @@ def test_plot_refuses_a_folder_without_a_log(tmp_path, capsys, sweep):
     assert not (tmp_path / "x.png").exists()
     assert main(["plot", str(sweep[0]), "--labels", "a", "b"]) == 1
     assert "--labels has 2 names for 1 runs" in capsys.readouterr().err
+
+
+def test_a_partial_last_line_is_skipped_and_a_bad_middle_line_refused(sweep, tmp_path, capsys):
+    """A run killed (or still writing) mid-record: plot the complete records, say the last line was skipped."""
+    full = (sweep[0] / TRAIN_LOG).read_text()
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / TRAIN_LOG).write_text(full + '{"step": 9, "epoch": 1.0, "lo')
+    assert main(["plot", str(run), "--output", str(tmp_path / "k.png")]) == 0
+    assert f"note: {run / TRAIN_LOG}, line 9: skipped a partial last line" in capsys.readouterr().err
+    with open(tmp_path / "k.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r["metric"] == "loss"]
+    assert steps == list(range(1, 9))
+    lines = full.splitlines()
+    (run / TRAIN_LOG).write_text("\n".join([*lines[:3], '{"step": 4, "lo', *lines[3:]]) + "\n")
+    assert main(["plot", str(run), "--output", str(tmp_path / "m.png")]) == 1
+    assert f"{run / TRAIN_LOG}, line 4: not JSON" in capsys.readouterr().err and not (tmp_path / "m.png").exists()
+    (run / TRAIN_LOG).write_text(full + '{"step": 9, "lo\n')  # a complete (newline-ended) bad last line: an error
+    assert main(["plot", str(run), "--output", str(tmp_path / "n.png")]) == 1
+    assert f"{run / TRAIN_LOG}, line 9: not JSON" in capsys.readouterr().err
+
+
+def test_default_labels_tell_the_runs_apart(sweep, tmp_path, capsys):
+    from mft.plot import default_labels
+
+    for parent in ("x1", "x2"):
+        (tmp_path / parent / "mft").mkdir(parents=True)
+        (tmp_path / parent / "mft" / TRAIN_LOG).write_text((sweep[0] / TRAIN_LOG).read_text())
+    folders = [str(tmp_path / "x1/mft"), str(tmp_path / "x2/mft")]
+    assert main(["plot", *folders, "--output", str(tmp_path / "two")]) == 0  # no suffix: .png added
+    assert f"wrote {tmp_path / 'two.png'} and {tmp_path / 'two.csv'}" in capsys.readouterr().out
+    with open(tmp_path / "two.csv", newline="") as f:
+        assert sorted({r["run"] for r in csv.DictReader(f)}) == ["x1/mft", "x2/mft"]
+    assert default_labels([str(sweep[0]), str(sweep[1])]) == ["mft_0-1", "mft_2-3"]
+    assert default_labels([folders[0], str(tmp_path / "x2"), folders[0]]) == ["mft", "x2", "mft #2"]
+    assert default_labels([folders[0], str(tmp_path / "y/x1/mft")]) == [f"{tmp_path.name}/x1/mft", "y/x1/mft"]
+
+
+def test_output_must_be_a_png(sweep, tmp_path, capsys):
+    (tmp_path / "x.csv").write_text("keep me")
+    assert main(["plot", str(sweep[0]), "--output", str(tmp_path / "x.csv")]) == 1
+    assert f"--output must name a .png file (the CSV is written beside it), got {tmp_path / 'x.csv'}" in \
+        capsys.readouterr().err
+    assert (tmp_path / "x.csv").read_text() == "keep me"

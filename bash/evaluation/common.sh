@@ -14,10 +14,15 @@ mft_eval_usage() {
 Usage: bash/evaluation/<model>_<domain>.sh MODEL [extra mft eval flags ...]
   model: llama2-7b | llama3.1-8b    domain: math (GSM8K + MATH) | coding (HumanEval, HumanEval+) | if (IFEval)
   MODEL:
-    a bare run name (no "/") whose folder OUTPUT_ROOT/MODEL exists: that run; an MFT run (it has
-      mask_applied/, or its name contains "masktune") is evaluated through OUTPUT_ROOT/MODEL/mask_applied
+    a bare run name (no "/") whose folder OUTPUT_ROOT/MODEL holds a model (config.json) or mask_applied/:
+      that run; an MFT run (it has mask_applied/, or its name contains "masktune") is evaluated through
+      OUTPUT_ROOT/MODEL/mask_applied (refused if missing; DRY_RUN warns)
     anything else: a model folder or hub id, used exactly as given (absolute paths too)
-  Results go beside the model: MODEL_PATH/eval_output (a hub id: OUTPUT_ROOT/<hub id>/eval_output).
+  Results go beside a local model folder: MODEL_PATH/eval_output. Anything that is not a local folder (a hub
+  id such as gpt2 or meta-llama/Llama-2-7b-hf, an mft short name) puts them under OUTPUT_ROOT/MODEL/eval_output,
+  never in a folder named like the model in the current folder.
+  Paths (MODEL, OUTPUT_ROOT, EVAL_OUTPUT) are read from the folder you run the launcher in, and the printed
+  DRY_RUN commands run from that folder (the launchers never change folder).
 Environment:
   OUTPUT_ROOT    where run folders live (default output)
   EVAL_OUTPUT    results folder (default: beside the model, as above)
@@ -35,25 +40,42 @@ EVAL_OUTPUT/math/<subject>/metrics.json and EVAL_OUTPUT/math/task_scores_flex.js
 EOF_USAGE
 }
 
-# mft_eval_paths MODEL: sets MODEL_PATH and EVAL_OUTPUT (see the usage text).
+# mft_eval_paths MODEL: sets MODEL_PATH and EVAL_OUTPUT (see the usage text). A model that is not a local
+# folder (a bare hub id or mft short name such as gpt2, an owner/name hub id) gets OUTPUT_ROOT/MODEL/eval_output,
+# never ./MODEL/eval_output: a folder named like the model in the current folder would be loaded as the model
+# next time ("a local folder of the same name wins"). For the same reason OUTPUT_ROOT/MODEL counts as a run only
+# when it holds a model (config.json) or mask_applied/, or is an MFT run by name.
 mft_eval_paths() {
-    local name="$1" root="${OUTPUT_ROOT:-output}"
+    local name="$1" root="${OUTPUT_ROOT:-output}" run
     root="${root%/}"
-    if [[ "$name" != */* && -n "$name" && -d "$root/$name" ]]; then  # a run name under OUTPUT_ROOT
-        if [[ -d "$root/$name/mask_applied" || "$name" == *masktune* ]]; then
-            MODEL_PATH="$root/$name/mask_applied"
+    run="$root/$name"
+    if [[ "$name" != */* && -n "$name" && -d "$run" ]] \
+        && [[ -f "$run/config.json" || -d "$run/mask_applied" || "$name" == *masktune* ]]; then  # a run name
+        if [[ -d "$run/mask_applied" || "$name" == *masktune* ]]; then
+            MODEL_PATH="$run/mask_applied"
+            if [[ ! -d "$MODEL_PATH" ]]; then
+                local hint="mft apply --base_model_name_or_path <the FFT model> --mask_model_name_or_path $run"
+                hint+=" --output_dir $MODEL_PATH"
+                if [[ "${DRY_RUN:-0}" != 1 ]]; then
+                    echo "error: MFT run $run has no mask_applied/ (the FFT weights with the mask baked in);" \
+                        "create it first: $hint" >&2
+                    return 1
+                fi
+                echo "warning: $MODEL_PATH does not exist yet; create it first: $hint" >&2
+            fi
         else
-            MODEL_PATH="$root/$name"
+            MODEL_PATH="$run"
         fi
     else
         MODEL_PATH="$name"
     fi
     MODEL_PATH="${MODEL_PATH%/}"
     if [[ -z "${EVAL_OUTPUT:-}" ]]; then
-        # a local path as `mft eval` tells them apart: it exists, starts with / . ~, has other than one "/",
-        # or its parent folder exists; otherwise owner/name is a hub id
+        # a local path as `mft eval` tells them apart: it exists, starts with / . ~, has more than one "/",
+        # or (with one "/") its parent folder exists; otherwise a bare name or owner/name is a hub id / short name
         local slashes="${MODEL_PATH//[^\/]/}"
-        if [[ -d "$MODEL_PATH" || "$MODEL_PATH" == [/.~]* || ${#slashes} != 1 || -d "$(dirname "$MODEL_PATH")" ]]; then
+        if [[ -d "$MODEL_PATH" || "$MODEL_PATH" == [/.~]* || ${#slashes} -gt 1 ]] \
+            || [[ ${#slashes} == 1 && -d "$(dirname "$MODEL_PATH")" ]]; then
             EVAL_OUTPUT="$MODEL_PATH/eval_output"
         else
             EVAL_OUTPUT="$root/$MODEL_PATH/eval_output"
@@ -97,7 +119,7 @@ mft_eval_main() { # mft_eval_main DOMAIN MODEL [extra flags...]
     fi
     local model="$1"
     shift
-    mft_eval_paths "$model"
+    mft_eval_paths "$model" || return 1
     local -a specs
     mapfile -t specs < <(mft_eval_tasks "$domain")
     echo "[eval] $domain: $MODEL_PATH -> $EVAL_OUTPUT (${EVAL_HARNESS:-mft})" >&2

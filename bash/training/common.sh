@@ -16,6 +16,9 @@ Usage: bash/training/run_fft_<model>_<domain>.sh [--key=value ...]
        bash/training/run_baselines.sh [apply_masks.py flags ...]   (random and L1 masks on FFT_DIR)
   model: llama2-7b | llama3.1-8b    domain: math | coding | if
   Extra --key=value arguments are passed to scripts/finetune.py as config overrides.
+  Paths (OUTPUT_ROOT, OUTPUT_DIR, BASE_MODEL, FFT_DIR, DS_CONFIG) are read from the folder you run the
+  launcher in: the launchers never change folder, and the commands they print (DRY_RUN=1) name the repo's
+  scripts and configs by absolute path, so they run as printed from that same folder.
 
 Environment (nothing secret is ever written in these files; tokens come from the environment only):
   NUM_GPUS           GPUs per machine (default: counted with nvidia-smi)
@@ -26,7 +29,7 @@ Environment (nothing secret is ever written in these files; tokens come from the
   GLOBAL_BATCH_SIZE  sequences per optimizer step (default 128, the published value); the gradient
                      accumulation is GLOBAL_BATCH_SIZE / (NUM_GPUS * NUM_MACHINES * PER_DEVICE_BATCH_SIZE)
   PER_DEVICE_BATCH_SIZE  sequences per GPU per micro-batch (default 1)
-  DS_CONFIG          DeepSpeed config (FFT default configs/ds_configs/stage3_no_offloading_accelerate.conf);
+  DS_CONFIG          DeepSpeed config (FFT default <repo>/configs/ds_configs/stage3_no_offloading_accelerate.conf);
                      "none" runs without DeepSpeed: the MFT default, DDP with frozen weights replicated
                      and the scores' optimizer state sharded (a 70B model needs a ZeRO-3 file instead)
   OUTPUT_ROOT        where run folders go (default output)
@@ -87,7 +90,7 @@ mft_setup() {
     ((GLOBAL_BATCH_SIZE % per_step == 0)) || mft_die "GLOBAL_BATCH_SIZE=$GLOBAL_BATCH_SIZE is not a multiple of" \
         "$NUM_PROCESSES processes x $PER_DEVICE_BATCH_SIZE per device; change NUM_GPUS or PER_DEVICE_BATCH_SIZE"
     GRAD_ACC=$((GLOBAL_BATCH_SIZE / per_step))
-    DS_CONFIG="${DS_CONFIG:-configs/ds_configs/stage3_no_offloading_accelerate.conf}"
+    DS_CONFIG="${DS_CONFIG:-$MFT_ROOT/configs/ds_configs/stage3_no_offloading_accelerate.conf}"
     OUTPUT_ROOT="${OUTPUT_ROOT:-output}"
     if [[ "${REPORT_TO:-}" == *wandb* && -z "${WANDB_API_KEY:-}" && "${WANDB_MODE:-}" != offline ]]; then
         echo "warning: REPORT_TO=$REPORT_TO but WANDB_API_KEY is not set; export it or WANDB_MODE=offline" >&2
@@ -114,7 +117,7 @@ mft_launch() {
         # accelerate's default multi-node DeepSpeed launcher is pdsh; each machine runs this script instead.
         ((NUM_MACHINES > 1)) && cmd+=(--deepspeed_multinode_launcher standard)
     fi
-    cmd+=(scripts/finetune.py "$config" --output_dir="$out"
+    cmd+=("$MFT_ROOT/scripts/finetune.py" "$config" --output_dir="$out"
         --per_device_train_batch_size="$PER_DEVICE_BATCH_SIZE" --gradient_accumulation_steps="$GRAD_ACC")
     if [[ -n "${REPORT_TO:-}" ]]; then cmd+=(--report_to="$REPORT_TO"); fi
     mft_run "${cmd[@]}" "$@"
@@ -159,7 +162,6 @@ mft_default_layers() {
 mft_begin() {
     if [[ "${3:-}" == -h || "${3:-}" == --help ]]; then mft_usage; exit 0; fi
     mft_check_domain "$2"
-    cd "$MFT_ROOT"
     mft_setup
     MFT_CONFIG_PREFIX="$(mft_config_prefix "$1")"
 }
@@ -169,7 +171,7 @@ mft_fft() {
     local model="$1" domain="$2"
     shift 2
     mft_begin "$model" "$domain" "${1:-}"
-    local config="configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_fft.yaml"
+    local config="$MFT_ROOT/configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_fft.yaml"
     local out="${OUTPUT_DIR:-$OUTPUT_ROOT/fft_${model}_${domain}}"
     local extra=()
     if [[ -n "${BASE_MODEL:-}" ]]; then extra+=(--model_name_or_path="$BASE_MODEL"); fi
@@ -184,7 +186,7 @@ mft_masktune() {
     # sharded; fits 7B/8B on 80 GB GPUs. DS_CONFIG=<file> picks DeepSpeed (70B: ZeRO-3).
     DS_CONFIG="${DS_CONFIG:-none}"
     mft_begin "$model" "$domain" "${1:-}"
-    local config="configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_local_masktune.yaml"
+    local config="$MFT_ROOT/configs/train_configs/${MFT_CONFIG_PREFIX}_${domain}_local_masktune.yaml"
     local layers keep="${KEEP_RATIO:-0.9}"
     layers="$(mft_layers "${LAYERS:-$(mft_default_layers "$domain")}")"
     local first="${layers%% *}" last="${layers##* }"
@@ -196,7 +198,7 @@ mft_masktune() {
     mft_launch "$config" "$out" --model_name_or_path="$fft_dir" --masked_layers="$layers" \
         --sparsity_attn="$keep" --sparsity_mlp="$keep" "$@"
     if ((MACHINE_RANK == 0)); then
-        mft_run "${PYTHON:-python}" scripts/apply_masks.py --base_model_name_or_path "$fft_dir" \
+        mft_run "${PYTHON:-python}" "$MFT_ROOT/scripts/apply_masks.py" --base_model_name_or_path "$fft_dir" \
             --mask_model_name_or_path "$out" --output_dir "$out/mask_applied"
     else
         echo "machine rank $MACHINE_RANK: training done; machine rank 0 writes $out/mask_applied" >&2
@@ -211,7 +213,6 @@ mft_baselines() {
     if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then mft_usage; exit 0; fi
     mft_check_domain "$domain"
     mft_config_prefix "$model" >/dev/null
-    cd "$MFT_ROOT"
     OUTPUT_ROOT="${OUTPUT_ROOT:-output}"
     local layers keep="${KEEP_RATIO:-0.9}" kind flag
     layers="$(mft_layers "${LAYERS:-$(mft_default_layers "$domain")}")"
@@ -223,7 +224,7 @@ mft_baselines() {
     for kind in random l1; do
         flag=--random_masks
         [[ "$kind" == l1 ]] && flag=--use_l1_mask
-        mft_run "${PYTHON:-python}" scripts/apply_masks.py --base_model_name_or_path "$fft_dir" "$flag" \
+        mft_run "${PYTHON:-python}" "$MFT_ROOT/scripts/apply_masks.py" --base_model_name_or_path "$fft_dir" "$flag" \
             --seed "${SEED:-42}" --masked_layers "$layers" --subnet_mode both --sparsity_attn "$keep" \
             --sparsity_mlp "$keep" --save_masks \
             --output_dir "$OUTPUT_ROOT/${kind}_${model}_${first}-${last}-layers_${keep}_${domain}" "$@"

@@ -13,9 +13,10 @@ every tensor; they are written as a plain safetensors folder with the tokenizer,
 generation config. The dequantized values are those of the Q4_1 file (d * q + m per block of 32), rounded
 to the chosen dtype: this is the quantized model made dense, not the original bf16 release.
 
-Cache: `$MFT_CACHE_DIR/models/NAME-DTYPE/`, `$MFT_CACHE_DIR` defaulting to `$XDG_CACHE_HOME/mft` or
-`~/.cache/mft`. A folder is built under a temporary name and renamed into place when complete, so a folder
-with the final name is always whole; `mft-model.json` in it records the source file, its sha256 and the dtype.
+Cache: `cache_dir()/models/NAME-DTYPE/` (`$MFT_CACHE_DIR`, see `cache_dir`). A folder is built under a temporary
+name and renamed into place when complete, so a folder with the final name is always whole; `mft-model.json`
+in it records the source file, its sha256, the dtype and every file's size, and a folder whose files differ
+from that list is refused. A killed run's temporary folder is removed by the next `get`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mft import paths
 from mft.errors import MftError
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,23 @@ MODELS = {m.name: m for m in [
 
 
 def cache_dir() -> Path:
-    """Root of mft's cache: `$MFT_CACHE_DIR`, else `$XDG_CACHE_HOME/mft`, else `~/.cache/mft`."""
-    if os.environ.get("MFT_CACHE_DIR"):
-        return Path(os.environ["MFT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mft"
+    """Root of mft's cache: `$MFT_CACHE_DIR` (`$MFT_CACHE`, its older name, as an alias), else
+    `$XDG_CACHE_HOME/mft` (when set and not empty), else `~/.cache/mft`. Models, tokenized data and NLTK data
+    all live under it.
+
+    Raises MftError when the chosen path exists and is not a folder.
+    """
+    for variable in ("MFT_CACHE_DIR", "MFT_CACHE"):
+        if os.environ.get(variable):
+            root = Path(os.environ[variable]).expanduser()
+            break
+    else:
+        variable = "XDG_CACHE_HOME"
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mft"
+    if root.exists() and not root.is_dir():
+        raise MftError(f"the mft cache folder {root} (from ${variable} or its default) is a file, not a folder; "
+                       "set MFT_CACHE_DIR to a folder")
+    return root
 
 
 def model_dir(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
@@ -109,7 +124,35 @@ def _sha256(path: Path) -> str:
 
 
 def is_cached(name: str, dtype: str = DEFAULT_DTYPE) -> bool:
-    return (model_dir(name, dtype) / MANIFEST).is_file()
+    """True when the cache holds a complete folder of `name` in `dtype` (its manifest's files all present)."""
+    return (model_dir(name, dtype) / MANIFEST).is_file() and not damage(model_dir(name, dtype))
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """{relative path: size in bytes} of every file in `folder` but the manifest."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def damage(folder: Path) -> str:
+    """"" when every file `folder`'s manifest records is there with its recorded size, else what is wrong."""
+    recorded = json.loads((folder / MANIFEST).read_text()).get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return f"its {MANIFEST} records no file list"
+    problems = []
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {size} recorded")
+    return "; ".join(problems)
+
+
+def model_leftovers(name: str, dtype: str) -> list[Path]:
+    """Temporary folders of interrupted `mft models get` runs for `name` in `dtype` (their process is gone)."""
+    dest = model_dir(name, dtype)
+    return paths.leftovers(dest)
 
 
 def get_model(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
@@ -123,6 +166,10 @@ def get_model(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
         raise MftError(f"--dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     dest = model_dir(name, dtype)
     if (dest / MANIFEST).is_file():
+        problem = damage(dest)
+        if problem:
+            raise MftError(f"the cached folder {dest} was changed after `mft models get` wrote it ({problem}): "
+                           f"delete {dest} and run `mft models get {name} --dtype {dtype}` again")
         return dest
     if dest.exists():
         raise MftError(f"{dest} exists but has no {MANIFEST}: it was not written by `mft models get`; "
@@ -131,16 +178,16 @@ def get_model(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
     if source is None:
         raise MftError(f"{name} needs the optional packages that ship and read its weights: {INSTALL_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    if partial.exists():  # left by an earlier crashed run of this same process id; ours by its name
-        shutil.rmtree(partial)
+    paths.remove_leftovers(dest)  # folders of killed earlier runs (their process is gone), each named on stderr
+    partial = paths.temp_sibling(dest, "tmp", "partial")
     logger.info("converting %s (%s) to a %s Hugging Face folder at %s", source.name, model.package, dtype, dest)
     try:
         _convert(source, partial, dtype)
         manifest = {"name": name, "dtype": dtype, "source_package": model.package,
                     "source_version": _version(model.package), "source_file": model.gguf,
                     "source_sha256": _sha256(source), "licence": model.licence,
-                    "note": "dequantized from the Q4_1 GGUF file; not the original bf16 release"}
+                    "note": "dequantized from the Q4_1 GGUF file; not the original bf16 release",
+                    "files": _file_sizes(partial)}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             partial.rename(dest)
@@ -195,9 +242,17 @@ def resolve_model(name_or_path: str | None) -> str | None:
     An existing local path, or anything that is not a known short name (a hub id), is returned unchanged; a
     known short name (`mft models list`) becomes its cached bf16 folder, converted on first use. None stays None.
     """
-    if name_or_path is None or name_or_path not in MODELS or Path(name_or_path).exists():
+    if name_or_path is None or name_or_path not in MODELS:
         return name_or_path
-    return str(get_model(name_or_path, DEFAULT_DTYPE))
+    if Path(name_or_path).exists():  # a local path wins: say so, and refuse one that is no model folder
+        local = Path(name_or_path).resolve()
+        if not any((local / f).is_file() for f in ("config.json", "mft_run.json")):  # a model or an MFT run
+            raise MftError(f"{local} is a local path named like the short name {name_or_path!r} and shadows it, "
+                           "but it is no model folder (no config.json) nor MFT run (no mft_run.json); rename or "
+                           "move it, or run from another folder to use the short name")
+        print(f"note: {name_or_path} is the local folder {local}, not the short name (a local path wins)",
+              file=sys.stderr)
+    return name_or_path if Path(name_or_path).exists() else str(get_model(name_or_path, DEFAULT_DTYPE))
 
 
 def register(sub) -> None:
@@ -218,11 +273,18 @@ def _list(args) -> int:
     for name, model in sorted(MODELS.items()):
         ok, _ = real_models_available(name)
         cached = [d for d in DTYPES if is_cached(name, d)]
+        damaged = [d for d in DTYPES if (model_dir(name, d) / MANIFEST).is_file() and d not in cached]
         print(f"{name}  [{'installed' if ok else 'not installed: ' + INSTALL_HINT}]  cached: "
               f"{', '.join(cached) if cached else 'none'}")
         print(f"    {model.description}; {model.licence}; from PyPI package {model.package}")
         for d in cached:
             print(f"    {d}: {model_dir(name, d)}")
+        for d in damaged:
+            print(f"    {d}: {model_dir(name, d)} was changed after it was written ({damage(model_dir(name, d))}); "
+                  f"delete it and run `mft models get {name} --dtype {d}` again")
+        for d in DTYPES:
+            for item in model_leftovers(name, d):
+                print(f"    {d}: {item} is left by an interrupted `mft models get`; the next get removes it")
     return 0
 
 

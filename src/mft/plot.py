@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +52,22 @@ class RunLog:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a train_log.jsonl; a line that is not JSON is an error naming the file and line."""
+    """The records of a train_log.jsonl; a line that is not JSON is an error naming the file and line, except a
+    last line with no newline (the run was killed mid-write, or is still writing): it is skipped, with a note
+    on stderr, and the complete records are returned."""
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"note: {path}, line {number}: skipped a partial last line (the run was stopped while "
+                      "writing it, or is still writing)", file=sys.stderr)
+                break
             raise MftError(f"{path}, line {number}: not JSON ({exc})") from exc
         if not isinstance(record, dict) or "step" not in record:
             raise MftError(f"{path}, line {number}: a log record needs a 'step'")
@@ -91,9 +100,26 @@ def load_runs(folders: list[str], labels: list[str] | None = None) -> list[RunLo
         records = read_log(log)
         if not records:
             raise MftError(f"{log} is empty: the run logged no step yet (logging_steps)")
-        label = labels[i] if labels else root.resolve().name
-        runs.append(RunLog(label, records, PALETTE[i % len(PALETTE)], heldout=read_heldout(root)))
+        runs.append(RunLog("", records, PALETTE[i % len(PALETTE)], heldout=read_heldout(root)))
+    for run, label in zip(runs, labels or default_labels(folders)):
+        run.label = label
     return runs
+
+
+def default_labels(folders: list[str]) -> list[str]:
+    """Each folder's shortest path suffix that no other folder shares (x1/mft, x2/mft -> "x1/mft", "x2/mft";
+    a/mft_0-3, b/mft_4-7 -> "mft_0-3", "mft_4-7"), from the resolved paths; a folder given twice gets " #2"."""
+    paths = [Path(folder).expanduser().resolve().parts for folder in folders]
+    labels = []
+    for i, parts in enumerate(paths):
+        others = [other for j, other in enumerate(paths) if j != i and other != parts]
+        k = 1
+        while k < len(parts) and any(other[-k:] == parts[-k:] for other in others):
+            k += 1
+        label = "/".join(parts[-k:]).replace("//", "/")
+        repeat = sum(other == parts for other in paths[:i])
+        labels.append(f"{label} #{repeat + 1}" if repeat else label)
+    return labels
 
 
 # -- panels (shared with the demo's figure) ------------------------------------------------------------
@@ -196,11 +222,15 @@ def csv_rows(runs: list[RunLog]) -> list[dict]:
 
 def plot_runs(folders: list[str], output: str = "runs.png", labels: list[str] | None = None) -> tuple[Path, Path]:
     """Write the figure to `output` (PNG) and its numbers beside it (same name, `.csv`); returns both paths."""
+    png = Path(output).expanduser()
+    if not png.suffix:
+        png = png.with_name(png.name + ".png")
+    elif png.suffix.lower() != ".png":
+        raise MftError(f"--output must name a .png file (the CSV is written beside it), got {output}")
     runs = load_runs(folders, labels)
     import matplotlib.pyplot as plt
 
     fig = figure(runs)
-    png = Path(output).expanduser()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -240,8 +270,11 @@ def register(sub) -> None:
                        "layer-window sweep), with the held-out scores of evaluations found under the run folders. "
                        "Writes a PNG and, beside it, a CSV of every plotted number.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holds train_log.jsonl)")
-    p.add_argument("--labels", nargs="+", default=None, help="names for the runs (default: folder names)")
-    p.add_argument("--output", default="runs.png", help="the PNG to write; the CSV goes beside it (default: runs.png)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="names for the runs (default: each folder's shortest path suffix no other run shares)")
+    p.add_argument("--output", default="runs.png",
+                   help="the PNG to write (.png added when the name has no suffix); the CSV goes beside it "
+                   "(default: runs.png)")
     p.set_defaults(func=run_plot_command)
 
 

@@ -36,3 +36,18 @@ def test_every_gold_answer_of_the_test_set_scores_correct(shared_data):
     scored = task.score(docs, [doc["answer"] for doc in docs])
     assert sum(s["metrics"]["exact_match"] for s in scored) == 1319
     assert task.aggregate([s["metrics"] for s in scored]) == {"exact_match": 1.0, "primary_score": 1.0}
+
+
+def test_recorded_task_config_names_the_data_file_by_the_spec_key(tmp_path):
+    """task_config records the data file as `dataset_path`, the key a --task spec takes (it was `dataset`)."""
+    import json
+
+    from mft.eval.specs import parse_spec
+
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    spec = {"task_name": "gsm8k", "num_shots": 0, "dataset_path": str(data)}
+    config = build_tasks([json.dumps(spec)])[0].config()
+    assert "dataset" not in config and config["dataset_path"] == str(data)
+    again = {key: config[key] for key in ("task_name", "num_shots", "dataset_path")}
+    assert parse_spec(json.dumps(again)) == spec  # given back as a spec, it is accepted

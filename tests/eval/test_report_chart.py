@@ -57,3 +57,19 @@ def test_chart_labels_intervals_na_legend_and_title(tmp_path, capsys):
     assert [t.get_text() for t in legend.get_texts()] == ["FFT", "MFT", "n/a: no result"]
     fig.canvas.draw()
     assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # outside the axes, covering no bar
+
+
+def test_no_na_legend_without_na_and_zero_instances_are_na(tmp_path):
+    fig = chart_figure(["gsm8k"], ["FFT"], [{"gsm8k": 0.5}], [{"gsm8k": 64}])  # one model, nothing missing
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["FFT"]
+    run = tmp_path / "run"
+    write_results(run, [{"task": "gsm8k", "primary_score": 0.5, "num_instances": 64},
+                        {"task": "ifeval", "primary_score": 0.0, "num_instances": 0}])
+    counts = collect_counts(str(run))
+    assert counts == {"gsm8k": 64, "ifeval": 0}
+    fig = chart_figure(["gsm8k", "ifeval"], ["FFT"], [{"gsm8k": 0.5, "ifeval": 0.0}], [counts])
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["50.0", "n/a"]  # the 0-instance task: an n/a bar, no "0.0"
+    hatched = [p for p in ax.patches if p.get_hatch() and p.get_height() > 0]
+    assert len(hatched) == 1 and hatched[0].get_x() + hatched[0].get_width() / 2 == pytest.approx(1.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FFT", "n/a: no result"]

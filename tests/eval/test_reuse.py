@@ -236,3 +236,40 @@ def test_math500_is_recognised_by_its_content(tmp_path):
     task = MinervaMath(name="minerva_math_algebra", data_dir=str(tmp_path))
     assert len(task.load_docs()) == 125 and "note" not in task.config()["data_source"]
     assert is_math500(rows[:3]) and not is_math500([]) and not is_math500([{"question": "1+1?"}])
+
+
+def test_dtype_recorded_is_the_dtype_computed_in_on_a_cpu_without_bf16(tiny_model_dir, tmp_path, monkeypatch):
+    """`--dtype bfloat16` on a CPU without native bf16 (patched: the test CPU is one kind) computes in float32:
+    metrics.json and the provenance file say float32, stderr says why, and a `--dtype float32` run reuses the
+    predictions (they were made in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mft import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    model = tmp_path / "bf16"
+    shutil.copytree(tiny_model_dir, model)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(model)
+    out = tmp_path / "out"
+    code, err = run_with(model, out, "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "hf: dtype float32 instead of --dtype bfloat16: this CPU has no native bf16 matrix instructions" in err
+    assert json.loads((out / "metrics.json").read_text())["model_config"]["dtype"] == "float32"
+    provenance = json.loads(next(out.glob("task-000-gsm8k-provenance.json")).read_text())
+    assert provenance["model_config"]["dtype"] == "float32"
+    predictions = next(out.glob("task-000-gsm8k-predictions.jsonl")).read_bytes()
+    code, err = run_with(model, out, "--dtype", "float32")
+    assert code == 0, err
+    assert f"reusing 2 predictions from {out}" in err or "reusing its metrics" in err, err
+    assert next(out.glob("task-000-gsm8k-predictions.jsonl")).read_bytes() == predictions
+
+
+def run_with(model, out, *extra: str) -> tuple[int, str]:
+    args = ["eval", "--model", str(model), "--output-dir", str(out), "--model-type", "hf", "--limit", "2",
+            "--data-dir", "packaged", "--workers", "1", "--task",
+            json.dumps({"task_name": "gsm8k", "generation_kwargs": SHORT}), *extra]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, err.getvalue()

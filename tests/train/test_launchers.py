@@ -24,13 +24,13 @@ CLUSTER_VARS = ("NUM_GPUS", "NUM_MACHINES", "MACHINE_RANK", "MAIN_PROCESS_IP", "
                 "GLOBAL_BATCH_SIZE", "PER_DEVICE_BATCH_SIZE", "MODEL", "DOMAIN", "SEED")
 
 
-def launch(script: str, *args: str, dry: bool = True, **env) -> subprocess.CompletedProcess:
+def launch(script: str, *args: str, dry: bool = True, cwd="/", **env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
     full.update(SECRETS)
     if dry:
         full["DRY_RUN"] = "1"
     full.update(env)
-    return subprocess.run(["bash", str(TRAINING / script), *args], cwd="/", env=full, capture_output=True,
+    return subprocess.run(["bash", str(TRAINING / script), *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -52,7 +52,7 @@ def option(cmd: list[str], name: str) -> str:
 
 
 def finetune_args(cmd: list[str]) -> tuple[str, list[str]]:
-    i = cmd.index("scripts/finetune.py")
+    i = cmd.index(f"{ROOT}/scripts/finetune.py")  # absolute: the printed command runs from any folder
     return cmd[i + 1], cmd[i + 2:]
 
 
@@ -79,10 +79,10 @@ def test_fft_launcher_on_one_node(model, domain):
     assert (option(cmd, "--num_machines"), option(cmd, "--num_processes"), option(cmd, "--machine_rank")) == \
         ("1", "8", "0")
     assert "--use_deepspeed" in cmd
-    assert option(cmd, "--deepspeed_config_file") == "configs/ds_configs/stage3_no_offloading_accelerate.conf"
+    assert option(cmd, "--deepspeed_config_file") == f"{ROOT}/configs/ds_configs/stage3_no_offloading_accelerate.conf"
     assert "--main_process_ip" not in cmd and "--deepspeed_multinode_launcher" not in cmd
     config, overrides = finetune_args(cmd)
-    assert config == f"configs/train_configs/{MODELS[model]}_{domain}_fft.yaml"
+    assert config == f"{ROOT}/configs/train_configs/{MODELS[model]}_{domain}_fft.yaml"
     assert option(cmd, "--output_dir") == f"output/fft_{model}_{domain}"
     assert (option(cmd, "--per_device_train_batch_size"), option(cmd, "--gradient_accumulation_steps")) == ("1", "16")
     # the printed overrides are valid settings of that config, and the global batch is the published 128
@@ -99,20 +99,20 @@ def test_masktune_launcher_trains_then_applies(model, domain):
     run = f"output/masktune_{model}_local_{layers[0]}-{layers[-1]}-layers_0.9_{domain}"
     fft = f"output/fft_{model}_{domain}"
     config, overrides = finetune_args(train)
-    assert config == f"configs/train_configs/{MODELS[model]}_{domain}_local_masktune.yaml"
+    assert config == f"{ROOT}/configs/train_configs/{MODELS[model]}_{domain}_local_masktune.yaml"
     assert option(train, "--output_dir") == run and option(train, "--model_name_or_path") == fft
     assert option(train, "--masked_layers") == " ".join(map(str, layers))
     assert overrides[-1] == "--seed=7"  # extra arguments reach finetune.py last, so they win
     cfg = load_config(str(ROOT / config), overrides)
     assert (cfg.resolved_method, cfg.masked_layers, cfg.keep_ratio_attn, cfg.seed) == ("mft", layers, 0.9, 7)
-    assert apply == ["python", "scripts/apply_masks.py", "--base_model_name_or_path", fft,
+    assert apply == ["python", f"{ROOT}/scripts/apply_masks.py", "--base_model_name_or_path", fft,
                      "--mask_model_name_or_path", run, "--output_dir", f"{run}/mask_applied"]
     # MFT's layout by default: DDP, no DeepSpeed (issue 12)
     assert "--multi_gpu" in train and "--use_deepspeed" not in train
 
 
 def test_masktune_layout_is_overridable():
-    stage3 = "configs/ds_configs/stage3_no_offloading_accelerate.conf"
+    stage3 = f"{ROOT}/configs/ds_configs/stage3_no_offloading_accelerate.conf"
     [train, _] = commands(launch("run_local_masktune_llama2-7b_math.sh", NUM_GPUS="8", DS_CONFIG=stage3))
     assert option(train, "--deepspeed_config_file") == stage3 and "--multi_gpu" not in train
     [train, _] = commands(launch("run_local_masktune_llama2-7b_math.sh", NUM_GPUS="1"))
@@ -129,7 +129,7 @@ def test_accumulation_keeps_128_sequences(gpus, accumulation):
 
 def test_multi_node_and_other_machine_ranks():
     env = dict(NUM_GPUS="4", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.1.2.3", MAIN_PROCESS_PORT="29555",
-               DS_CONFIG="configs/ds_configs/stage3_no_offloading_accelerate.conf")
+               DS_CONFIG=f"{ROOT}/configs/ds_configs/stage3_no_offloading_accelerate.conf")
     result = launch("run_local_masktune_llama3.1-8b_coding.sh", **env)
     [cmd] = commands(result)  # rank 1 trains, but does not apply
     assert (option(cmd, "--num_machines"), option(cmd, "--num_processes"), option(cmd, "--machine_rank")) == \
@@ -139,7 +139,7 @@ def test_multi_node_and_other_machine_ranks():
     assert option(cmd, "--gradient_accumulation_steps") == "16"
     assert "machine rank 0 writes" in result.stderr
     train, apply = commands(launch("run_local_masktune_llama3.1-8b_coding.sh", **{**env, "MACHINE_RANK": "0"}))
-    assert apply[1] == "scripts/apply_masks.py"
+    assert apply[1] == f"{ROOT}/scripts/apply_masks.py"
 
 
 def test_environment_settings():
@@ -151,10 +151,10 @@ def test_environment_settings():
     assert (option(train, "--sparsity_attn"), option(train, "--sparsity_mlp")) == ("0.8", "0.8")
     assert option(train, "--output_dir") == "/runs/masktune_llama2-7b_local_8-11-layers_0.8_math"
     assert option(train, "--report_to") == "wandb" and option(train, "--model_name_or_path") == "/ckpt/fft"
-    assert apply[:2] == ["python3.11", "scripts/apply_masks.py"] and option(apply, "--base_model_name_or_path") == \
-        "/ckpt/fft"
+    assert apply[:2] == ["python3.11", f"{ROOT}/scripts/apply_masks.py"]
+    assert option(apply, "--base_model_name_or_path") == "/ckpt/fft"
     [fft] = commands(launch("run_fft_llama3.1-8b_math.sh", NUM_GPUS="2", BASE_MODEL="/models/Llama-3.1-8B",
-                            OUTPUT_DIR="/runs/x", DS_CONFIG="configs/ds_configs/stage2_accelerate.conf"))
+                            OUTPUT_DIR="/runs/x", DS_CONFIG="configs/ds_configs/stage2_accelerate.conf", cwd=ROOT))
     assert option(fft, "--model_name_or_path") == "/models/Llama-3.1-8B" and option(fft, "--output_dir") == "/runs/x"
     assert option(fft, "--deepspeed_config_file") == "configs/ds_configs/stage2_accelerate.conf"
 
@@ -196,7 +196,7 @@ def test_dry_run_needs_no_cluster_variable(script):
     result = launch(script)
     cmds = commands(result)
     if script == "run_baselines.sh":
-        assert [c[1] for c in cmds] == ["scripts/apply_masks.py"] * 2
+        assert [c[1] for c in cmds] == [f"{ROOT}/scripts/apply_masks.py"] * 2
         assert "--random_masks" in cmds[0] and "--use_l1_mask" in cmds[1]
         return
     launches = [c for c in cmds if "launch" in c]
@@ -214,6 +214,27 @@ def test_masktune_without_fft_model_stops_before_launching(tmp_path):
     assert result.returncode == 1
     assert f"FFT model not found: {tmp_path / 'none'} (run bash/training/run_fft_llama2-7b_math.sh first" in \
         result.stderr
+
+
+def test_paths_are_read_from_the_callers_folder(tmp_path):
+    """A relative FFT_DIR / OUTPUT_ROOT / BASE_MODEL / DS_CONFIG names a folder under the caller's folder (the
+    launchers never cd), and the printed commands, run from that folder, find the repo's scripts and configs."""
+    (tmp_path / "output" / "fft_7b").mkdir(parents=True)
+    (tmp_path / "ds.json").write_text("{}")
+    real = launch("run_local_masktune_llama2-7b_math.sh", dry=False, cwd=tmp_path, NUM_GPUS="1", ACCELERATE="echo",
+                  PYTHON="echo", FFT_DIR="output/fft_7b", OUTPUT_ROOT="runs")
+    assert real.returncode == 0, real.stderr  # found output/fft_7b in tmp_path, not in the repo
+    train, apply = commands(real)
+    run = "runs/masktune_llama2-7b_local_4-7-layers_0.9_math"
+    assert option(train, "--model_name_or_path") == "output/fft_7b" and option(train, "--output_dir") == run
+    assert apply[0] == f"{ROOT}/scripts/apply_masks.py" and option(apply, "--output_dir") == f"{run}/mask_applied"
+    [fft] = commands(launch("run_fft_llama2-7b_math.sh", cwd=tmp_path, NUM_GPUS="8", BASE_MODEL="models/base",
+                            DS_CONFIG="ds.json", OUTPUT_DIR="out/fft"))
+    assert option(fft, "--deepspeed_config_file") == "ds.json"  # found in tmp_path (a missing one is refused)
+    assert (option(fft, "--model_name_or_path"), option(fft, "--output_dir")) == ("models/base", "out/fft")
+    for path in (fft[fft.index(f"{ROOT}/scripts/finetune.py") + 1], f"{ROOT}/scripts/finetune.py"):
+        assert Path(path).is_file()
+    assert "never change folder" in launch("run_fft_llama2-7b_math.sh", "--help").stdout
 
 
 def test_sweep_runs_each_window():
@@ -275,7 +296,7 @@ def test_setup_train_env_help():
 def test_baselines_launcher_masks_the_fft_checkpoint():
     random_cmd, l1_cmd = commands(launch("run_baselines.sh", "--quiet", DOMAIN="coding", KEEP_RATIO="0.8"))
     for cmd, flag, kind in ((random_cmd, "--random_masks", "random"), (l1_cmd, "--use_l1_mask", "l1")):
-        assert cmd[:2] == ["python", "scripts/apply_masks.py"] and flag in cmd and cmd[-1] == "--quiet"
+        assert cmd[:2] == ["python", f"{ROOT}/scripts/apply_masks.py"] and flag in cmd and cmd[-1] == "--quiet"
         assert option(cmd, "--base_model_name_or_path") == "output/fft_llama2-7b_coding"  # the FFT checkpoint
         assert option(cmd, "--masked_layers") == "20 21 22 23" and option(cmd, "--subnet_mode") == "both"
         assert option(cmd, "--sparsity_attn") == option(cmd, "--sparsity_mlp") == "0.8"

@@ -337,3 +337,24 @@ def test_lora_snapshots_merge_a_copy_and_training_goes_on(workspace):
     before = base_weights(workspace)[key]
     assert not torch.equal(half[key], before) and not torch.equal(half[key], end[key])
     assert len(losses(out)) == 6
+
+
+def test_bf16_mixed_precision_on_a_cpu_without_bf16_says_so_and_records_float32(workspace, monkeypatch, caplog):
+    """ACCELERATE_MIXED_PRECISION=bf16 on a CPU without native bf16 (patched: the test CPU has one kind) computes
+    in float32: the mft.precision line is emitted at INFO by train() itself (no caplog level set here), and
+    run_complete.json and mft_run.json record compute_dtype float32."""
+    import logging
+
+    from mft import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(logging.getLogger("mft.precision"), "level", logging.NOTSET)
+    result = run(workspace, "mft-bf16-cpu", subnet_mode="both", masked_layers="1", num_train_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mft.precision"]
+    assert lines == [f"{workspace['base']}: computing in float32 instead of bfloat16: this CPU has no native bf16 "
+                     "matrix instructions (none of the cpuinfo flags amx_bf16/avx512_bf16)"]
+    out = result.output_dir
+    assert json.loads((out / FINISHED_MARKER).read_text())["compute_dtype"] == "float32"
+    assert json.loads((out / "mft_run.json").read_text())["compute_dtype"] == "float32"
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}

@@ -170,17 +170,28 @@ def hf_device_dtype(dtype: str | None = None, model: str | None = None, config=N
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device, cpu_dtype(dtype, model)
     if dtype not in (None, "auto"):
         return device, dtype
     if model is None:
-        return device, "float32" if device == "cpu" else "bfloat16"
-    if device == "cpu":  # the checkpoint's own dtype, float32 where the CPU has no native bf16 (mft.precision)
-        from mft.precision import checkpoint_dtype as config_dtype, compute_dtype
-
-        return device, str(compute_dtype(config_dtype(model) or torch.float32, "cpu", model)).removeprefix("torch.")
+        return device, "bfloat16"
     config = config if config is not None else load_config(model)
     checkpoint = checkpoint_dtype(model, config)[0]
     return device, auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), gpu_capability())
+
+
+def cpu_dtype(dtype: str | None, model: str | None) -> str:
+    """The dtype name the hf backend computes in on a CPU: `mft.precision.compute_dtype` of `dtype` (when given,
+    not None/"auto"), else of the checkpoint `model`'s dtype (float32 when it records none): bf16/fp16 become
+    float32 on a CPU without native bf16 matrix instructions. This is the dtype recorded with the predictions."""
+    import torch
+
+    from mft.precision import checkpoint_dtype as config_dtype, compute_dtype
+
+    wanted = getattr(torch, dtype) if dtype not in (None, "auto") else \
+        (config_dtype(model) if model is not None else None) or torch.float32
+    return str(compute_dtype(wanted, "cpu", model or "model")).removeprefix("torch.")
 
 
 def load_backend(model_type: str, model: str, batch_size: int, max_model_len: int | None = None,
@@ -401,11 +412,14 @@ def hf_settings(model: str, max_model_len: int | None = None, dtype=None, device
     found, name = hf_device_dtype(dtype, model, config)
     if device is None:
         device = found
-    elif dtype in (None, "auto"):  # a device given by the caller: auto for that device
-        name = "float32" if device == "cpu" else hf_device_dtype(dtype, model, config)[1]
+    elif device == "cpu":  # a device given by the caller: the CPU rule (`cpu_dtype`)
+        name = cpu_dtype(dtype, model)
     if dtype in (None, "auto"):
         checkpoint, source = checkpoint_dtype(model, config)
         log_lines.append(f"dtype {name} (auto on {device}; checkpoint: {checkpoint} from its {source})")
+    elif name != dtype:  # asked for bf16/fp16 on a CPU without native bf16
+        log_lines.append(f"dtype {name} instead of --dtype {dtype}: this CPU has no native bf16 matrix "
+                         f"instructions (mft.precision)")
     length, note = resolve_max_model_len(max_model_len, config, model)
     log_lines += [note] if note else []
     return {"device": device, "dtype": name, "max_model_len": length, "log": log_lines}

@@ -9,7 +9,6 @@ from the package: sentence splitting itself stays NLTK's.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -17,9 +16,10 @@ PUNKT_FILES = ("abbrev_types.txt", "sent_starters.txt", "collocations.tab", "ort
 
 
 def cache_root() -> Path:
-    base = os.environ.get("MFT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mft")
-    return Path(base) / "nltk_data"
+    """`nltk_data` in mft's cache folder (`mft.hub.cache_dir`)."""
+    from mft.hub import cache_dir
+
+    return cache_dir() / "nltk_data"
 
 
 def _tab_files() -> dict[str, str]:

@@ -201,7 +201,8 @@ def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, fl
               counts: list[dict[str, int]] | None = None) -> Path:
     """Grouped bars, one group per task, one bar per model: the score in % written on each bar, a 95 %
     binomial (Wilson) interval from the task's `num_instances` where `counts` has it, a hatched "n/a" bar
-    where a model has no result for the task, the legend outside the axes and a title naming the tasks
+    where a model has no result for the task or scored it on 0 instances, the legend (its "n/a" entry only
+    when some bar is n/a) outside the axes and a title naming the tasks
     with their sample sizes."""
     import matplotlib.pyplot as plt
 
@@ -225,17 +226,19 @@ def chart_figure(tasks: list[str], labels: list[str], all_scores: list[dict[str,
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.4 * len(tasks) * max(1.0, len(labels) / 2.5) + 2.5), 4.6))
+    any_na = False
     for i, (label, scores) in enumerate(zip(labels, all_scores)):
         color = colors[i % len(colors)]
+        scored = [name for name in tasks if name in scores and counts[i].get(name) != 0]  # 0 instances: no score
         for t, task in enumerate(tasks):
             x = t + (i - (len(labels) - 1) / 2) * width
-            if task not in scores:
+            if task not in scored:
+                any_na = True
                 ax.bar(x, 6, width, facecolor="none", edgecolor="gray", hatch="///", lw=0.8)
                 ax.annotate("n/a", (x, 6), ha="center", va="bottom", fontsize=8, color="gray")
                 continue
             value, n = 100 * scores[task], counts[i].get(task)
-            ax.bar(x, value, width, color=color, label=label if t == min(
-                j for j, name in enumerate(tasks) if name in scores) else None)
+            ax.bar(x, value, width, color=color, label=label if task == scored[0] else None)
             top = value
             if n:
                 low, high = binomial_interval(scores[task], n)
@@ -244,7 +247,8 @@ def chart_figure(tasks: list[str], labels: list[str], all_scores: list[dict[str,
                 top = 100 * high
             ax.annotate(f"{value:.1f}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
                         va="bottom", fontsize=8)
-    ax.bar(0, 0, 0, facecolor="none", edgecolor="gray", hatch="///", label="n/a: no result")
+    if any_na:
+        ax.bar(0, 0, 0, facecolor="none", edgecolor="gray", hatch="///", label="n/a: no result")
     ax.set_xticks(range(len(tasks)), tasks, rotation=15, ha="right")
     ax.set_ylim(0, 105)
     ax.set_ylabel("primary score (%), 95 % interval")
@@ -265,7 +269,8 @@ def collect_counts(folder: str) -> dict[str, int]:
     for path in _files_of(Path(folder).expanduser()):
         try:
             entries = json.loads(path.read_text())["metrics"]
-            counts.update({e["task"]: int(e["num_instances"]) for e in entries if e.get("num_instances")})
+            counts.update({e["task"]: int(e["num_instances"]) for e in entries
+                           if e.get("num_instances") is not None})
         except (ValueError, KeyError, TypeError):
             continue
     return counts

@@ -114,8 +114,8 @@ class TrainConfig:
     max_seq_length: int = _help("truncate tokenized examples to this many tokens", default=4096)
     preprocessing_num_workers: int | None = _help("processes for tokenization", default=None)
     overwrite_cache: bool = _help("tokenize again even if a cached result exists", default=False)
-    dataset_local_cache_dir: str | None = _help("where tokenized datasets are cached; default $MFT_CACHE or "
-                                                "~/.cache/mft, subfolder tokenized/", default=None)
+    dataset_local_cache_dir: str | None = _help("where tokenized datasets are cached; default mft's cache "
+                                                "folder ($MFT_CACHE_DIR, else ~/.cache/mft), subfolder tokenized/", default=None)
     chat_template_name: str = _help("chat template: tulu (published) or 'tokenizer' for the tokenizer's own",
                                     default="tulu")
     add_bos: bool = _help("prepend the BOS token to every example (the tulu template has none)", default=False)

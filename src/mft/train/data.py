@@ -23,7 +23,7 @@ renders as nothing. `strict_roles: true` refuses such rows instead. Truncation t
 last; examples left without any label are dropped and counted in `DataStats`.
 
 Cache: the tokenized set lives in `<cache root>/tokenized/<key>/`, where the cache root is
-`dataset_local_cache_dir`, else `$MFT_CACHE`, else `~/.cache/mft`, and `key` hashes the mixed data's
+`dataset_local_cache_dir`, else mft's cache folder (`$MFT_CACHE_DIR`, see `mft.hub.cache_dir`), and `key` hashes the mixed data's
 `datasets` fingerprint (sources, amounts, seed, file contents), the tokenizer, the
 template, `max_seq_length`, `add_bos` and `LABEL_RULE_VERSION`. The first process through
 `main_process_first` tokenizes; the others load the result. Pass `accelerator.local_main_process_first` when
@@ -305,7 +305,7 @@ def _check_row(row, idx, source, roles, strict=False, rows=None):
 # The training set
 @dataclass
 class DataStats:
-    """What happened to the data; `summary()` is logged by build_train_dataset."""
+    """What happened to the data; `summary_lines()` is logged by build_train_dataset, one record per line."""
 
     rows_per_source: dict = field(default_factory=dict)
     num_raw: int = 0  # rows of the mix
@@ -325,21 +325,31 @@ class DataStats:
     def num_dropped(self) -> int:
         return self.num_dropped_truncated + self.num_dropped_no_assistant
 
-    def summary(self) -> str:
+    def summary_lines(self) -> list[str]:
+        """The summary as short lines (counts; sources; drops; row quirks; the cache folder), each a log record."""
         sources = ", ".join(f"{s}: {n}" for s, n in self.rows_per_source.items())
-        return (f"training data: {self.num_examples} examples ({self.num_tokens} tokens, {self.num_label_tokens} "
-                f"label tokens) from {self.num_raw} rows [{sources}]; dropped {self.num_dropped} without label "
-                f"tokens ({self.num_dropped_truncated} truncated away, {self.num_dropped_no_assistant} without an "
-                f"assistant turn); {self.num_truncated} truncated to the maximum length; "
-                f"{self.num_beyond_max_train_samples} left out by max_train_samples; "
-                f"{self.num_consecutive_assistant} rows with consecutive assistant turns (trained), "
-                f"{self.num_other_roles} with roles other than system/user/assistant; "
-                f"{'loaded from' if self.from_cache else 'tokenized into'} {self.cache_dir}")
+        return [f"training data: {self.num_examples} examples ({self.num_tokens} tokens, {self.num_label_tokens} "
+                f"label tokens) from {self.num_raw} rows",
+                f"training data sources: [{sources}]",
+                f"training data: dropped {self.num_dropped} without label tokens ({self.num_dropped_truncated} "
+                f"truncated away, {self.num_dropped_no_assistant} without an assistant turn)",
+                f"training data: {self.num_truncated} truncated to the maximum length; "
+                f"{self.num_beyond_max_train_samples} left out by max_train_samples",
+                f"training data: {self.num_consecutive_assistant} rows with consecutive assistant turns (trained), "
+                f"{self.num_other_roles} with roles other than system/user/assistant",
+                f"training data {'loaded from' if self.from_cache else 'tokenized into'} {self.cache_dir}"]
+
+    def summary(self) -> str:
+        """The summary lines joined with "; " (for error messages)."""
+        return "; ".join(self.summary_lines())
 
 
 def cache_root(cfg: TrainConfig) -> str:
-    root = cfg.dataset_local_cache_dir or os.environ.get("MFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mft")
+    """Where tokenized data is cached: `dataset_local_cache_dir`, else mft's cache folder (`mft.hub.cache_dir`:
+    `$MFT_CACHE_DIR`, `$MFT_CACHE` as an alias, `$XDG_CACHE_HOME/mft`, `~/.cache/mft`), + `tokenized`."""
+    from mft.hub import cache_dir
+
+    root = cfg.dataset_local_cache_dir or str(cache_dir())
     return os.path.join(os.path.expanduser(root), "tokenized")
 
 
@@ -421,7 +431,8 @@ def build_train_dataset(cfg: TrainConfig, tokenizer, main_process_first=contextl
     if stats.num_examples == 0:
         raise MftError(f"no training example has a label token left ({stats.summary()}); check the data has "
                        "assistant turns and max_seq_length is large enough")
-    logger.info(stats.summary())
+    for line in stats.summary_lines():
+        logger.info(line)
     return train, stats
 
 

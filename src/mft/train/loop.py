@@ -106,6 +106,9 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
     if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
         dtype = torch.bfloat16
     dtype = training_dtype(accelerator, dtype, cfg.model_name_or_path, deepspeed=ds_config is not None)
+    # what the forward computes in: the autocast / DeepSpeed precision where one is on, else the weights' dtype
+    amp = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision)
+    computed = amp if amp and (ds_config is not None or accelerator.native_amp) else str(dtype).removeprefix("torch.")
     attn = "sdpa"
     if cfg.use_flash_attn:
         try:
@@ -119,7 +122,7 @@ def _load_model(cfg: TrainConfig, accelerator, ds_config):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model
+    return model, computed
 
 
 def _grow_embeddings(cfg: TrainConfig, model, tokenizer, main: bool) -> None:
@@ -425,6 +428,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = _accelerator(cfg)
     ds_config = _deepspeed_config(accelerator)
     main = accelerator.is_main_process
+    if main:  # the compute dtype line (mft.precision.compute_dtype), once
+        logging.getLogger("mft.precision").setLevel(logging.INFO)
     final_dir = Path(cfg.output_dir)
     cfg = guard.open_output(cfg, out_state, accelerator)  # checks a resume; overwrite: a folder beside the old
     out = Path(cfg.output_dir)
@@ -438,7 +443,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                          collate_fn=Collator(tokenizer.pad_token_id))
 
     # model and method
-    model = _load_model(cfg, accelerator, ds_config)
+    model, compute_dtype = _load_model(cfg, accelerator, ds_config)
     if num_added:
         if method != "fft":
             raise MftError(f"the tokenizer of {cfg.tokenizer_name or cfg.model_name_or_path} has neither a pad nor "
@@ -558,7 +563,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # outputs
     base = cfg.model_name_or_path
-    info = {"method": method, "steps": completed_steps, "gradient_clipping": clip,
+    info = {"method": method, "steps": completed_steps, "gradient_clipping": clip, "compute_dtype": compute_dtype,
             "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
     if method == "mft":
         _save_mft(accelerator, cfg, unwrapped, info, extract_masks)

@@ -97,7 +97,9 @@ class Task:
         return {
             "task_name": self.name, "num_shots": self.num_shots, "limit": self.limit,
             "primary_metric": self.primary_metric, "fewshot_source": self.fewshot_source if self.num_shots else None,
-            "dataset": self.source.describe() if self.source else None, "data_source": self.data_source,
+            # the spec's own key and value (None: the task's default data), so it can be given back as a --task
+            # spec; which file or hub revision was read is `data_source`
+            "dataset_path": self.dataset_path, "data_source": self.data_source,
             "generation_kwargs": {"max_gen_toks": self.max_gen_toks, "temperature": 0.0, "do_sample": False,
                                   "stop_sequences": list(self.stops)},
         }
