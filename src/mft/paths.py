@@ -9,8 +9,12 @@ The rule every writing command follows (`mft train`, `mft apply`):
 2. The result is written into a temporary sibling `.<name>.tmp-<pid>-<tag>` and moved into place at the very
    end (`swap_into_place`): the old output, if any, is renamed to `.<name>.old-<pid>-<tag>`, the new one takes
    its name, then the old one is removed. A failed or interrupted run leaves the old output as it was.
-3. Temporary siblings left by a killed run (their process is gone) are removed, and reported, by the next run
-   into the same place (`remove_leftovers`).
+3. Temporary folders left by a killed run are removed, and reported, by the next run into the same place
+   (`remove_leftovers`), and only those this tool made: the exact name `.<name>.tmp-<pid>-<tag>`, the marker
+   file `TEMP_MARKER` inside (written when the folder is created), and a `<pid>` that is no longer running.
+   An `.<name>.old-<pid>-<tag>` folder is never deleted by a later run: it may be the only complete copy of the
+   output (a swap killed between its two renames); it is renamed back into place when the output is missing,
+   otherwise kept and reported.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 
 from mft.errors import MftError
 
-_TEMP = re.compile(r"\.(tmp|old)-(?:(\d+)-)?")
+_TEMP = re.compile(r"\.(tmp|old)-(\d+)-([0-9a-f]{8}|train)")
+TEMP_MARKER = ".mft-temporary"  # written inside every temporary folder this tool creates; removed before the swap
 
 
 def resolved(path: str | os.PathLike) -> Path:
@@ -50,6 +55,13 @@ def check_output_vs_inputs(output: str | os.PathLike, inputs: dict[str, str | os
                     if src.is_dir() else "")
             raise MftError(f"{output_flag} {output} {relation} the {what} {path}: writing the output there would "
                            f"delete or change that input. Choose an output folder outside it{hint}")
+        # the path as given (a symlink inside the output, say) would be deleted with the output, even if what it
+        # points to survives; the run would then record a path that no longer exists
+        given = Path(os.path.abspath(os.path.expanduser(str(path))))
+        link = resolved(given.parent) / given.name
+        if link == out or out in link.parents:
+            raise MftError(f"the {what} {path} lies inside {output_flag} {output} (a link to {src}): replacing the "
+                           f"output would delete it. Give the {what} as {src}, or choose another output folder")
 
 
 def check_writable(output: str | os.PathLike, output_flag: str = "--output_dir") -> None:
@@ -90,41 +102,66 @@ def temp_sibling(output: str | os.PathLike, kind: str = "tmp", tag: str | None =
     return output.parent / f".{output.name}.{kind}-{os.getpid()}-{tag or uuid.uuid4().hex[:8]}"
 
 
-def leftovers(output: str | os.PathLike) -> list[Path]:
-    """Temporary siblings of `output` whose process is gone (or unknown): what a killed run left behind."""
+def make_temp_dir(path: Path) -> Path:
+    """Create the temporary folder `path` (from `temp_sibling`) with the marker that lets a later run recognise
+    and remove it if this one is killed."""
+    path.mkdir(parents=True)
+    (path / TEMP_MARKER).write_text(f"temporary output of mft (pid {os.getpid()}); safe to delete once that "
+                                    "process has ended\n")
+    return path
+
+
+def leftovers(output: str | os.PathLike, kind: str = "tmp") -> list[Path]:
+    """Siblings of `output` named exactly `.<name>.<kind>-<pid>-<tag>` whose process `<pid>` is gone; for kind
+    "tmp" only real folders holding `TEMP_MARKER` (nothing else is ours to delete)."""
     output = Path(output)
     if not output.parent.is_dir():
         return []
     found = []
-    prefix = f".{output.name}."
+    prefix = f".{output.name}"
     for item in output.parent.iterdir():
         if not item.name.startswith(prefix):
             continue
-        match = _TEMP.match(item.name[len(prefix) - 1:])
-        if not match:
+        match = _TEMP.fullmatch(item.name[len(prefix):])
+        if not match or match.group(1) != kind:
             continue
-        pid = int(match.group(2)) if match.group(2) else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            continue  # another run is writing there right now
+        pid = int(match.group(2))
+        if pid != os.getpid() and _alive(pid):
+            continue  # another run is writing there right now (this process's own is an earlier, failed call)
+        if kind == "tmp" and (item.is_symlink() or not item.is_dir() or not (item / TEMP_MARKER).is_file()):
+            continue  # not made by this tool, or a finished folder whose swap was interrupted: kept
         found.append(item)
     return sorted(found)
 
 
 def remove_leftovers(output: str | os.PathLike, stream=None) -> list[Path]:
-    """Remove what `leftovers` finds, printing one line per item to `stream` (default stderr)."""
+    """Clean up after a killed earlier run into `output`, one line per item on `stream` (default stderr).
+
+    An `.old-` folder of a dead run while `output` is missing (a swap killed between its renames) is renamed
+    back into place; one while `output` exists is kept and reported, never deleted. Then the temporary folders
+    `leftovers` finds are removed. Returns the removed paths.
+    """
+    output = Path(output)
+    stream = stream or sys.stderr
+    for old in leftovers(output, "old"):
+        if not output.exists() and not output.is_symlink():
+            os.replace(old, output)
+            print(f"note: restored {output} from {old}, left aside by an interrupted earlier run", file=stream)
+        else:
+            print(f"note: kept {old}: an earlier run left it aside while replacing {output}; delete it yourself "
+                  "once you have checked that you do not need it", file=stream)
     removed = leftovers(output)
     for item in removed:
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item, ignore_errors=True)
-        else:
-            item.unlink(missing_ok=True)
-        print(f"note: removed {item}, the temporary output of an interrupted earlier run", file=stream or sys.stderr)
+        shutil.rmtree(item, ignore_errors=True)
+        print(f"note: removed {item}, the temporary output of an interrupted earlier run", file=stream)
     return removed
 
 
 def swap_into_place(tmp: Path, output: Path) -> None:
     """Make the finished folder `tmp` the `output`: the old output is renamed aside first and removed only
-    after the new one is in place, so at every moment one complete version exists under a recognisable name."""
+    after the new one is in place, so at every moment one complete version exists under a recognisable name.
+    The marker `TEMP_MARKER` is removed from `tmp` first (it must not end up in the output)."""
+    (tmp / TEMP_MARKER).unlink(missing_ok=True)
     if output.exists() or output.is_symlink():
         old = temp_sibling(output, "old")
         os.replace(output, old)

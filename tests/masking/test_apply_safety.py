@@ -94,21 +94,67 @@ def test_a_failed_overwrite_leaves_the_old_output_intact(saved_model, tmp_path, 
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_reported(saved_model, tmp_path, capsys):
+    from mft.paths import TEMP_MARKER
+
     base = saved_model("llama")
     out = tmp_path / "out"
-    dead = tmp_path / ".out.tmp-999999999-0badc0de"  # no such process
+    dead = tmp_path / ".out.tmp-999999999-0badc0de"  # no such process, and the marker this tool writes
     (dead / "half").mkdir(parents=True)
     (dead / "half" / "model.safetensors").write_bytes(b"partial")
-    old_style = tmp_path / ".out.old-1a2b3c4d"
-    old_style.mkdir()
+    (dead / TEMP_MARKER).write_text("x")
     live = tmp_path / f".out.tmp-{os.getppid()}-12345678"  # a running process's: left alone
     live.mkdir()
+    (live / TEMP_MARKER).write_text("x")
     assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"note: removed {dead}, the temporary output of an interrupted earlier run" in err
-    assert f"note: removed {old_style}" in err
-    assert not dead.exists() and not old_style.exists() and live.exists()
-    assert (out / "model.safetensors").exists()
+    assert not dead.exists() and live.exists()
+    assert (out / "model.safetensors").exists() and not (out / TEMP_MARKER).exists()
+
+
+def test_a_users_hidden_siblings_are_never_deleted(saved_model, tmp_path, capsys):
+    """break6 #2: `.outL.old-backup` (a folder) and `.outL.tmp-mine` (a file) of the user's were deleted as
+    leftovers; so would be a marker-less folder with a dead pid and the exact pattern."""
+    base = saved_model("llama")
+    out = tmp_path / "outL"
+    backup = tmp_path / ".outL.old-backup"
+    backup.mkdir()
+    (backup / "notes.txt").write_text("mine")
+    mine = tmp_path / ".outL.tmp-mine"
+    mine.write_text("mine\n")
+    unmarked = tmp_path / ".outL.tmp-999999999-0badc0de"  # our pattern, dead pid, but no marker: not ours
+    unmarked.mkdir()
+    (unmarked / "data.bin").write_bytes(b"keep")
+    before = digest(tmp_path)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
+    assert (backup / "notes.txt").read_text() == "mine" and mine.read_text() == "mine\n"
+    assert (unmarked / "data.bin").read_bytes() == b"keep"
+    after = digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("outL/")} == before
+    assert "removed" not in capsys.readouterr().err
+
+
+def test_an_interrupted_swap_is_restored_or_kept_never_deleted(saved_model, tmp_path, capsys):
+    """break6 #2: killed between swap_into_place's two renames, the only complete old output is
+    `.<out>.old-PID-tag`; the next run restored nothing and deleted it."""
+    base = saved_model("llama")
+    out = tmp_path / "out"
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
+    first = digest(out)
+    old = tmp_path / ".out.old-999999999-0badc0de"  # the state a kill between the renames leaves (dead pid)
+    os.replace(out, old)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"note: restored {out} from {old}, left aside by an interrupted earlier run" in err
+    assert "already exists and is not empty" in err  # restored, it is an existing output again
+    assert digest(out) == first and not old.exists()
+    # with the output in place (killed after the second rename), the aside copy is kept and reported
+    shutil.copytree(out, old)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--overwrite",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: kept {old}: an earlier run left it aside while replacing {out}" in err
+    assert digest(old) == first and digest(out) == first
 
 
 @pytest.mark.parametrize("source", [L1, ["--random_masks", "--masked_layers", "1 2"], "learned"])
@@ -131,8 +177,14 @@ def test_masking_an_already_masked_checkpoint_is_refused(saved_model, tmp_path, 
     assert main(["apply", "--base_model_name_or_path", str(applied), *args, "--output_dir", str(out)]) == 1
     err = capsys.readouterr().err
     zeros = int(0.1 * 32 * 32)  # q_proj of the tiny llama: 32 x 32, keep 0.9
-    assert zeros == 102 and (f"model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 "
-                             "(9.96%), at least the 102 the new mask prunes") in err
+    assert zeros == 102 and ("model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 (9.96%); a "
+                             "trained dense weight holds next to none, and 11 or more mean a baked mask") in err
+    # break6 #4: a new mask pruning more than the baked one (keep 0.5 / 0.8 on 0.9) compounded unnoticed
+    for lower in (["--sparsity_attn", "0.5", "--sparsity_mlp", "0.5"], ["--sparsity_attn", "0.8"]):
+        assert main(["apply", "--base_model_name_or_path", str(applied), "--random_masks", "--masked_layers", "1",
+                     *lower, "--output_dir", str(out)]) == 1
+        assert "model.layers.1.self_attn.q_proj already holds 102 exact zeros of 1024 (9.96%)" in \
+            capsys.readouterr().err and not out.exists()
     # told that it is intended: the compounded masks are applied
     assert main(["apply", "--base_model_name_or_path", str(applied), *args, "--output_dir", str(out),
                  "--allow_masked_base", "--quiet"]) == 0
@@ -259,3 +311,27 @@ def test_code_carrying_pickles_are_refused_without_suggesting_to_run_them(saved_
     err += capsys.readouterr().err
     assert f"refusing to load {ckpt / 'pytorch_model.bin'}: it is a pickle holding more than tensors" in err
     assert "weights_only=False" not in err and "this ran" not in err and "Traceback" not in err
+
+
+def test_only_save_masks_never_replaces_another_runs_mask_file_without_overwrite(saved_model, tmp_path, capsys):
+    """break6 #1: `--only_save_masks` into a copy of a learned run's folder replaced its masks.safetensors."""
+    base = saved_model("llama")
+    run = tmp_path / "mftB"
+    write_masks(run / "masks.safetensors", learned_masks(base, seed=4))
+    (run / A.RUN_INFO).write_text(json.dumps({"base_model": str(base), "source": "learned"}))
+    before = digest(run)
+    random = ["--base_model_name_or_path", str(base), "--random_masks", "--masked_layers", "1 2",
+              "--sparsity_attn", "0.5", "--sparsity_mlp", "0.5", "--only_save_masks", "--output_dir", str(run)]
+    assert main(["apply", *random, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"output folder {run} already exists and is not empty; pass --overwrite to replace it" in err
+    assert digest(run) == before and no_leftovers(run) and no_leftovers(tmp_path)
+    # told to: only the mask file is replaced (renamed into place), the run record is kept
+    assert main(["apply", *random, "--overwrite", "--quiet"]) == 0
+    after = digest(run)
+    assert after["masks.safetensors"] != before["masks.safetensors"]
+    assert after[A.RUN_INFO] == before[A.RUN_INFO] and sorted(after) == sorted(before) and no_leftovers(run)
+    assert read_masks(run / "masks.safetensors").source == "random"
+    # an empty or new folder needs no flag
+    assert main(["apply", *random[:-1], str(tmp_path / "new"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["masks.safetensors"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mft.cli import main
 from mft.errors import MftError
@@ -252,3 +252,55 @@ def test_recorded_config_differences_ignore_what_cannot_change_the_result(worksp
     assert guard.config_differences(recorded, cfg) == ["learning_rate: 2e-05 -> 0.0001"]
     cfg.seed = 7
     assert guard.config_differences(recorded, cfg) == ["learning_rate: 2e-05 -> 0.0001", "seed: 42 -> 7"]
+
+
+def test_resume_refuses_changed_input_files_at_the_same_path(workspace, tmp_path):
+    """break6 #3: model.safetensors (or the data file) replaced at the same path between the interrupted run and
+    its resume was not noticed: the resumed run mixed two bases."""
+    from mft.train.config import CONFIG_FILE, load_config
+
+    base, data = tmp_path / "fftX", tmp_path / "data2.jsonl"
+    shutil.copytree(workspace["base"], base)
+    shutil.copy(workspace["data"], data)
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"--model_name_or_path={base}", f"--train_file={data}", f"--output_dir={out}"])
+    out.mkdir()
+    cfg.save(str(out / CONFIG_FILE))
+    recorded = guard.input_fingerprint(cfg)
+    assert set(recorded) == {"model_name_or_path", f"training data {data}"}
+    assert recorded["model_name_or_path"]["model.safetensors"][0] == (base / "model.safetensors").stat().st_size
+    (out / guard.INPUTS_FILE).write_text(json.dumps(recorded))
+    guard.check_resume(cfg, "resume", None)  # unchanged: resumes
+
+    weights = base / "model.safetensors"
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1  # another model of the same size
+    size = weights.stat().st_size
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(MftError) as err:
+        guard.check_resume(cfg, "resume", None)
+    msg = str(err.value)
+    assert f"{out} holds an interrupted run started with other settings, so it cannot be resumed: " in msg
+    assert f"model_name_or_path model.safetensors: changed ({size} -> {weights.stat().st_size} bytes" in msg
+    assert f"training data {data} {data.name}: changed" in msg
+
+
+def test_a_symlink_input_inside_output_dir_is_refused(workspace, capsys):
+    """break6 #5: outG/mylink -> base with --output_dir=outG --overwrite_output_dir deleted the user's link and
+    recorded model_name_or_path: outG/mylink, a path that no longer existed."""
+    root = workspace["root"]
+    out = root / "outG"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    link = out / "mylink"
+    link.symlink_to(workspace["base"])
+    assert train_main(["train", f"--model_name_or_path={link}", f"--train_file={workspace['data']}",
+                       f"--output_dir={out}", "--overwrite_output_dir", "--report_to=[none]"]) == 1
+    err = capsys.readouterr().err
+    assert (f"the model_name_or_path {link} lies inside output_dir {out} (a link to "
+            f"{os.path.realpath(workspace['base'])}): replacing the output would delete it") in err
+    assert link.is_symlink() and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["mylink", "notes.txt"]

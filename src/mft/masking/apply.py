@@ -13,6 +13,7 @@ run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -30,7 +31,8 @@ from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
-from mft.paths import check_writable, follow_umask, os_error, remove_leftovers, swap_into_place, temp_sibling
+from mft.paths import (check_writable, follow_umask, make_temp_dir, os_error, remove_leftovers, swap_into_place,
+                       temp_sibling)
 
 RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
@@ -123,8 +125,8 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
     """Write `base` with `mask_set` baked in to `output_dir` (see the module doc). Returns the folder."""
     output_dir = Path(output_dir)
     check_writable(output_dir)
+    remove_leftovers(output_dir)  # first: it may restore an output an interrupted swap left aside
     _check_output(output_dir, overwrite)
-    remove_leftovers(output_dir)
     checkpoint = Checkpoint(base)
     keys = check_against_checkpoint(checkpoint, mask_set)
     locator = WeightLocator(checkpoint)
@@ -135,7 +137,7 @@ def apply_masks(base: str | Path, mask_set: MaskSet, output_dir: str | Path, *, 
 
     tmp = temp_sibling(output_dir)
     try:
-        tmp.mkdir(parents=True)
+        make_temp_dir(tmp)
         total = sum((checkpoint.path / shard).stat().st_size for shard in checkpoint.shards)
         bar = tqdm(total=total, desc="apply masks", unit="B", unit_scale=True, disable=not progress)  # bytes copied
         if checkpoint.format == "safetensors":
@@ -284,23 +286,33 @@ def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
     swap_into_place(tmp, output_dir)
 
 
-def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors") -> Path:
-    """`--only_save_masks`: the mask file alone, in `output_dir`."""
+def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safetensors", *,
+                    overwrite: bool = False) -> Path:
+    """`--only_save_masks`: the mask file alone, in `output_dir`.
+
+    A non-empty `output_dir` (e.g. another run's folder with its own mask file) is refused unless `overwrite`;
+    then only the mask file of that name is replaced, written beside it and renamed into place (a kill leaves the
+    old file whole). Raises MftError.
+    """
     output_dir = Path(output_dir)
+    _check_output(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     return _save_mask_file(output_dir, mask_set, fmt)
 
 
 # -- provenance: is the checkpoint masked already? -----------------------------------------------------------
+MASKED_ZERO_FRACTION = 0.01  # exact zeros in a targeted matrix from which it counts as masked already
+
 def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, str | None]]) -> str | None:
     """Why `checkpoint` looks masked already, or None.
 
     `pruned`: {mask name: (entries the new mask would prune, weight shape, layout)}. Masked when the folder holds
-    the record an apply writes (`mft_masks.json`), or when a weight to be masked already holds at least that
-    many exact zeros (trained dense weights have next to none; a baked mask leaves `int((1 - k) * n)` per
-    matrix, so a stack of expert matrices may hold one fewer per matrix). Reads one weight at a time. Where the
-    rule comes from: masking twice compounds the masks (0.9 on 0.9 keeps about 81 %), and an L1 mask of a
-    masked matrix selects the same zeros again.
+    the record an apply writes (`mft_masks.json`), or when a weight to be masked holds a non-trivial number of
+    exact zeros: at least `MASKED_ZERO_FRACTION` (1 %) of its entries, or the count the new mask prunes if that is
+    lower (less one per matrix of an expert stack, for rounding). A trained dense weight holds next to none; a
+    baked mask of keep ratio k leaves `int((1 - k) n)`, so any usual ratio (k <= 0.99) is caught whatever the
+    new ratio. Reads one weight at a time. Where the rule comes from: masking twice compounds the masks (0.5 on
+    0.9 keeps about 45 %, not the 50 % reported), and an L1 mask of a masked matrix selects the same zeros again.
     """
     from mft.masking.checkpoint import WeightLocator
 
@@ -316,12 +328,14 @@ def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, s
     for name, (count, shape, layout) in pruned.items():
         if count <= 0:
             continue
+        n = _entries(shape)
         matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        limit = max(1, min(count - matrices, math.ceil(MASKED_ZERO_FRACTION * n)))
         weight = locator.read(name, tuple(shape), layout)
         zeros = int((weight == 0).sum())
-        if zeros >= count - matrices:
-            return (f"{name} already holds {zeros} exact zeros of {weight.numel()} "
-                    f"({zeros / weight.numel():.2%}), at least the {count} the new mask prunes")
+        if zeros >= limit:
+            return (f"{name} already holds {zeros} exact zeros of {n} ({zeros / n:.2%}); a trained dense weight "
+                    f"holds next to none, and {limit} or more mean a baked mask")
     return None
 
 

@@ -32,7 +32,8 @@ def add_apply_arguments(p: argparse.ArgumentParser) -> None:
                    help="masks.safetensors (1 bit per entry, default) or the original's dense float masks.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir (only that "
                    "folder: refused when it is or contains an input); the old one is removed only once the new "
-                   "one is complete")
+                   "one is complete. With --only_save_masks: write the mask file into a non-empty folder, "
+                   "replacing a mask file of that name (written beside it and renamed; other files are kept)")
     p.add_argument("--allow_masked_base", action="store_true", help="mask a checkpoint that is already masked "
                    "(holds mft_masks.json or the pruned fraction of exact zeros); refused otherwise")
     p.add_argument("--seed", type=int, default=42, help="seed of --random_masks")
@@ -117,8 +118,7 @@ def _run_apply(args, out: Path) -> int:
     inputs = {"base model": base, "mask model": mask_model, "masks file": args.masks_file}
     check_output_vs_inputs(out, inputs)
     check_writable(out)
-    if not args.only_save_masks:
-        A._check_output(out, args.overwrite)
+    A._check_output(out, args.overwrite)  # --only_save_masks too: another run's mask file is never replaced silently
     if args.random_masks or args.use_l1_mask:
         if cfg.is_empty:
             raise MftError("--random_masks / --use_l1_mask need --masked_layers (e.g. \"4 5 6 7\") or --target_modules")
@@ -144,7 +144,7 @@ def _run_apply(args, out: Path) -> int:
         A.check_not_masked(checkpoint, mask_set, args.allow_masked_base)
 
     if args.only_save_masks:
-        path = A.save_masks_only(out, mask_set, args.save_masks_format)
+        path = A.save_masks_only(out, mask_set, args.save_masks_format, overwrite=args.overwrite)
         print(f"wrote {path} ({_describe(mask_set)})")
         return 0
     if not base:

@@ -25,6 +25,7 @@ from mft.errors import MftError
 from mft.train.config import CONFIG_FILE, TRAIN_LOG, TrainConfig, field_help, source_kind
 
 LAUNCH_FILE = "train_launch.json"  # how the run was launched: processes, precision, distributed type
+INPUTS_FILE = "train_inputs.json"  # fingerprint of the local input files: a resume refuses changed inputs
 # Keys that cannot change what a run computes: they may differ between a run and its resumption.
 NON_RESULT_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps",
@@ -131,9 +132,10 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     if cfg.allow_masked_base:
         return
     mask_cfg = cfg.mask_config()
-    # local masks prune int((1 - k) n) per matrix; global ones have no fixed count, so only the record counts
-    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)), tuple(t.shape), t.layout)
-              for t in targets if mask_cfg.subnet_type == "local"}
+    # local masks prune int((1 - k) n) per matrix; global ones have no fixed count per matrix, so only the
+    # fraction of zeros counts (see already_masked)
+    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)) if mask_cfg.subnet_type == "local"
+                       else _entries(t.shape), tuple(t.shape), t.layout) for t in targets}
     checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
     why = already_masked(checkpoint, pruned)
     if why:
@@ -182,6 +184,46 @@ def config_differences(recorded: dict, cfg: TrainConfig) -> list[str]:
     return out
 
 
+def input_fingerprint(cfg: TrainConfig) -> dict[str, dict[str, list[int]]]:
+    """{input: {file: [size in bytes, mtime in ns]}} for the local inputs that the result depends on: the files
+    of `model_name_or_path` (weights, config, tokenizer; top level) and of `tokenizer_name`, and every local
+    data file (a data folder: all files under it). Hub ids are left out (nothing local to compare). Size and
+    modification time, not hashes: a multi-GB checkpoint is not read again for this."""
+    def files(path: str, recursive: bool) -> dict[str, list[int]]:
+        root = Path(os.path.expanduser(path))
+        if root.is_file():
+            items = [(root.name, root)]
+        else:
+            found = root.rglob("*") if recursive else root.iterdir()
+            items = [(str(p.relative_to(root)), p) for p in found]
+        out = {}
+        for name, item in sorted(items):
+            if item.is_file():
+                st = item.stat()
+                out[name] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name": cfg.tokenizer_name}
+    inputs.update({f"training data {src}": src for src, _ in cfg.data_sources() if source_kind(src) in ("file", "dir")})
+    return {what: files(path, what.startswith("training data")) for what, path in inputs.items()
+            if path and os.path.exists(os.path.expanduser(path))}
+
+
+def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
+    """["<input> <file>: changed (size, modified time) | added | removed", ...] between two `input_fingerprint`s."""
+    out = []
+    for what in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(what, {}), current.get(what, {})
+        for name in sorted(set(old) | set(new)):
+            if name not in new:
+                out.append(f"{what} {name}: removed")
+            elif name not in old:
+                out.append(f"{what} {name}: added")
+            elif list(old[name]) != list(new[name]):
+                out.append(f"{what} {name}: changed ({old[name][0]} -> {new[name][0]} bytes, modified since)")
+    return out
+
+
 def check_resume(cfg: TrainConfig, state: str, accelerator) -> None:
     """For an interrupted run ("resume"): refuse a folder that is not an mft run, or one started with other
     settings. Read-only: every rank may call it."""
@@ -207,6 +249,9 @@ def check_resume(cfg: TrainConfig, state: str, accelerator) -> None:
         new_launch = launch_info(accelerator)
         diffs += [f"{k}: {old_launch.get(k)!r} -> {new_launch.get(k)!r}"
                   for k in sorted(set(old_launch) | set(new_launch)) if old_launch.get(k) != new_launch.get(k)]
+    inputs_file = out / INPUTS_FILE
+    if inputs_file.exists():
+        diffs += fingerprint_differences(json.loads(inputs_file.read_text()), input_fingerprint(cfg))
     if diffs:
         raise MftError(f"{out} holds an interrupted run started with other settings, so it cannot be resumed: "
                        + "; ".join(diffs) + ". Re-run with the recorded settings to resume, pass "
@@ -225,7 +270,7 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
 
     from accelerate.utils import broadcast_object_list
 
-    from mft.paths import remove_leftovers, temp_sibling
+    from mft.paths import make_temp_dir, remove_leftovers, temp_sibling
 
     check_resume(cfg, state, accelerator)
     final = Path(cfg.output_dir)
@@ -235,7 +280,10 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
     write_dir = Path(target[0])
     if accelerator.is_main_process:
         remove_leftovers(final)
-        write_dir.mkdir(parents=True, exist_ok=True)
+        if write_dir == final:
+            write_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            make_temp_dir(write_dir)
         if state == "resume" and not cfg.resume_from_checkpoint:
             from mft.train.loop import latest_checkpoint
 
@@ -246,6 +294,8 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
         os.replace(write_dir / f".{CONFIG_FILE}.tmp", write_dir / CONFIG_FILE)
         (write_dir / f".{LAUNCH_FILE}.tmp").write_text(json.dumps(launch_info(accelerator), indent=1))
         os.replace(write_dir / f".{LAUNCH_FILE}.tmp", write_dir / LAUNCH_FILE)
+        (write_dir / f".{INPUTS_FILE}.tmp").write_text(json.dumps(input_fingerprint(cfg), indent=1))
+        os.replace(write_dir / f".{INPUTS_FILE}.tmp", write_dir / INPUTS_FILE)
     accelerator.wait_for_everyone()
     PROGRESS.update(step=0, output_dir=str(final), write_dir=str(write_dir), overwrite=state == "overwrite",
                     checkpointing=cfg.checkpointing_steps is not None)
