@@ -20,6 +20,7 @@ The rule every writing command follows (`mft train`, `mft apply`):
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -201,3 +202,12 @@ def follow_umask(path: str | os.PathLike) -> None:
     for item in items:
         if item.stat().st_mode & 0o777 != mode:
             os.chmod(item, mode)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (any size, constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

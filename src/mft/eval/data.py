@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from mft.errors import MftError
+from mft.paths import file_sha256
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz")
 # sha256 of the MATH-500 file (OpenAI's PRM800K subset of the MATH test set), as shipped in the package.
@@ -95,12 +95,6 @@ def describe_record(record: dict | None) -> str:
     return f"{record['note']}: {line}" if record.get("note") else line
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def looks_like_file(path: str) -> bool:
