@@ -173,10 +173,11 @@ def get_model(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
         raise MftError(f"{name} needs the optional packages that ship and read its weights: {INSTALL_HINT}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     paths.remove_leftovers(dest)  # folders of killed earlier runs (their process is gone), each named on stderr
-    partial = paths.temp_sibling(dest, "tmp", "partial")
+    partial = paths.make_temp_dir(paths.temp_sibling(dest, "tmp", "partial"))  # marked: a later get may remove it
     logger.info("converting %s (%s) to a %s Hugging Face folder at %s", source.name, model.package, dtype, dest)
     try:
         _convert(source, partial, dtype)
+        (partial / paths.TEMP_MARKER).unlink()  # the finished folder carries no marker (a kill now leaves it unmarked)
         manifest = {"name": name, "dtype": dtype, "source_package": model.package,
                     "source_version": _version(model.package), "source_file": model.gguf,
                     "source_sha256": _sha256(source), "licence": model.licence,

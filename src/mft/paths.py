@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mft.errors import MftError
 
-_TEMP = re.compile(r"\.(tmp|old)-(\d+)-([0-9a-f]{8}|train)")
+_TEMP = re.compile(r"\.(tmp|old)-(\d+)-([0-9a-f]{8}|train|partial)")
 TEMP_MARKER = ".mft-temporary"  # written inside every temporary folder this tool creates; removed before the swap
 
 

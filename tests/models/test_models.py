@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from mft import paths
+
 from mft import hub as models
 from mft.cli import main
 from mft.errors import MftError
@@ -114,8 +116,10 @@ def test_killed_get_leftovers_are_listed_and_removed_by_the_next_get(cache, caps
     stale = parent / f".{NAME}-bf16.tmp-{dead.pid}-partial"
     (stale / "sub").mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    (stale / paths.TEMP_MARKER).write_text("")  # what `get` writes into its temporary folder
     live = parent / f".{NAME}-bf16.tmp-1-partial"  # pid 1 is alive
     live.mkdir()
+    (live / paths.TEMP_MARKER).write_text("")
     monkeypatch.setattr(models, "gguf_path", lambda name: None)
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
