@@ -188,11 +188,15 @@ def test_batch_size_below_one_is_refused(not_a_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_path):
+def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_path, monkeypatch):
     """What the hf backend generated with is recorded, and predictions made otherwise are not reused: CPU
-    float32 text is not passed off as a GPU bfloat16 run (only the CPU exists here; dtype stands in)."""
+    float32 text is not passed off as a bfloat16 run. The dtype recorded is the one computed in: on a CPU
+    without native bf16 `--dtype bfloat16` computes (and records) float32, so the CPU is patched to have it
+    here (this machine's CPU has one answer; tests/models/test_precision.py checks both)."""
+    from mft import precision
     from mft.eval.backends import hf_device_dtype
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert hf_device_dtype() == ("cpu", "float32") and hf_device_dtype("bfloat16") == ("cpu", "bfloat16")
     out = tmp_path / "results"
     assert run(model_copy, out, "gsm8k")[0] == 0
