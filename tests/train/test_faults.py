@@ -115,7 +115,9 @@ def test_killed_training_reruns_to_bit_identical_masks(workspace, tmp_path):
             assert last.startswith("mft train: interrupted at step ") and last.endswith(
                 "re-run the same command to resume"), last
         if (out / FINISHED_MARKER).exists():  # it had finished: complete, and a re-run is refused
-            assert (out / "mft_run.json").exists() and proc.returncode in (0, -signal.SIGKILL)
+            # a signal that lands after the last file, while the interpreter shuts down, ends the process by
+            # that signal (seen in CI: -SIGINT); the folder is complete either way, which is what is checked
+            assert (out / "mft_run.json").exists() and proc.returncode in (0, -signal.SIGKILL, -signal.SIGINT)
         else:  # incomplete, and it does not look complete; the same command resumes it
             assert not (out / "mft_run.json").exists()
             assert train_main(["train", *overrides(out)]) == 0
