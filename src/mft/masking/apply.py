@@ -328,8 +328,8 @@ def already_masked(checkpoint: Checkpoint, pruned: dict[str, tuple[int, tuple, s
     for name, (count, shape, layout) in pruned.items():
         if count <= 0:
             continue
-        n = _entries(shape)
-        matrices = _entries(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
+        n = math.prod(shape)
+        matrices = math.prod(shape[:-2]) * 2 if len(shape) > 2 else 0  # rounding slack: per matrix and half
         limit = max(1, min(count - matrices, math.ceil(MASKED_ZERO_FRACTION * n)))
         weight = locator.read(name, tuple(shape), layout)
         zeros = int((weight == 0).sum())
@@ -347,7 +347,7 @@ def check_not_masked(checkpoint: Checkpoint, mask_set: MaskSet, allow: bool, fla
     # mask's own count where the ratio is unknown
     pruned = {}
     for name, shape in mask_set.shapes.items():
-        n, ratio = _entries(shape), mask_set.keep_ratios.get(name)
+        n, ratio = math.prod(shape), mask_set.keep_ratios.get(name)
         count = int((1 - ratio) * n) if ratio else n - mask_set.kept(name)
         pruned[name] = (count, tuple(shape), mask_set.layout(name).get("layout"))
     why = already_masked(checkpoint, pruned)
@@ -372,9 +372,3 @@ def check_not_tied(model, names) -> None:
             raise MftError(f"cannot mask {name}: its weight is tied to the input embedding (tie_word_embeddings "
                            "is true), so masking it would also mask the embedding; leave it out of target_modules")
 
-
-def _entries(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -134,8 +135,8 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     mask_cfg = cfg.mask_config()
     # local masks prune int((1 - k) n) per matrix; global ones have no fixed count per matrix, so only the
     # fraction of zeros counts (see already_masked)
-    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * _entries(t.shape)) if mask_cfg.subnet_type == "local"
-                       else _entries(t.shape), tuple(t.shape), t.layout) for t in targets}
+    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * math.prod(t.shape)) if mask_cfg.subnet_type == "local"
+                       else math.prod(t.shape), tuple(t.shape), t.layout) for t in targets}
     checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
     why = already_masked(checkpoint, pruned)
     if why:
@@ -143,12 +144,6 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
                        "the baked one; train from the unmasked (FFT) checkpoint, or set allow_masked_base: true if "
                        "this is intended")
 
-
-def _entries(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # -- the run folder ---------------------------------------------------------------------------------------
