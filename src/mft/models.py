@@ -44,9 +44,10 @@ def load_pretrained(path, **kwargs):
     return auto_class(config).from_pretrained(path, **kwargs)
 
 
-def skeleton_from_config(config):
-    """The model `config` describes, built on the meta device: module names and shapes, no memory."""
+def skeleton_from_config(config, trust_remote_code: bool = False):
+    """The model `config` describes, built on the meta device: module names and shapes, no memory, no weight
+    file read. `trust_remote_code`: allow the model class of a config that names its own code (`auto_map`)."""
     import torch
 
     with torch.device("meta"):
-        return auto_class(config).from_config(config)
+        return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)

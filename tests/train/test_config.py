@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import pytest
@@ -12,12 +10,9 @@ import yaml
 
 from mft.errors import MftError
 from mft.train.config import (
-    FINISHED_MARKER,
     TrainConfig,
-    check_output_dir,
     field_help,
     load_config,
-    mark_finished,
     parse_overrides,
     validate_against_model,
 )
@@ -141,6 +136,26 @@ def test_unsupported_published_keys(base):
         load_config(None, base + ["--use_qlora=true"])
     with pytest.raises(MftError, match=r"dataset_mixer_list_splits: \['test'\] is not supported .*only the train"):
         load_config(None, base + ["--dataset_mixer_list_splits=[test]"])
+
+
+def test_keys_documented_without_effect_are_accepted_only_where_harmless(base, tmp_path, data_file):
+    """low_cpu_mem_usage, wandb_project_name and wandb_entity were fields that nothing read: now either value of
+    the first (transformers 5 always loads into an empty model), the default of the others, and an error naming
+    what to do instead for anything else; none of them is a field any more."""
+    plain = load_config(None, base)
+    assert load_config(None, base + ["--low_cpu_mem_usage", "--wandb_project_name=mft", "--wandb_entity=null"]) == plain
+    assert load_config(None, base + ["--low_cpu_mem_usage=false", "--seed", "42"]) == plain  # still a boolean flag
+    path = write_yaml(tmp_path, {"model_name_or_path": "some/model", "train_file": data_file,
+                                 "low_cpu_mem_usage": True, "wandb_project_name": "mft", "wandb_entity": None})
+    assert load_config(path, [f"--output_dir={tmp_path / 'run'}"]) == plain
+    assert not {"low_cpu_mem_usage", "wandb_project_name", "wandb_entity"} & {name for name, *_ in field_help()}
+    with pytest.raises(MftError, match=r"wandb_project_name: 'my_project' is not supported \(on the command line\); "
+                                       r"the trackers' project is exp_name .*set exp_name"):
+        load_config(None, base + ["--wandb_project_name=my_project"])
+    with pytest.raises(MftError, match=r"wandb_entity: 'my_team' is not supported \(in .*cfg.yaml\); set the "
+                                       r"WANDB_ENTITY environment variable"):
+        load_config(write_yaml(tmp_path, {"model_name_or_path": "m", "train_file": data_file,
+                                          "wandb_entity": "my_team"}), [])
 
 
 # --- method ------------------------------------------------------------------------------------------
@@ -302,22 +317,3 @@ def test_validate_against_model_reads_a_saved_config(tmp_path, data_file):
                              "--subnet_mode=both", "--masked_layers=0-2"])
     with pytest.raises(MftError, match=r"masked_layers \[2\] out of range: .* has 2 decoder layers"):
         validate_against_model(cfg)
-
-
-def test_output_dir_states(base, tmp_path):
-    cfg = load_config(None, base)
-    out = Path(cfg.output_dir)
-    assert check_output_dir(cfg) == "new"  # missing
-    out.mkdir()
-    assert check_output_dir(cfg) == "new"  # empty
-    (out / "checkpoint-10").mkdir()
-    assert check_output_dir(cfg) == "resume"  # interrupted: no marker
-    marker = mark_finished(str(out), {"global_step": 20})
-    assert os.path.basename(marker) == FINISHED_MARKER == "run_complete.json"
-    info = json.loads(Path(marker).read_text())
-    assert info["global_step"] == 20 and info["finished_at"]
-    expected = (f"{out} already holds a finished run (run_complete.json, {info['finished_at']}); "
-                "pass --overwrite_output_dir")
-    with pytest.raises(MftError, match=re.escape(expected)):
-        check_output_dir(cfg)
-    assert check_output_dir(load_config(None, base + ["--overwrite_output_dir"])) == "overwrite"

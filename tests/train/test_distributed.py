@@ -13,7 +13,7 @@ import torch
 
 from mft.masking.files import read_masks
 from mft.masking.layer import local_mask
-from mft.train.config import FINISHED_MARKER
+from mft.run_dir import FINISHED_MARKER
 from mft.train.loop import latest_checkpoint
 
 from tests.conftest import ROOT

@@ -18,7 +18,7 @@ import pytest
 
 from mft.cli import main
 from mft.masking.files import read_masks
-from mft.train.config import FINISHED_MARKER, TRAIN_LOG
+from mft.run_dir import FINISHED_MARKER, TRAIN_LOG
 
 from tests.train.test_guard import train_main
 from tests.train.test_loop import workspace  # noqa: F401 (fixture)

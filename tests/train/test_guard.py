@@ -17,7 +17,7 @@ from mft.cli import main
 from mft.errors import MftError
 from mft.masking.files import read_masks
 from mft.train import guard, loop
-from mft.train.config import FINISHED_MARKER
+from mft.run_dir import FINISHED_MARKER
 
 from tests.train.test_loop import workspace  # noqa: F401 (a fixture)
 
@@ -257,7 +257,8 @@ def test_recorded_config_differences_ignore_what_cannot_change_the_result(worksp
 def test_resume_refuses_changed_input_files_at_the_same_path(workspace, tmp_path):
     """break6 #3: model.safetensors (or the data file) replaced at the same path between the interrupted run and
     its resume was not noticed: the resumed run mixed two bases."""
-    from mft.train.config import CONFIG_FILE, load_config
+    from mft.run_dir import CONFIG_FILE
+    from mft.train.config import load_config
 
     base, data = tmp_path / "fftX", tmp_path / "data2.jsonl"
     shutil.copytree(workspace["base"], base)

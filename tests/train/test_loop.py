@@ -22,7 +22,8 @@ from mft.cli import main
 from mft.masking.files import read_masks
 from mft.masking.inject import masked_modules
 from mft.masking.layer import local_mask
-from mft.train.config import FINISHED_MARKER, load_config
+from mft.run_dir import FINISHED_MARKER
+from mft.train.config import load_config
 from mft.train.loop import CHECKPOINTS, TRAIN_LOG, TRAINER_STATE, latest_checkpoint, train
 
 

@@ -33,8 +33,8 @@ from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
 from mft.masking.select import Target, linear_kind, select_targets
 from mft.paths import (check_writable, follow_umask, make_temp_dir, os_error, remove_leftovers, swap_into_place,
                        temp_sibling)
+from mft.run_dir import RUN_FILES, RUN_INFO, SNAPSHOT_INFO
 
-RUN_INFO = "mft_run.json"  # written by `mft train` into an MFT run folder: base model, mask config
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
 COPY_CHUNK = 64 << 20  # bytes per kernel copy call: the progress bar moves at least this often
 
@@ -258,10 +258,8 @@ def _apply_bin_shards(checkpoint: Checkpoint, tmp: Path, keys: dict, locator: We
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """config, generation config, tokenizer files, chat template...: every top-level file but weights,
-    weight indices, mask files and a training run's bookkeeping (log, settings, finished marker, snapshot.json)."""
-    from mft.train.config import RUN_FILES
-    from mft.train.loop import SNAPSHOT_INFO  # a training snapshot's record would misdescribe the applied model
-
+    weight indices, mask files and a training run's bookkeeping (`mft.run_dir.RUN_FILES`: log, settings, launch
+    and input records, finished marker; and snapshot.json, which would misdescribe the applied model)."""
     skip = set(INDEX_FILES) | set(RUN_FILES) | {RUN_INFO, APPLY_INFO, DEFAULT_NAME, "masks.pt", SNAPSHOT_INFO}
     for item in src.iterdir():
         if item.is_file() and item.name not in skip and not item.name.endswith(WEIGHT_SUFFIXES):

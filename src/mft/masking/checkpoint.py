@@ -22,8 +22,10 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
               "BOOL": torch.bool}
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id, downloaded (config, tokenizer, weights)."""
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id at `revision` (branch, tag or commit; None: the
+    default branch), downloaded: its top-level files (config, tokenizer, weights), not its subfolders (e.g.
+    Llama 3.1's `original/` consolidated weights, which nothing here reads)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -32,7 +34,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path))
+        return Path(snapshot_download(name_or_path, revision=revision, ignore_patterns=["*/*"]))
     except Exception as exc:
         raise MftError(f"{name_or_path} is not a local folder and could not be fetched from the Hugging Face "
                        f"hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -154,18 +156,20 @@ class Checkpoint:
                        + "; were these masks made for another model?")
 
 
-def model_skeleton(path: Path):
-    """The model built from config.json on the meta device: module names and shapes, no memory. Built with the
-    class `from_pretrained` would use (`mft.models.auto_class`: image-text checkpoints as image-text models)."""
+def model_skeleton(path: Path | str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model built from config.json on the meta device: module names and shapes, no memory, no weight file
+    read. Built with the class `from_pretrained` would use (`mft.models.auto_class`: image-text checkpoints as
+    image-text models). `path`: a local folder or a hub id (then only its config.json is fetched, at
+    `revision`); `trust_remote_code`: allow a config that names its own code (`auto_map`)."""
     from transformers import AutoConfig
 
     from mft.models import skeleton_from_config
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise MftError(f"cannot read the model config in {path}: {exc}") from None
-    return skeleton_from_config(config)
+    return skeleton_from_config(config, trust_remote_code=trust_remote_code)
 
 
 def param_name(mask_name: str, shape: tuple[int, ...], layout: str | None = None) -> str:

@@ -165,7 +165,7 @@ def _check_original_settings(path: str, explicit: dict) -> None:
     import re
 
     from mft.masking import apply as A
-    from mft.masking.apply import RUN_INFO
+    from mft.run_dir import RUN_INFO
     from mft.masking.config import parse_layers
     from mft.masking.files import DEFAULT_NAME
     from mft.masking.select import linear_kind

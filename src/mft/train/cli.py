@@ -37,7 +37,7 @@ def _checkpoints(args) -> int:
     import os
 
     from mft.errors import MftError
-    from mft.train.loop import list_checkpoints
+    from mft.run_dir import list_checkpoints
 
     if not os.path.isdir(args.run):
         raise MftError(f"no such run folder: {args.run}")

@@ -5,7 +5,6 @@
     cfg.resolved_method        # "mft"
     cfg.mask_config()          # the MaskConfig the mask layer is built from
     validate_against_model(cfg)  # checks that need the model's config.json (no weights)
-    check_output_dir(cfg)      # "new" | "resume" | "overwrite"; refuses a finished run
 
 Key names are the published ones (open-instruct `finetune.py` / the MFT configs), so the original YAML files
 and launch lines work unchanged. Ours on top: `method`, `overwrite_output_dir`, `dataset_local_cache_dir`
@@ -18,16 +17,13 @@ Overrides: `--key=value`, `--key value` or `key=value`; values are read as YAML 
 Published keys that ask for something this project does not do (pushing to the Hub, QLoRA, AI2's Beaker
 jobs, ...) are listed in `UNSUPPORTED`: accepted at their harmless values, an error otherwise.
 
-Finished runs: the training loop writes `FINISHED_MARKER` (`run_complete.json`) into `output_dir` as its very
-last act (`mark_finished`). `check_output_dir` refuses a folder holding it unless `overwrite_output_dir`;
-a folder without it is an interrupted run, to be resumed (with the same settings: `mft.train.guard`).
+What the run folder holds and whether it is finished or resumable: `mft.run_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import os
 import re
@@ -45,12 +41,6 @@ TRACKERS = ("all", "none", "tensorboard", "wandb", "comet_ml", "clearml", "mlflo
 # chat_template_name: a name from mft.chat_templates.TEMPLATES, or this one to keep the tokenizer's own template.
 TOKENIZER_TEMPLATE = "tokenizer"
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
-# Written by the training loop at the very end of a successful run (see mark_finished / check_output_dir).
-FINISHED_MARKER = "run_complete.json"
-TRAIN_LOG = "train_log.jsonl"  # one JSON line per logged step
-CONFIG_FILE = "train_config.yaml"  # the resolved settings of the run
-# A run's bookkeeping: never copied along with a model folder (e.g. by the streaming apply).
-RUN_FILES = (FINISHED_MARKER, TRAIN_LOG, CONFIG_FILE, "train_launch.json")
 
 _MASK_FIELDS = {f.name: f for f in fields(MaskConfig)}
 
@@ -91,7 +81,6 @@ class TrainConfig:
     trust_remote_code: bool = _help("allow model/tokenizer code from the Hub repository", default=False)
     use_flash_attn: bool = _help("load the model with flash_attention_2 (needs the flash-attn package and a GPU)",
                                  default=False)
-    low_cpu_mem_usage: bool = _help("load weights straight into an empty model (less CPU RAM)", default=False)
     gradient_checkpointing: bool = _help("recompute activations in backward: less memory, ~30 % slower",
                                          default=False)
 
@@ -188,9 +177,8 @@ class TrainConfig:
     report_to: list[str] = _help("trackers: " + ", ".join(TRACKERS) + " (default tensorboard: 'all' would "
                                  "include wandb, which needs a login or WANDB_MODE=offline)",
                                  default_factory=lambda: ["tensorboard"])
-    exp_name: str = _help("experiment name (tracker project run name)", default="mft")
-    wandb_project_name: str = _help("wandb project", default="mft")
-    wandb_entity: str | None = _help("wandb team or user", default=None)
+    exp_name: str = _help("experiment name: the trackers' project (wandb's project, tensorboard's subfolder of "
+                          "output_dir)", default="mft")
 
     def __post_init__(self):
         for f in fields(self):
@@ -371,6 +359,12 @@ UNSUPPORTED: dict[str, tuple[tuple | None, str]] = {
     "dataset_target_columns": (None, ""), "dataset_cache_mode": (None, ""), "dataset_config_hash": (None, ""),
     "dataset_skip_cache": ((False,), "use overwrite_cache: true to tokenize again"),
     "do_not_randomize_output_dir": (None, ""),
+    # documented by open-instruct, without an effect here
+    "low_cpu_mem_usage": ((False, True), "transformers 5 always loads weights straight into an empty model, "
+                                         "whatever this says"),
+    "wandb_project_name": (("mft",), "the trackers' project is exp_name (accelerate gives every tracker one "
+                                     "project name); set exp_name"),
+    "wandb_entity": ((None,), "set the WANDB_ENTITY environment variable (wandb reads it) instead"),
 }
 
 
@@ -400,7 +394,8 @@ def parse_overrides(args: list[str]) -> dict:
     """`["--lr=1", "--use_lora", "--masked_layers", "4 5", "seed=3"]` -> {key: value}, values read as YAML
     (raw strings kept for string keys, so `--output_dir=on` stays "on")."""
     kinds = {f.name: _kind(f) for f in fields(TrainConfig)}
-    kinds.update({k: "bool" for k, (harmless, _) in UNSUPPORTED.items() if harmless == (False,)})
+    kinds.update({k: "bool" for k, (harmless, _) in UNSUPPORTED.items()
+                  if harmless and all(isinstance(v, bool) for v in harmless)})
     out: dict = {}
     i = 0
     while i < len(args):
@@ -428,19 +423,25 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def load_model_config(cfg: TrainConfig):
+    """The run's model config (`AutoConfig` of model_name_or_path at model_revision, with trust_remote_code): a
+    local config.json, or for a hub id that one file, never the weights. Raises MftError when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model_name_or_path, revision=cfg.model_revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise MftError(f"cannot read the model config of {cfg.model_name_or_path!r}: {exc}") from None
+
+
 def validate_against_model(cfg: TrainConfig, model_config=None) -> None:
     """Checks that need the model's config only (AutoConfig, no weights): masked layers exist, the context fits.
 
-    `model_config`: a transformers PretrainedConfig; loaded from cfg.model_name_or_path when None.
+    `model_config`: a transformers PretrainedConfig; `load_model_config(cfg)` when None.
     """
     if model_config is None:
-        from transformers import AutoConfig
-
-        try:
-            model_config = AutoConfig.from_pretrained(cfg.model_name_or_path, revision=cfg.model_revision,
-                                                      trust_remote_code=cfg.trust_remote_code)
-        except OSError as exc:
-            raise MftError(f"cannot read the model config of {cfg.model_name_or_path!r}: {exc}") from None
+        model_config = load_model_config(cfg)
     text_config = getattr(model_config, "get_text_config", lambda: model_config)()
     n_layers = getattr(text_config, "num_hidden_layers", None)
     if cfg.resolved_method == "mft" and n_layers is not None:
@@ -452,48 +453,6 @@ def validate_against_model(cfg: TrainConfig, model_config=None) -> None:
     if max_pos is not None and cfg.max_seq_length > max_pos:
         logger.warning("max_seq_length %d exceeds the model's max_position_embeddings %d",
                        cfg.max_seq_length, max_pos)
-
-
-def check_output_dir(cfg: TrainConfig) -> str:
-    """What to do with cfg.output_dir before training; raises MftError for a finished run we may not replace.
-
-    Returns "new" (missing or empty), "resume" (content but no FINISHED_MARKER: an interrupted run; resume
-    from its latest complete checkpoint if it has one) or "overwrite" (content and overwrite_output_dir: the
-    caller's main process clears the folder, or at least its checkpoints and the marker, before training).
-    Read-only, so every rank may call it.
-    """
-    out = cfg.output_dir
-    if not os.path.isdir(out) or not os.listdir(out):
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise MftError(f"output_dir {out!r} exists and is not a folder")
-        return "new"
-    if cfg.overwrite_output_dir:
-        return "overwrite"
-    marker = os.path.join(out, FINISHED_MARKER)
-    if os.path.exists(marker):
-        when = ""
-        try:
-            with open(marker, encoding="utf-8") as fh:
-                when = json.load(fh).get("finished_at", "")
-        except (OSError, ValueError, AttributeError):
-            pass
-        raise MftError(f"{out} already holds a finished run ({FINISHED_MARKER}{', ' + when if when else ''}); "
-                       "pass --overwrite_output_dir to replace it, or choose another --output_dir")
-    return "resume"
-
-
-def mark_finished(output_dir: str, info: dict | None = None) -> str:
-    """Write FINISHED_MARKER atomically (main process, after everything else is saved). Returns its path."""
-    import datetime
-
-    payload = {"finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               **(info or {})}
-    path = os.path.join(output_dir, FINISHED_MARKER)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
 
 
 def source_kind(source: str) -> str:

@@ -23,16 +23,15 @@ import os
 from pathlib import Path
 
 from mft.errors import MftError
-from mft.train.config import CONFIG_FILE, TRAIN_LOG, TrainConfig, field_help, source_kind
+from mft.run_dir import CONFIG_FILE, INPUTS_FILE, LAUNCH_FILE, RUN_INFO, TRAIN_LOG, latest_checkpoint
+from mft.train.config import TrainConfig, field_help, source_kind
 
-LAUNCH_FILE = "train_launch.json"  # how the run was launched: processes, precision, distributed type
-INPUTS_FILE = "train_inputs.json"  # fingerprint of the local input files: a resume refuses changed inputs
 # Keys that cannot change what a run computes: they may differ between a run and its resumption.
 NON_RESULT_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps",
-    "keep_last_n_checkpoints", "logging_steps", "with_tracking", "report_to", "exp_name", "wandb_project_name",
-    "wandb_entity", "timeout", "preprocessing_num_workers", "overwrite_cache", "dataset_local_cache_dir",
-    "dataset_mix_dir", "low_cpu_mem_usage", "allow_masked_base", "save_model_snapshots",
+    "keep_last_n_checkpoints", "logging_steps", "with_tracking", "report_to", "exp_name", "timeout",
+    "preprocessing_num_workers", "overwrite_cache", "dataset_local_cache_dir", "dataset_mix_dir",
+    "allow_masked_base", "save_model_snapshots",
     # bit-identical scores with or without sharding the optimizer state (tests/train/test_distributed.py)
     "shard_optimizer_state"})
 # Local path keys: compared by the folder or file they name, not by spelling.
@@ -61,8 +60,6 @@ def check_inputs(cfg: TrainConfig) -> None:
 def check_not_mask_only(name_or_path: str) -> None:
     """A local folder holding an MFT run's masks and mft_run.json but no config.json (an MFT run folder or one
     of its snapshots) has no weights to train: name its base model instead of failing inside transformers."""
-    from mft.masking.apply import RUN_INFO
-
     folder = Path(os.path.expanduser(name_or_path))
     if not (folder / RUN_INFO).is_file() or (folder / "config.json").exists():
         return
@@ -137,7 +134,7 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     # fraction of zeros counts (see already_masked)
     pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * math.prod(t.shape)) if mask_cfg.subnet_type == "local"
                        else math.prod(t.shape), tuple(t.shape), t.layout) for t in targets}
-    checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path))
+    checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path, cfg.model_revision))
     why = already_masked(checkpoint, pruned)
     if why:
         raise MftError(f"{cfg.model_name_or_path} is already masked: {why}. MFT on it would learn a mask on top of "
@@ -280,8 +277,6 @@ def open_output(cfg: TrainConfig, state: str, accelerator) -> TrainConfig:
         else:
             make_temp_dir(write_dir)
         if state == "resume" and not cfg.resume_from_checkpoint:
-            from mft.train.loop import latest_checkpoint
-
             if latest_checkpoint(str(write_dir)) is None and (write_dir / TRAIN_LOG).exists():
                 (write_dir / TRAIN_LOG).unlink()  # no checkpoint: the run starts again from step 0
         # written whole or not at all (a kill must not leave a record that cannot be read back)
@@ -338,8 +333,6 @@ def interrupted_message() -> str:
     step = PROGRESS.get("step")
     where = f"interrupted at step {step}" if step is not None else "interrupted before training started"
     if step is not None and PROGRESS.get("write_dir"):
-        from mft.train.loop import latest_checkpoint
-
         newest = latest_checkpoint(PROGRESS["write_dir"])
         where += f" (newest checkpoint: {newest.name})" if newest else " (no checkpoint yet)"
     if PROGRESS.get("overwrite"):

@@ -46,15 +46,11 @@ import torch
 
 from mft.errors import MftError
 from mft.train import guard
-from mft.train.config import (FINISHED_MARKER, TRAIN_LOG, TrainConfig, check_output_dir, mark_finished,
-                              validate_against_model)
+from mft.run_dir import (CHECKPOINTS, FINISHED_MARKER, SNAPSHOT_INFO, SNAPSHOTS, TRAIN_LOG, TRAINER_STATE,
+                         check_output_dir, latest_checkpoint, mark_finished)
+from mft.train.config import TrainConfig, load_model_config, validate_against_model
 
 logger = logging.getLogger("mft.train")
-
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
-SNAPSHOTS = "snapshots"  # save_model_snapshots: snapshots/step_N/, complete once renamed from .step_N.partial
-SNAPSHOT_INFO = "snapshot.json"  # FFT / LoRA snapshots: method, steps, epoch, base model
 
 
 # -- setup ---------------------------------------------------------------------------------------------------
@@ -80,15 +76,21 @@ def _deepspeed_config(accelerator) -> dict | None:
 
 
 def _preflight(cfg: TrainConfig) -> str:
-    """Every check that needs no weights; returns check_output_dir's verdict."""
-    state = check_output_dir(cfg)
-    guard.check_inputs(cfg)
-    validate_against_model(cfg)
-    if cfg.resolved_method == "mft":
-        from mft.masking.checkpoint import model_skeleton, resolve_model_dir
-        from mft.masking.select import coverage_table, select_targets
+    """Every check before the data and the model load; returns check_output_dir's verdict.
 
-        skeleton = model_skeleton(resolve_model_dir(cfg.model_name_or_path))
+    The selection is checked on a skeleton built from the model's config alone (`config.json` of the run's
+    `model_revision`, with its `trust_remote_code`; on the meta device): no weight file is read or downloaded.
+    Only the masked-base check (MFT without allow_masked_base, `guard.check_mask_base`) reads weights: the
+    tensors to be masked, to count their exact zeros."""
+    state = check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    guard.check_inputs(cfg)
+    model_config = load_model_config(cfg)
+    validate_against_model(cfg, model_config)
+    if cfg.resolved_method == "mft":
+        from mft.masking.select import coverage_table, select_targets
+        from mft.models import skeleton_from_config
+
+        skeleton = skeleton_from_config(model_config, trust_remote_code=cfg.trust_remote_code)
         targets = select_targets(skeleton, cfg.mask_config())
         logger.info("mask selection (language model decoder layers %s, subnet_mode %s):\n%s",
                     cfg.mask_config().masked_layers, cfg.mask_config().subnet_mode, coverage_table(targets))
@@ -248,13 +250,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-def latest_checkpoint(output_dir: str) -> Path | None:
-    """The newest checkpoint that finished writing (has trainer_state.json)."""
-    root = Path(output_dir) / CHECKPOINTS
-    done = [p for p in root.glob("step_*") if (p / TRAINER_STATE).exists()] if root.is_dir() else []
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
-
-
 def _save_checkpoint(accelerator, cfg, state: dict, ds: bool) -> None:
     path = Path(cfg.output_dir) / CHECKPOINTS / f"step_{state['completed_steps']}"
     # DeepSpeed: leave the frozen weights out of the module state; plain: a save hook keeps trainables only.
@@ -316,28 +311,6 @@ def _save_snapshot(accelerator, cfg, model, tokenizer, state: dict, extract_mask
         partial.rename(final)
     accelerator.wait_for_everyone()
     return final
-
-
-def list_checkpoints(output_dir: str) -> list[dict]:
-    """[{"kind": "checkpoint" | "snapshot", "step", "epoch", "path"}] of a run folder, complete ones only,
-    by step then kind. Checkpoints resume a run; snapshots are loadable models (FFT, LoRA) or mask files
-    (MFT): the model_name_or_path of an MFT config, or `mft apply --mask_model_name_or_path`."""
-    from mft.masking.apply import RUN_INFO
-
-    out = []
-    root = Path(output_dir)
-    for kind, folder, marker in (("checkpoint", CHECKPOINTS, TRAINER_STATE), ("snapshot", SNAPSHOTS, None)):
-        for path in sorted((root / folder).glob("step_*")) if (root / folder).is_dir() else []:
-            if not path.name.split("_")[1].isdigit():
-                continue
-            info_file = path / marker if marker else next((path / n for n in (SNAPSHOT_INFO, RUN_INFO)
-                                                          if (path / n).exists()), None)
-            if info_file is None or not info_file.exists():
-                continue
-            info = json.loads(info_file.read_text())
-            out.append({"kind": kind, "step": int(path.name.split("_")[1]), "epoch": info.get("epoch"),
-                        "path": str(path)})
-    return sorted(out, key=lambda r: (r["step"], r["kind"]))
 
 
 def _trainable_only_hooks(accelerator, model) -> None:
