@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from mft.errors import Interrupted, MftError
+from mft.settings import ArgumentParser
 
 # Order = order in `mft --help`: the pipeline's order.
 COMMAND_MODULES = [
@@ -27,7 +28,8 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mft", description=__doc__.splitlines()[0])
+    # every subcommand's parser is a mft.settings.ArgumentParser too: --snake_case and --kebab-case both work
+    parser = ArgumentParser(prog="mft", description=__doc__.splitlines()[0])
     from mft import __version__
 
     parser.add_argument("--version", action="version", version=f"mft {__version__}")

@@ -23,7 +23,7 @@ from mft.masking.files import read_masks
 from mft.masking.inject import masked_modules
 from mft.masking.layer import local_mask
 from mft.run_dir import FINISHED_MARKER
-from mft.train.config import load_config
+from mft.train.config import TrainConfig
 from mft.train.loop import CHECKPOINTS, TRAIN_LOG, TRAINER_STATE, latest_checkpoint, train
 
 
@@ -53,8 +53,7 @@ def run(workspace, name, **overrides):
               "gradient_accumulation_steps": 2, "num_train_epochs": 3, "logging_steps": 1, "report_to": ["none"],
               "dataset_local_cache_dir": str(workspace["root"] / "cache"), "seed": 1, **overrides}
     try:
-        return train(load_config(None, [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                        for k, v in values.items()]))
+        return train(TrainConfig.from_dict(values))  # published names: test_families passes sparsity_*
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

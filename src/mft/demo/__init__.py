@@ -13,22 +13,35 @@ the result.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from mft.settings import option
+
 DEFAULT_OUTPUT = "mft_demo"
 
 
+@dataclass
+class DemoOptions:
+    """The flags of `mft demo` (`--kebab-case`; `--snake_case` is accepted too)."""
+
+    output_dir: str = option(f"where everything goes (default: {DEFAULT_OUTPUT}/)", DEFAULT_OUTPUT)
+    seed: int = option("random seed; the same seed gives the same table", 0)
+    quick: bool = option("a 20-second smoke test of every stage (tiny budgets; the numbers mean nothing)", False)
+    overwrite: bool = option("replace an earlier demo run in --output-dir", False)
+    quiet: bool = option("no progress bars", False)
+    model: str | None = option("run the pipeline on a real pretrained model instead (a short name from `mft models "
+                               "list`, e.g. smollm2-135m-instruct, or a local folder) with a seeded demo split of the "
+                               "GSM8K test set; --quick: under 10 minutes on a CPU (see mft.demo.real)")
+
+
 def register(sub) -> None:
+    from mft.settings import add_arguments
+
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model, offline, on a CPU",
                        description="Train a tiny Llama model on synthetic math word problems (base, then FFT), "
                        "learn a mask with MFT, build the random and L1 baselines, apply all masks, evaluate "
                        "with the GSM8K protocol and print the comparison. Needs no GPU and no network.")
-    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"where everything goes (default: {DEFAULT_OUTPUT}/)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same table")
-    p.add_argument("--quick", action="store_true", help="a 20-second smoke test of every stage (tiny budgets; the numbers mean nothing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --output-dir")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--model", default=None, help="run the pipeline on a real pretrained model instead (a short name "
-                   "from `mft models list`, e.g. smollm2-135m-instruct, or a local folder) with a seeded demo split "
-                   "of the GSM8K test set; --quick: under 10 minutes on a CPU (see mft.demo.real)")
+    add_arguments(p, DemoOptions, spelling="kebab")
     p.set_defaults(func=run)
 
 

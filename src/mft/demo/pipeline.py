@@ -226,7 +226,7 @@ def run_training(paths: Paths, seed: int, **values):
     """`mft train` in this process, with a fresh accelerate state before and after (several runs, one process)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from mft.train.config import load_config
+    from mft.train.config import TrainConfig
     from mft.train.loop import train
 
     # clip_grad_norm -1: the demo's recipe was tuned without clipping (the published runs clip at 1.0, the
@@ -234,11 +234,10 @@ def run_training(paths: Paths, seed: int, **values):
     values = {"chat_template_name": "tokenizer", "lr_scheduler_type": "linear", "warmup_ratio": 0.03,
               "logging_steps": 1, "report_to": ["none"], "fused_optimizer": False, "clip_grad_norm": -1.0,
               "dataset_local_cache_dir": str(paths.root / "cache"), "seed": seed, **values}
-    overrides = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
-        return train(load_config(None, overrides))
+        return train(TrainConfig(**values))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -4,50 +4,80 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mft.errors import MftError
 from mft.masking.config import MaskConfig
+from mft.settings import ArgumentParser, add_arguments, option
 
 _HELP = {f.name: f.metadata.get("help", "") for f in fields(MaskConfig)}
+_SOURCE = "where the masks come from (exactly one)"
+_SELECTION = ("selection for --random_masks / --use_l1_mask (and overrides for an original checkpoint's "
+              "config.json)")
+
+
+@dataclass
+class ApplyOptions:
+    """The flags of `mft apply` and `scripts/apply_masks.py`: the original's names (`--snake_case`; the
+    `--kebab-case` spelling is accepted too). `run_apply(ApplyOptions(...))` is the same job in Python."""
+
+    mask_model_name_or_path: str | None = option("an mft MFT run folder (masks.safetensors) or an original MFT "
+                                                 "checkpoint (weights with <module>.scores, mask settings in "
+                                                 "config.json)", group=_SOURCE)
+    masks_file: str | None = option("a mask file: masks.safetensors (ours), the original's masks.pt, or dense 0/1 "
+                                    "tensors in .pt/.safetensors", group=_SOURCE)
+    random_masks: bool = option("random baseline: keep each weight with probability keep ratio (seeded by --seed)",
+                                False, group=_SOURCE)
+    use_l1_mask: bool = option("L1 baseline: prune the smallest |W| per matrix", False, group=_SOURCE)
+    base_model_name_or_path: str | None = option("the checkpoint to mask (for a run folder: defaults to the base "
+                                                 "model recorded in it)")
+    output_dir: str | None = option("where the masked model (or, with --only_save_masks, the mask file) is written",
+                                    required=True)
+    save_masks: bool = option("also write the mask file into --output_dir", False)
+    only_save_masks: bool = option("write the mask file only, no model", False)
+    save_masks_format: str = option("masks.safetensors (1 bit per entry, default) or the original's dense float "
+                                    "masks.pt", "safetensors", choices=("safetensors", "pt"))
+    overwrite: bool = option("replace an existing, non-empty --output_dir (only that folder: refused when it is or "
+                             "contains an input); the old one is removed only once the new one is complete. With "
+                             "--only_save_masks: write the mask file into a non-empty folder, replacing a mask file "
+                             "of that name (written beside it and renamed; other files are kept)", False)
+    allow_masked_base: bool = option("mask a checkpoint that is already masked (holds mft_masks.json or the pruned "
+                                     "fraction of exact zeros); refused otherwise", False)
+    seed: int = option("seed of --random_masks", 42)
+    masked_layers: str | None = option(_HELP["masked_layers"], group=_SELECTION)
+    subnet_mode: str | None = option(_HELP["subnet_mode"] + " (default both)", group=_SELECTION,
+                                     choices=("attn", "mlp", "both"))
+    subnet_type: str | None = option(_HELP["subnet_type"], group=_SELECTION, choices=("local", "global"))
+    keep_ratio_attn: float | None = option("fraction of ATTN weights KEPT (0.9 keeps 90 %; default 0.9)",
+                                           group=_SELECTION, flag="sparsity_attn", flags=("keep_ratio_attn",))
+    threshold_attn: float | None = option(_HELP["threshold_attn"], group=_SELECTION)
+    keep_ratio_mlp: float | None = option("fraction of MLP weights KEPT (0.9 keeps 90 %; default 0.9)",
+                                          group=_SELECTION, flag="sparsity_mlp", flags=("keep_ratio_mlp",))
+    threshold_mlp: float | None = option(_HELP["threshold_mlp"], group=_SELECTION)
+    target_modules: list[str] | None = option(_HELP["target_modules"], group=_SELECTION)
+    quiet: bool = option("no progress bars", False)
+
+
+@dataclass
+class MasksInfoOptions:
+    """The arguments of `mft masks info`."""
+
+    file: str = option("a mask file (any supported format) or a folder holding one", positional=True)
+    json: bool = option("print JSON instead of a table", False)
+
+
+@dataclass
+class MasksExportOptions:
+    """The arguments of `mft masks export`."""
+
+    file: str = option("a mask file (any supported format)", positional=True)
+    out: str = option("the file to write; its extension picks the format", positional=True)
 
 
 def add_apply_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("where the masks come from (exactly one)")
-    src.add_argument("--mask_model_name_or_path", help="an mft MFT run folder (masks.safetensors) or an original "
-                     "MFT checkpoint (weights with <module>.scores, mask settings in config.json)")
-    src.add_argument("--masks_file", help="a mask file: masks.safetensors (ours), the original's masks.pt, or "
-                     "dense 0/1 tensors in .pt/.safetensors")
-    src.add_argument("--random_masks", action="store_true", help="random baseline: keep each weight with "
-                     "probability keep ratio (seeded by --seed)")
-    src.add_argument("--use_l1_mask", action="store_true", help="L1 baseline: prune the smallest |W| per matrix")
-    p.add_argument("--base_model_name_or_path", help="the checkpoint to mask (for a run folder: defaults to the "
-                   "base model recorded in it)")
-    p.add_argument("--output_dir", required=True, help="where the masked model (or, with --only_save_masks, the "
-                   "mask file) is written")
-    p.add_argument("--save_masks", action="store_true", help="also write the mask file into --output_dir")
-    p.add_argument("--only_save_masks", action="store_true", help="write the mask file only, no model")
-    p.add_argument("--save_masks_format", choices=("safetensors", "pt"), default="safetensors",
-                   help="masks.safetensors (1 bit per entry, default) or the original's dense float masks.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --output_dir (only that "
-                   "folder: refused when it is or contains an input); the old one is removed only once the new "
-                   "one is complete. With --only_save_masks: write the mask file into a non-empty folder, "
-                   "replacing a mask file of that name (written beside it and renamed; other files are kept)")
-    p.add_argument("--allow_masked_base", action="store_true", help="mask a checkpoint that is already masked "
-                   "(holds mft_masks.json or the pruned fraction of exact zeros); refused otherwise")
-    p.add_argument("--seed", type=int, default=42, help="seed of --random_masks")
-    sel = p.add_argument_group("selection for --random_masks / --use_l1_mask (and overrides for an original "
-                               "checkpoint's config.json)")
-    sel.add_argument("--masked_layers", help=_HELP["masked_layers"])
-    sel.add_argument("--subnet_mode", choices=("attn", "mlp", "both"), help=_HELP["subnet_mode"] + " (default both)")
-    sel.add_argument("--subnet_type", choices=("local", "global"), help=_HELP["subnet_type"])
-    for kind in ("attn", "mlp"):
-        sel.add_argument(f"--sparsity_{kind}", f"--keep_ratio_{kind}", dest=f"keep_ratio_{kind}", type=float,
-                         help=f"fraction of {kind.upper()} weights KEPT (0.9 keeps 90 %%; default 0.9)")
-        sel.add_argument(f"--threshold_{kind}", type=float, help=_HELP[f"threshold_{kind}"])
-    sel.add_argument("--target_modules", nargs="+", help=_HELP["target_modules"])
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    """The flags of ApplyOptions (generated: `mft.settings.add_arguments`)."""
+    add_arguments(p, ApplyOptions)
 
 
 def register(sub) -> None:
@@ -61,17 +91,16 @@ def register(sub) -> None:
     masks = sub.add_parser("masks", help="inspect and convert mask files")
     msub = masks.add_subparsers(dest="masks_command", metavar="ACTION", required=True)
     info = msub.add_parser("info", help="kept fraction per module and in total, entries, file size")
-    info.add_argument("file", help="a mask file (any supported format) or a folder holding one")
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_arguments(info, MasksInfoOptions)
     info.set_defaults(func=run_info)
     export = msub.add_parser("export", help="convert a mask file: OUT.pt = the original's dense float masks.pt, "
                              "OUT.safetensors = ours")
-    export.add_argument("file", help="a mask file (any supported format)")
-    export.add_argument("out", help="the file to write; its extension picks the format")
+    add_arguments(export, MasksExportOptions)
     export.set_defaults(func=run_export)
 
 
-def _mask_config(args) -> MaskConfig:
+def _mask_config(args) -> tuple[MaskConfig, dict]:
+    """(the MaskConfig of the selection flags, {flag: value} of those given explicitly)."""
     explicit = {k: getattr(args, k) for k in ("masked_layers", "subnet_mode", "subnet_type", "keep_ratio_attn",
                                               "keep_ratio_mlp", "threshold_attn", "threshold_mlp", "target_modules")
                 if getattr(args, k) is not None}
@@ -262,8 +291,8 @@ def run_export(args) -> int:
 
 def apply_main(argv: list[str] | None = None) -> int:
     """`python scripts/apply_masks.py ...`: the original entry point, same flags."""
-    parser = argparse.ArgumentParser(prog="apply_masks.py", description="Bake masks into a checkpoint "
-                                     "(same as `mft apply`).")
+    parser = ArgumentParser(prog="apply_masks.py", description="Bake masks into a checkpoint "
+                            "(same as `mft apply`).")
     add_apply_arguments(parser)
     args = parser.parse_args(argv)
     from mft.errors import Interrupted

@@ -4,22 +4,36 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+
+from mft.settings import option
 
 USAGE = """usage: mft train [CONFIG.yaml] [--key=value ...]
        accelerate launch [accelerate flags] scripts/finetune.py [CONFIG.yaml] [--key=value ...]
 
 Full fine-tuning, mask fine-tuning or LoRA, as the config says (subnet_mode set -> MFT, use_lora -> LoRA,
 else FFT; or method: fft|mft|lora). Any key of the YAML file can be overridden on the command line:
---key=value, --key value or key=value; values are read as YAML. Re-running a command resumes an interrupted
-run from its newest checkpoint, if every setting that changes the result is the same (else it lists the
-differences); --overwrite_output_dir starts over, replacing output_dir only once the new run has finished.
+--key=value, --key value or key=value (--kebab-case keys too); values are read as YAML. Re-running a command
+resumes an interrupted run from its newest checkpoint, if every setting that changes the result is the same
+(else it lists the differences); --overwrite_output_dir starts over, replacing output_dir only once the new run
+has finished.
 --quiet: no progress bars (away from a terminal the bar is one plain log line per 10 % or minute either way).
 
 keys:
 """
 
 
+@dataclass
+class CheckpointsOptions:
+    """The arguments of `mft checkpoints`."""
+
+    run: str = option("the run's output_dir", positional=True)
+    json: bool = option("print a JSON list instead", False)
+
+
 def register(sub) -> None:
+    from mft.settings import add_arguments
+
     # Only for `mft --help`: `mft train ...` is dispatched before argparse (its --key=value overrides are free
     # form), see main() below and mft.cli.main.
     sub.add_parser("train", help="FFT, MFT or LoRA from a YAML config, under accelerate launch", add_help=False)
@@ -27,8 +41,7 @@ def register(sub) -> None:
                        description="List the complete checkpoints (resume state) and snapshots (save_model_snapshots: "
                                    "a model folder, or for MFT the mask file) of a training run folder, one per line: "
                                    "kind, step, epoch, path.")
-    p.add_argument("run", help="the run's output_dir")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead")
+    add_arguments(p, CheckpointsOptions)
     p.set_defaults(func=_checkpoints)
 
 

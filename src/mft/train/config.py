@@ -11,8 +11,10 @@ and launch lines work unchanged. Ours on top: `method`, `overwrite_output_dir`, 
 and the mask keys of `MaskConfig` (`sparsity_attn` / `sparsity_mlp` are accepted as aliases of
 `keep_ratio_attn` / `keep_ratio_mlp`; they are KEEP ratios — see `mft.masking.config`).
 
-Overrides: `--key=value`, `--key value` or `key=value`; values are read as YAML (`--learning_rate=2e-5`,
-`--report_to=[wandb]`, `--masked_layers="4 5 6 7"`); a boolean key alone (`--use_lora`) means true.
+Overrides: `--key=value`, `--key value` or `key=value` (`--kebab-case` too); values are read as YAML
+(`--learning_rate=2e-5`, `--report_to=[wandb]`, `--masked_layers="4 5 6 7"`); a boolean key alone (`--use_lora`)
+means true. The parsing and type rules are `mft.settings`' (shared by every command); the Python API is
+`TrainConfig(**values)` (field names), or `TrainConfig.from_dict(values)` for the published names and aliases.
 
 Published keys that ask for something this project does not do (pushing to the Hub, QLoRA, AI2's Beaker
 jobs, ...) are listed in `UNSUPPORTED`: accepted at their harmless values, an error otherwise.
@@ -23,15 +25,14 @@ What the run folder holds and whether it is finished or resumable: `mft.run_dir`
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
-import re
 from dataclasses import dataclass, field, fields
 
+from mft import settings
 from mft.errors import MftError
 from mft.masking.config import ALIASES as MASK_ALIASES
-from mft.masking.config import MaskConfig, parse_layers
+from mft.masking.config import MaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def _mask(name: str):
     return field(default=f.default, metadata=f.metadata)
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, split: str | None = None, **kw):
+    return field(metadata={"help": text, **({"split": split} if split else {})}, **kw)
+
+
+_UNKNOWN_HINT = "; see the Training section of the README"
 
 
 @dataclass
@@ -175,15 +179,22 @@ class TrainConfig:
     logging_steps: int | None = _help("log loss and learning rate every N optimizer steps", default=1)
     with_tracking: bool = _help("send metrics to the trackers in report_to", default=False)
     report_to: list[str] = _help("trackers: " + ", ".join(TRACKERS) + " (default tensorboard: 'all' would "
-                                 "include wandb, which needs a login or WANDB_MODE=offline)",
-                                 default_factory=lambda: ["tensorboard"])
+                                 "include wandb, which needs a login or WANDB_MODE=offline); a string may separate "
+                                 "them by commas", split=r"[\s,]+", default_factory=lambda: ["tensorboard"])
     exp_name: str = _help("experiment name: the trackers' project (wandb's project, tensorboard's subfolder of "
                           "output_dir)", default="mft")
 
     def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _kind(f)))
+        settings.coerce_fields(self)  # each field to its annotated type, or MftError naming key, type, value
         self.validate()
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "in the settings given") -> "TrainConfig":
+        """From a mapping with the published key names, read as a YAML file is: `sparsity_*` aliases,
+        `UNSUPPORTED` keys at their harmless values; an unknown key raises MftError naming the nearest."""
+        merged: dict = {}
+        settings.merge(merged, values, where, cls, MASK_ALIASES, UNSUPPORTED, _UNKNOWN_HINT)
+        return cls(**merged)
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -370,57 +381,14 @@ UNSUPPORTED: dict[str, tuple[tuple | None, str]] = {
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read `path` (YAML; None for overrides only), apply `overrides`, validate, return the config."""
-    import yaml
-
-    values: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise MftError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                raise MftError(f"{path} is not valid YAML: {exc}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise MftError(f"{path} must hold a mapping of settings (key: value lines); got {type(data).__name__}")
-        _merge(values, data, where=f"in {path}")
-    _merge(values, parse_overrides(overrides or []), where="on the command line")
-    return TrainConfig(**values)
+    return TrainConfig(**settings.read_settings(TrainConfig, path, overrides, aliases=MASK_ALIASES,
+                                                unsupported=UNSUPPORTED, hint=_UNKNOWN_HINT))
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """`["--lr=1", "--use_lora", "--masked_layers", "4 5", "seed=3"]` -> {key: value}, values read as YAML
-    (raw strings kept for string keys, so `--output_dir=on` stays "on")."""
-    kinds = {f.name: _kind(f) for f in fields(TrainConfig)}
-    kinds.update({k: "bool" for k, (harmless, _) in UNSUPPORTED.items()
-                  if harmless and all(isinstance(v, bool) for v in harmless)})
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg.startswith("--"):
-            key, eq, raw = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            if not eq:
-                kind = kinds.get(MASK_ALIASES.get(key, key), "")
-                takes_next = i < len(args) and not args[i].startswith("--")
-                if kind == "bool" and not (takes_next and args[i].lower() in _BOOL_WORDS):
-                    out[key] = True  # a flag alone
-                    continue
-                if not takes_next:
-                    raise MftError(f"--{key} needs a value: --{key}=VALUE")
-                raw = args[i]
-                i += 1
-        elif "=" in arg and re.fullmatch(r"[A-Za-z_][\w-]*", arg.partition("=")[0]):
-            key, _, raw = arg.partition("=")
-            key = key.replace("-", "_")
-        else:
-            raise MftError(f"unexpected argument {arg!r}; settings are written --key=value (or key=value)")
-        out[key] = _parse_value(raw, kinds.get(MASK_ALIASES.get(key, key), ""))
-    return out
+    """`["--lr=1", "--use_lora", "--masked_layers", "4 5", "seed=3"]` -> {key: value} for TrainConfig's keys
+    (`mft.settings.parse_overrides`)."""
+    return settings.parse_overrides(args, settings.override_kinds(TrainConfig, UNSUPPORTED), MASK_ALIASES)
 
 
 def load_model_config(cfg: TrainConfig):
@@ -479,141 +447,11 @@ def source_kind(source: str) -> str:
 
 def field_help() -> list[tuple[str, str, object, str]]:
     """[(key, type, default, help)] for every TrainConfig key, in declaration order (for --help texts)."""
-    out = []
-    for f in fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out.append((f.name, str(f.type), default, f.metadata.get("help", "")))
-    return out
+    return settings.field_help(TrainConfig)
 
 
 # --------------------------------------------------------------------------------------------------------
-_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False,
-               "on": True, "off": False}
 _OTHER_DATA_EXTS = (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".xml", ".tar")
-_KIND_NAMES = {"bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
-               "list[str]": "a list of strings", "list[int]": "layer indices like \"4 5 6 7\"",
-               "dict": "a mapping {key: value}", "int|str": "a positive integer, 'epoch' or 'epoch/K'"}
-
-
-def _kind(f) -> str:
-    """Field annotation -> one of the kinds above, plus '?' when None is allowed."""
-    parts = [p.strip() for p in str(f.type).split("|")]
-    optional = "None" in parts
-    base = "|".join(p for p in parts if p != "None")
-    return base + ("?" if optional else "")
-
-
-def _coerce(key: str, value, kind: str):
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None:
-        if optional:
-            return None
-        raise MftError(f"{key} cannot be null; expected {_KIND_NAMES[kind]}")
-
-    def bad():
-        return MftError(f"{key}: expected {_KIND_NAMES[kind]}, got {value!r} ({type(value).__name__})")
-
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
-        raise bad()
-    if kind == "int":
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(value) if isinstance(value, (float, str)) else None
-        except ValueError:
-            raise bad() from None
-        if number is None or not number.is_integer():
-            raise bad()
-        return int(number)
-    if kind == "float":
-        if isinstance(value, bool):
-            raise bad()
-        if not isinstance(value, (int, float, str)):
-            raise bad()
-        try:
-            return float(value)
-        except ValueError:
-            raise bad() from None
-    if kind == "str":
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    if kind == "list[str]":
-        if isinstance(value, str):
-            value = [v for v in re.split(r"[\s,]+" if key == "report_to" else r"\s+", value.strip()) if v]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                                    for v in value):
-            return [str(v) for v in value]
-        raise bad()
-    if kind == "list[int]":
-        if isinstance(value, (bool, dict, float)):
-            raise bad()
-        return parse_layers(value)
-    if kind == "dict":
-        if isinstance(value, str) and value.strip().startswith("{"):
-            import yaml
-
-            value = yaml.safe_load(value)
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad()
-    if kind == "int|str":  # checkpointing_steps
-        if isinstance(value, str) and value.strip().lower() == "epoch":
-            return "epoch"
-        if isinstance(value, str) and re.fullmatch(r"epoch/[1-9]\d*", value.strip().lower()):
-            return value.strip().lower()
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    raise AssertionError(f"unhandled kind {kind} for {key}")
-
-
-def _parse_value(raw: str, kind: str):
-    """A command-line value: YAML for everything but strings (kept raw, except null/~)."""
-    import yaml
-
-    if kind.rstrip("?") == "str":
-        return None if raw in ("null", "~", "None") and kind.endswith("?") else raw
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def _merge(values: dict, new: dict, where: str) -> None:
-    """Add `new` (one source) to `values`: canonical names, unknown keys and unsupported values refused."""
-    known = {f.name for f in fields(TrainConfig)}
-    seen: dict = {}
-    for key, value in new.items():
-        key = str(key).replace("-", "_")
-        if key in UNSUPPORTED:
-            harmless, instead = UNSUPPORTED[key]
-            if harmless is not None and value not in harmless:
-                raise MftError(f"{key}: {value!r} is not supported ({where}); {instead}")
-            logger.info("ignoring %s=%r (%s): accepted for compatibility, has no effect", key, value, where)
-            continue
-        name = MASK_ALIASES.get(key, key)
-        if name not in known:
-            candidates = sorted(known | set(MASK_ALIASES) | set(UNSUPPORTED))
-            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see the Training section of the README"
-            raise MftError(f"unknown setting {key!r} {where}{hint}")
-        if name in seen and seen[name][1] != value:
-            raise MftError(f"{seen[name][0]} and {key} are the same setting ({where}) and disagree: "
-                           f"{seen[name][1]!r} vs {value!r}")
-        seen[name] = (key, value)
-        values[name] = value
 
 
 def _written_as_int(value) -> bool:
