@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from mft.errors import Interrupted, MftError
+from mft.errors import run_command
 from mft.settings import ArgumentParser
 
 # Order = order in `mft --help`: the pipeline's order.
@@ -56,17 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except MftError as exc:
-        print(f"mft {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"mft {args.command}: {exc}", file=sys.stderr)
-        return Interrupted.exit_code
-    except KeyboardInterrupt:
-        print(f"mft {args.command}: interrupted", file=sys.stderr)
-        return Interrupted.exit_code
+    if getattr(args, "quiet", False):  # every command's --quiet: no progress bars at all
+        from mft.progress import set_quiet
+
+        set_quiet()
+    return run_command(f"mft {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

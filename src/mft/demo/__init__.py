@@ -46,10 +46,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mft.progress import set_quiet
-
-    if args.quiet:
-        set_quiet()
+    """`mft demo` (--quiet is set by mft.cli.main)."""
     if args.model:
         from mft.demo.real import run_real_demo
 

@@ -75,12 +75,9 @@ def register(subparsers) -> None:
 
 
 def run_eval_command(args) -> int:
+    """`mft eval` (--quiet is set by mft.cli.main)."""
     from mft.eval.runner import run_eval
     from mft.hub import resolve_model
-    from mft.progress import set_quiet
-
-    if args.quiet:
-        set_quiet()
 
     model = resolve_model(args.model)  # a short name (`mft models list`) -> its cached folder
     summary = run_eval(model, args.tasks, args.output_dir, model_type=args.model_type, limit=args.limit,

@@ -295,13 +295,6 @@ def apply_main(argv: list[str] | None = None) -> int:
                             "(same as `mft apply`).")
     add_apply_arguments(parser)
     args = parser.parse_args(argv)
-    from mft.errors import Interrupted
+    from mft.errors import run_command
 
-    try:
-        return run_apply(args)
-    except MftError as exc:
-        print(f"apply_masks.py: error: {exc}", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"apply_masks.py: {exc}", file=sys.stderr)
-        return Interrupted.exit_code
+    return run_command("apply_masks.py", run_apply, args)
