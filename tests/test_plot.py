@@ -198,8 +198,10 @@ def test_non_finite_losses_are_marked_and_few_points_get_markers(tmp_path):
     marks = loss.collections[0].get_offsets()
     assert [float(x) for x in marks[:, 0]] == [5.0, 6.0, 7.0]
     assert loss.get_xlabel() == "optimizer step\nred x at the top: bad: loss 0.0/inf/nan at steps 5-7"
-    assert loss.get_xlim()[1] >= 7 and loss.get_yscale() == "linear"  # 6.0-6.1: no log axis
+    assert loss.get_xlim()[1] >= 7
     fig.canvas.draw()
+    ticks = [t.get_text() for t in loss.get_yticklabels(minor=True) + loss.get_yticklabels() if t.get_text()]
+    assert len(ticks) >= 2 and len(set(ticks)) == len(ticks) and not any("times" in t or "e" in t for t in ticks)
     for ax in fig.axes[:2]:
         assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
     fig = figure(load_runs([str(one)]))
@@ -222,7 +224,6 @@ def test_learning_rates_far_apart_are_drawn_relative_to_each_peak(tmp_path):
     assert lr.get_title() == "learning rate (each run relative to its peak)"
     assert [t.get_text() for t in lr.get_legend().get_texts()] == ["fft (peak 4.83e-06)", "mft (peak 0.00483)"]
     assert [max(line.get_ydata()) for line in lr.get_lines()] == [1.0, 1.0]
-    assert fig.axes[0].get_yscale() == "log"  # losses 0.5-2.95: a factor 5.9 (over LOSS_LOG_SPAN, 4)
     assert main(["plot", str(fft), str(mft), "--output", str(tmp_path / "o.png")]) == 0
     with open(tmp_path / "o.csv", newline="") as f:
         peaks = {r["run"]: float(r["value"]) for r in csv.DictReader(f) if r["metric"] == "lr" and r["step"] == "1"}

@@ -9,8 +9,8 @@ Other evaluations under the run folder (of snapshots, say) are not plotted; a no
 The location used is named in the panel's legend and in the CSV's `source` column.
 
 Panels: training loss, learning rate, mask entries flipped per logged step per layer, kept fraction per
-layer, and the held-out primary scores. The loss axis is logarithmic when the losses span more than a factor
-`LOSS_LOG_SPAN`, linear otherwise (a log axis over 6.05-6.25 only repeats one tick). A loss that is NaN,
+layer, and the held-out primary scores. The loss axis is logarithmic, its ticks written as plain numbers
+with as many digits as tell them apart (6.0975, 6.1, not 6.1 x 10^0 twice). A loss that is NaN,
 infinite or not positive (none has a place on a log axis) is drawn as a red x at the top of the loss panel
 and named there, so a diverged run does not look like a run that stopped logging. A
 series of at most `MARKERS_UP_TO` points is drawn with markers (one logged step is a visible dot). Steps are
@@ -39,7 +39,6 @@ from mft.errors import MftError
 TRAIN_LOG = "train_log.jsonl"
 HELDOUT_LOCATIONS = ("mask_applied/eval_output", "eval_output")  # relative to the run folder, first found wins
 MARKERS_UP_TO = 20
-LOSS_LOG_SPAN = 4.0  # the loss axis is logarithmic when the finite losses span more than this factor
 LR_SPREAD = 10.0
 DEFAULT_OUTPUT = "runs.png"
 PALETTE = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -187,7 +186,9 @@ def _PlainLogFormatter(**kwargs):
 
     class PlainLogFormatter(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):
-            return f"{x:.3g}"
+            span = abs(vmax - vmin)  # digits enough to tell ticks a small fraction of the view apart
+            digits = 3 if span <= 0 or x <= 0 else max(3, math.ceil(math.log10(abs(x) / span)) + 2)
+            return f"{x:.{min(digits, 8)}g}"
 
     return PlainLogFormatter(**kwargs)
 
@@ -196,12 +197,11 @@ def loss_panel(ax, runs: list[RunLog]) -> None:
     """Training loss on a log axis; NaN, infinite or non-positive losses as red x marks at the top, named."""
     from matplotlib.transforms import blended_transform_factory
 
-    bad_notes, all_steps, all_good = [], [], []
+    bad_notes, all_steps = [], []
     for run in runs:
         steps, values = run.steps("loss"), run.values("loss")
         good = [(s, v) for s, v in zip(steps, values) if _finite_positive(v)]
         all_steps += steps
-        all_good += [v for _, v in good]
         ax.plot([s for s, _ in good], [v for _, v in good], color=run.color, lw=0.8, label=run.label,
                 **_markers(len(good)))
         bad = [(s, v) for s, v in zip(steps, values) if not _finite_positive(v)]
@@ -211,16 +211,14 @@ def loss_panel(ax, runs: list[RunLog]) -> None:
                        zorder=5, clip_on=False)
             kinds = sorted({str(v) for _, v in bad})
             bad_notes.append(f"{run.label}: loss {'/'.join(kinds)} at {_step_ranges([s for s, _ in bad])}")
-    log = bool(all_good) and max(all_good) / min(all_good) > LOSS_LOG_SPAN
-    if log:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(_PlainLogFormatter())  # plain numbers (6, 0.6), not 6.1 x 10^0 or 6e-01
-        ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())  # plain numbers (6, 0.6), not 6.1 x 10^0 or 6e-01
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     _integer_steps(ax, all_steps)
     ax.set_xlabel("\n".join(["optimizer step", *(f"red x at the top: {note}" for note in bad_notes)]))
     if bad_notes:
         ax.xaxis.label.set_color("red")
-    ax.set_ylabel("training loss (log scale)" if log else "training loss")
+    ax.set_ylabel("training loss (log scale)")
     ax.set_title("training loss")
     ax.legend(fontsize=8)
 
