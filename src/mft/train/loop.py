@@ -363,13 +363,12 @@ class MaskTracker:
         self.previous = {name: layer.mask for name, layer in self.layers.items()}
 
     def stats(self) -> dict:
-        import re
+        from mft.masking.select import layer_index
 
         per_layer: dict[str, list[int]] = {}  # layer -> [changed, kept, entries]
         for name, layer in self.layers.items():
             mask = layer.mask
-            index = re.search(r"\.(\d+)\.", name)
-            entry = per_layer.setdefault(index.group(1) if index else name, [0, 0, 0])
+            entry = per_layer.setdefault(layer_index(name) or name, [0, 0, 0])
             entry[0] += int((mask != self.previous[name]).sum())
             entry[1] += int(mask.sum())
             entry[2] += mask.numel()
@@ -478,11 +477,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                               num_warmup_steps=int(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
     accelerator.register_for_checkpointing(scheduler)
 
-    def refresh():  # DeepSpeed: masks from the fp32 master scores, the same on every rank
-        if method == "mft" and ds:
+    def refresh():  # MFT, after every optimizer step: every mask from the stepped scores, all in one batch
+        if method == "mft" and ds:  # DeepSpeed: from the fp32 master scores, the same on every rank
             from deepspeed.utils import safe_get_full_fp32_param
 
             refresh_masks(unwrapped, safe_get_full_fp32_param, managed=True)
+        elif method == "mft":  # fused AdamW steps without bumping the scores' version counter: refresh anyway
+            refresh_masks(unwrapped)
 
     # resume
     completed_steps, start_epoch, skip_batches = 0, 0, 0
