@@ -219,7 +219,7 @@ def setup_variant(kind: str, model, layers, keep=0.9, score_seed=3):
         for layer in masked_modules(model).values():  # ablations: switch this issue's changes off again
             if kind == "mft-frozen":
                 layer.set_mask(layer.mask)
-                layer.managed = True  # never recomputed: the optimizer hook's invalidations are ignored
+                layer.managed = True  # never recomputed: refresh_after_step's invalidations are ignored
             if kind == "mft-cache":
                 layer.cache_masked_weight = True
             if kind == "mft-kth":
@@ -246,8 +246,14 @@ def setup_variant(kind: str, model, layers, keep=0.9, score_seed=3):
 
 
 def make_optimizer(params, lr=2e-5):
-    """AdamW as `mft.train.loop` builds it (fused; the published setting), for every variant alike."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    """AdamW as `mft.train.loop` builds it (fused; the published setting), for every variant alike. Hooked by
+    `refresh_after_step`, so our layers recompute their masks once per step, as in `mft train` (a no-op for
+    the other variants: their parameters carry no mask layer)."""
+    from mft.masking.layer import refresh_after_step
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    refresh_after_step(optimizer)
+    return optimizer
 
 
 def train_step(model, optimizer, batches):

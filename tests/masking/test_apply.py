@@ -19,7 +19,7 @@ from mft.masking.checkpoint import read_safetensors_header
 from mft.masking.config import MaskConfig
 from mft.masking.files import MaskSet, read_masks, write_masks
 from mft.masking.inject import extract_masks, inject_masks, masked_modules
-from mft.masking.layer import local_mask
+from mft.masking.rule import local_mask
 
 from tests.conftest import ROOT
 

@@ -12,8 +12,9 @@ from torch import nn
 from mft.masking.config import MaskConfig
 from mft.errors import MftError
 from mft.masking.inject import (bake_masks, extract_masks, inject_masks, load_masks_into, masked_modules,
-                                remove_masks)
-from mft.masking.layer import MaskedLinear, global_mask, local_mask, num_pruned
+                                refresh_after_step, remove_masks)
+from mft.masking.layer import MaskedLinear
+from mft.masking.rule import global_mask, local_mask, num_pruned
 from mft.tiny import tiny_model
 
 
@@ -147,6 +148,7 @@ def _train(model, steps, accum, per_forward, fused, seed=0):
     """A few AdamW steps with gradient accumulation; per_forward forces a recompute before every forward."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05,
                             fused=fused, foreach=None if fused else True)
+    refresh_after_step(opt)  # fused AdamW steps the scores without bumping their version counter
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(steps):
@@ -243,3 +245,71 @@ def test_load_masks_into_pins_given_masks_and_refuses_foreign_ones():
         load_masks_into(model, {name: torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(MftError, match="which the model does not have"):
         load_masks_into(model, {"model.layers.5.mlp.up_proj": given[name]})
+
+
+def test_importing_mft_registers_no_global_optimizer_hook():
+    """Importing the package changes no process-wide state: torch's global optimizer hook dicts are the same
+    before and after importing every module that touches the mask layer and the training loop."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, torch.optim.optimizer as o\n"
+        "before = [len(o._global_optimizer_pre_hooks), len(o._global_optimizer_post_hooks)]\n"
+        "import mft, mft.cli, mft.masking.layer, mft.masking.inject, mft.masking.apply, mft.masking.rule\n"
+        "import mft.train.loop\n"
+        "print(json.dumps({'before': before,\n"
+        "                  'after': [len(o._global_optimizer_pre_hooks), len(o._global_optimizer_post_hooks)]}))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["after"] == counts["before"], counts
+
+
+def test_refresh_after_step_hooks_that_optimizer_only(monkeypatch):
+    """Fused AdamW steps the scores without bumping their version counter, so without a hook the masks stay
+    those of the old scores; `refresh_after_step(optimizer)` hooks that optimizer (not torch globally): after
+    each of its steps every mask is the rule's for the new scores, all layers selected in one batch."""
+    import torch.optim.optimizer as optimizer_module
+
+    from mft.masking import rule as rule_module
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=100)
+    inject_masks(model, MaskConfig(masked_layers=[1, 2]), seed=3)
+    layers = masked_modules(model)
+    scores = [m.scores for m in layers.values()]
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def step(opt):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model(x, labels=x)  # the forward after the step reads every mask
+
+    def follow_the_scores():
+        return [torch.equal(m.mask, sort_reference(m.scores.detach(), 0.9)) for m in layers.values()]
+
+    hooked = torch.optim.AdamW(scores, lr=0.05, fused=True)
+    other = torch.optim.AdamW(scores, lr=0.05, fused=True)
+    step(hooked)
+    assert not all(follow_the_scores())  # the premise: fused steps go unnoticed without the hook
+    global_hooks = len(optimizer_module._global_optimizer_post_hooks)
+    handle = refresh_after_step(hooked)
+    assert len(optimizer_module._global_optimizer_post_hooks) == global_hooks
+    assert len(hooked._optimizer_step_post_hooks) == 1 and not other._optimizer_step_post_hooks
+    calls = []
+    real = rule_module.local_masks
+    monkeypatch.setattr(rule_module, "local_masks", lambda s, k, method=None: calls.append(len(s)) or real(s, k, method))
+    updates = [m.mask_updates for m in layers.values()]
+    for _ in range(2):
+        step(hooked)
+        assert all(follow_the_scores())
+    assert calls == [len(layers)] * 2  # one batched selection of all 14 matrices per step
+    assert [m.mask_updates for m in layers.values()] == [u + 2 for u in updates]
+    step(other)  # not hooked: its step goes unnoticed
+    assert not all(follow_the_scores())
+    handle.remove()
+    step(hooked)  # unhooked again
+    assert not all(follow_the_scores())

@@ -15,7 +15,8 @@ from torch import nn
 
 from mft.masking.config import MaskConfig
 from mft.masking.inject import extract_masks, inject_masks, masked_modules
-from mft.masking.layer import MaskedLinear, local_mask
+from mft.masking.layer import MaskedLinear
+from mft.masking.rule import local_mask
 from mft.tiny import tiny_model
 
 

@@ -13,9 +13,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from mft.masking import layer as layer_module
+from mft.masking import rule as rule_module
 from mft.masking.config import MaskConfig
-from mft.masking.inject import inject_masks, masked_modules
-from mft.masking.layer import _DIRECT, local_mask, local_masks, num_pruned, refresh_layers
+from mft.masking.inject import inject_masks, masked_modules, refresh_after_step
+from mft.masking.layer import refresh_layers
+from mft.masking.rule import _DIRECT, local_mask, local_masks, num_pruned
 from mft.tiny import tiny_model
 
 
@@ -119,13 +121,13 @@ def test_a_missed_bracket_falls_back_to_the_sort(monkeypatch):
     # Adversarial for a strided sample: every sampled entry (multiples of the stride) is large, the rest
     # tiny, so the sample puts the bracket far above the true cut-off.
     n = 4 * _DIRECT
-    stride = n // layer_module._SAMPLE[0]
+    stride = n // rule_module._SAMPLE[0]
     scores = torch.full((n,), 1e-3)
     scores[::stride] = 5.0
     scores[1::3] = 2e-3
     calls = []
-    real = layer_module._sorted_mask
-    monkeypatch.setattr(layer_module, "_sorted_mask", lambda key, j: calls.append(key.numel()) or real(key, j))
+    real = rule_module._sorted_mask
+    monkeypatch.setattr(rule_module, "_sorted_mask", lambda key, j: calls.append(key.numel()) or real(key, j))
     for keep in (0.9, 0.5):
         assert torch.equal(local_masks([scores], [keep], method="bracket")[0], sort_reference(scores, keep)), keep
     assert calls == [n, n]  # the fallback ran, once per call, over the whole matrix
@@ -175,7 +177,7 @@ class _HostReads(TorchFunctionMode):
 def test_one_host_read_for_all_matrices(monkeypatch):
     # This machine has no GPU: CUDA's default path is taken on CPU tensors by answering "not on the CPU" to
     # the one per-device switch (the CPU's radix path reads counts per matrix: free there).
-    monkeypatch.setattr(layer_module, "_on_cpu", lambda t: False)
+    monkeypatch.setattr(rule_module, "_on_cpu", lambda t: False)
     g = torch.Generator().manual_seed(4)
     scores = [torch.randn(300, 400, generator=g) * 0.02 for _ in range(5)]
     scores += [(torch.randn(500, 300, generator=g) * 0.02).to(torch.bfloat16) for _ in range(2)]
@@ -191,10 +193,11 @@ def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):
     inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
     layers = masked_modules(model)
     calls = []
-    real = layer_module.local_masks
-    monkeypatch.setattr(layer_module, "local_masks",
+    real = rule_module.local_masks
+    monkeypatch.setattr(rule_module, "local_masks",
                         lambda scores, keeps, method=None: calls.append(len(scores)) or real(scores, keeps, method))
     optimizer = torch.optim.SGD([m.scores for m in layers.values()], lr=1.0)
+    refresh_after_step(optimizer)  # the opt-in hook that groups the stepped layers
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     for step in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -213,8 +216,8 @@ def test_refresh_masks_batches_within_the_entry_budget(monkeypatch):
     inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
     layers = masked_modules(model)
     calls = []
-    real = layer_module.local_masks
-    monkeypatch.setattr(layer_module, "local_masks",
+    real = rule_module.local_masks
+    monkeypatch.setattr(rule_module, "local_masks",
                         lambda scores, keeps, method=None: calls.append(sum(s.numel() for s in scores))
                         or real(scores, keeps, method))
     monkeypatch.setattr(layer_module, "_BATCH_ENTRIES", 3 * 64 * 176)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from mft import hub as models
 from mft.cli import main
 from mft.masking.files import read_masks
-from mft.masking.layer import num_pruned
+from mft.masking.rule import num_pruned
 
 AVAILABLE, WHY = models.real_models_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AVAILABLE, reason=WHY)]

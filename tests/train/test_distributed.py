@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mft.masking.files import read_masks
-from mft.masking.layer import local_mask
+from mft.masking.rule import local_mask
 from mft.run_dir import FINISHED_MARKER
 from mft.train.loop import latest_checkpoint
 

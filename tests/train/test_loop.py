@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from mft.cli import main
 from mft.masking.files import read_masks
 from mft.masking.inject import masked_modules
-from mft.masking.layer import local_mask
+from mft.masking.rule import local_mask
 from mft.run_dir import FINISHED_MARKER
 from mft.train.config import TrainConfig
 from mft.train.loop import CHECKPOINTS, TRAIN_LOG, TRAINER_STATE, latest_checkpoint, train
@@ -124,6 +124,24 @@ def test_mft_trains_only_scores_and_writes_masks_not_weights(workspace):
     applied = load_file(str(out / "mask_applied" / "model.safetensors"))
     for name, mask in masks.masks.items():
         assert torch.equal(applied[f"{name}.weight"], before[f"{name}.weight"] * mask)
+
+
+def test_mft_with_fused_adamw_refreshes_every_mask_after_every_step(workspace):
+    """No global optimizer hook: the loop itself refreshes the masks after each optimizer step, also when fused
+    AdamW steps the scores without bumping their version counter. Once at the start and once per step (each
+    of 2 micro-batches), never per micro-batch; every logged step saw its masks move."""
+    result = run(workspace, "mft_fused", subnet_mode="both", masked_layers="1", learning_rate=0.05,
+                 warmup_ratio=0.0, fused_optimizer=True, max_train_steps=3)
+    out = result.output_dir
+    records = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["mask_changed"] > 0 for r in records), [r["mask_changed"] for r in records]
+    layers = masked_modules(result.model)
+    masks = read_masks(out / "masks.safetensors")
+    assert len(layers) == 7 and set(masks.masks) == set(layers)
+    for name, layer in layers.items():
+        assert layer.mask_updates == 1 + 3, name
+        assert torch.equal(masks.masks[name], local_mask(layer.scores.detach(), 0.9)), name
 
 
 def test_lora_trains_and_merges(workspace):

@@ -29,7 +29,7 @@ from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Che
                                    model_skeleton, read_safetensors_header)
 from mft.masking.config import MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
-from mft.masking.layer import global_mask, local_mask, per_matrix_local_mask
+from mft.masking.rule import compute_mask, per_matrix_local_mask, random_mask
 from mft.masking.select import Target, linear_kind, select_targets
 from mft.paths import (check_writable, follow_umask, make_temp_dir, os_error, remove_leftovers, swap_into_place,
                        temp_sibling)
@@ -48,7 +48,7 @@ def targets_of(checkpoint: Checkpoint, cfg: MaskConfig) -> list[Target]:
 def random_masks(targets: list[Target], cfg: MaskConfig, seed: int = 42) -> MaskSet:
     """Keep each weight independently with probability keep_ratio (published random baseline), seeded."""
     generator = torch.Generator().manual_seed(seed)
-    masks = {t.name: torch.rand(t.shape, generator=generator) < cfg.keep_ratio(t.kind) for t in targets}
+    masks = {t.name: random_mask(t.shape, cfg.keep_ratio(t.kind), generator) for t in targets}
     return _mask_set(masks, targets, cfg, "random")
 
 
@@ -85,8 +85,7 @@ def masks_from_scores_checkpoint(checkpoint: Checkpoint, overrides: dict | None 
         name = key[: -len(".scores")]
         kind = linear_kind(name) or "mlp"
         scores = checkpoint.read([key])[key]
-        masks[name] = (local_mask(scores, cfg.keep_ratio(kind)) if cfg.subnet_type == "local"
-                       else global_mask(scores, cfg.threshold(kind)))
+        masks[name] = compute_mask(scores, cfg.rule(kind))
         kinds[name], ratios[name] = kind, cfg.keep_ratio(kind)
     return MaskSet(masks, kinds, ratios, "learned", cfg.to_dict(), None)
 

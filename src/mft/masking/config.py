@@ -106,6 +106,12 @@ class MaskConfig:
     def threshold(self, kind: str) -> float:
         return self.threshold_attn if kind == "attn" else self.threshold_mlp
 
+    def rule(self, kind: str):
+        """The `mft.masking.rule.MaskRule` of an `attn` or `mlp` weight (any other kind: mlp's)."""
+        from mft.masking.rule import MaskRule
+
+        return MaskRule(self.subnet_type, self.keep_ratio(kind), self.threshold(kind))
+
     @classmethod
     def from_dict(cls, values: dict, strict: bool = False) -> "MaskConfig":
         """Build from a mapping that may use the published key names; other keys are ignored unless strict."""

@@ -1,6 +1,7 @@
 """Model-level operations: inject mask layers, read their masks, bake them into the weights, undo.
 
     targets = inject_masks(model, MaskConfig(masked_layers=[4, 5, 6, 7]))   # only scores train now
+    refresh_after_step(optimizer)         # your own loop: masks follow every optimizer step
     ...train...
     masks = extract_masks(model)          # {module name: bool tensor}
     bake_masks(model)                     # plain model again, masked weights exactly zero
@@ -16,7 +17,7 @@ from torch import nn
 
 from mft.errors import MftError
 from mft.masking.config import MaskConfig
-from mft.masking.layer import MaskedExperts, MaskedLinear, refresh_layers
+from mft.masking.layer import MaskedExperts, MaskedLinear, refresh_after_step, refresh_layers  # noqa: F401
 from mft.masking.select import Target, coverage_table, select_targets
 
 logger = logging.getLogger(__name__)

@@ -2,26 +2,25 @@
 
 `MaskedLinear` takes over an existing `nn.Linear`'s `weight` and `bias` Parameters (the same objects, never
 copies) and adds one trainable real-valued score per weight. Its forward pass computes
-`x @ (W * M(S)).T + b` with
-
-- **local** rule (published): per matrix, prune the `j = int((1 - keep_ratio) * n)` entries with the
-  smallest |S| and keep the rest. *Tie rule*: where several entries share the cut-off |S|, those with the
-  lowest row-major index are pruned first — exactly what a stable ascending sort of |S| gives. With
-  distinct |S| (the normal case for fp32 scores) the mask is bit-identical to the published sort.
-- **global** rule: `M = (S >= threshold)` on the raw signed scores.
+`x @ (W * M(S)).T + b`, `M(S)` given by the layer's `MaskRule` (local: the top `keep_ratio` of |S| per
+matrix; global: `S >= threshold`), computed by `mft.masking.rule` (the rule, its tie rule and its selection
+live there; `num_pruned`, `local_mask`, `local_masks`, `global_mask`, `matrix_views` and
+`per_matrix_local_mask` are importable from here too).
 
 Gradient (straight-through, as published): the mask's gradient passes unchanged to |S|, so
 `dL/dS = (dL/dW_eff * W) * sign(S)`.
 
-The mask is cached and recomputed only when the scores change: after a `torch.optim` optimizer steps over
-them (a global step hook marks the mask stale), when they are modified in place outside `.data` (tracked
-through the tensor version counter), or on an explicit `refresh_mask()` — which is what a DeepSpeed loop
-calls after each step, because DeepSpeed updates parameters behind autograd's back. Recomputing on every
-micro-batch, as the original did, gives the same masks at a multiple of the cost. `W * M` is built in the
-forward and not kept for the backward (autograd would otherwise hold one weight-sized tensor per masked
-matrix from forward to backward): the backward rebuilds it from W and the cached mask, one multiply.
-`cache_masked_weight = True` on a layer keeps it between optimizer steps instead (a few per cent faster,
-one weight-sized tensor more). benchmarks/README.md has the measurements.
+The mask is cached and recomputed only when the scores change: when they are modified in place outside
+`.data` (tracked through the tensor version counter: plain and foreach `torch.optim` steps do that), after a
+step of an optimizer that `refresh_after_step(optimizer)` hooked (needed for optimizers that update without
+the version counter, e.g. fused AdamW; the hook also selects all layers' masks in one batch), or on an
+explicit `refresh_mask()` / `refresh_layers()` — which is what the training loop calls after each optimizer
+step, on every path (DeepSpeed updates parameters behind autograd's back). Importing this module registers
+nothing global. Recomputing on every micro-batch, as the original did, gives the same masks at a multiple
+of the cost. `W * M` is built in the forward and not kept for the backward (autograd would otherwise hold
+one weight-sized tensor per masked matrix from forward to backward): the backward rebuilds it from W and the
+cached mask, one multiply. `cache_masked_weight = True` on a layer keeps it between optimizer steps instead
+(a few per cent faster, one weight-sized tensor more). benchmarks/README.md has the measurements.
 """
 
 from __future__ import annotations
@@ -33,184 +32,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from mft.masking.rule import (MaskRule, compute_mask, compute_masks, global_mask, local_mask,  # noqa: F401
+                              local_masks, matrix_views, num_pruned, per_matrix_local_mask)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def num_pruned(numel: int, keep_ratio: float) -> int:
-    """Entries the local rule prunes: the published `int((1 - k) * n)`, float arithmetic included."""
-    return int((1 - keep_ratio) * numel)
-
-
-# Integer views of non-negative floats order exactly like the values (NaN, whose bits are the largest, last
-# as in `torch.sort`): the selection compares these. bf16/fp16 keep their own 16 bits (no widening).
-_ORDERED_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-                torch.float16: torch.int16}
-# The smallest NaN key (+inf's bits + 1): NaNs with other payloads are clamped to it wherever their order
-# among themselves could matter, so that all NaNs tie and fall by index, as in the sort.
-_NAN_KEY = {torch.float32: 0x7F800001, torch.float64: 0x7FF0000000000001, torch.bfloat16: 0x7F81,
-            torch.float16: 0x7C01}
-_SAMPLE = (1 << 14, 1 << 18)  # entries sampled per matrix to place the bracket: n / 256 within these bounds
-_DIRECT = 1 << 15  # matrices up to this size are selected by one stable sort: the bracket would not pay
-
-
-@torch.no_grad()
-def local_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Boolean mask keeping all but the `num_pruned` entries of smallest |scores| (tie rule: module doc).
-
-    `scores`: any shape, float32/float64/bfloat16/float16, any device; returns a bool tensor of its shape on
-    its device. One matrix of `local_masks`, which selects many with one host synchronisation.
-    """
-    return local_masks([scores], [keep_ratio])[0]
-
-
-@torch.no_grad()
-def local_masks(scores_list, keep_ratios, method: str | None = None) -> list[torch.Tensor]:
-    """`local_mask` of every `(scores, keep_ratio)` pair, bit for bit, with one host synchronisation for all.
-
-    The published rule is a stable ascending sort of |S| whose first `num_pruned(n, k)` entries are pruned.
-    Here, per matrix, with |S| viewed as ordered integers:
-
-    1. a strided sample of n / 256 entries (16k to 256k) is sorted and two sample quantiles a few standard errors
-       either side of the cut-off's rank give a bracket `[lo, hi]`;
-    2. one pass counts the entries below `lo` and up to `hi` (all matrices' counts come to the host together:
-       the only synchronisation). When `count(< lo) < j <= count(<= hi)` the cut-off lies in the bracket,
-       every entry below `lo` is pruned and the remaining `j - count(< lo)` come from the bracket's
-       candidates (about 4 / sqrt(sample) of the entries), taken in row-major order so that ties fall as
-       in the stable sort;
-    3. the candidates are selected exactly by a stable sort. A bracket that misses (adversarial layouts
-       that fool the strided sample) falls back to the full stable sort for that matrix: slower, never
-       different.
-
-    That is the `"bracket"` method, the default off the CPU: no histogram (CUDA's `bincount` serialises on
-    atomics when N(0, 0.02) scores fill few buckets) and no per-matrix synchronisation. On the CPU, where a
-    synchronisation costs nothing and a histogram is one cheap pass, the default is `"radix"`
-    (`_radix_mask`: a histogram of the keys' top bits, then `kthvalue` in the cut-off's bucket). Both give
-    the stable sort's bits. Raises ValueError for a length mismatch or a dtype it cannot order.
-    """
-    scores_list = list(scores_list)
-    keep_ratios = list(keep_ratios)
-    if len(scores_list) != len(keep_ratios):
-        raise ValueError(f"local_masks got {len(scores_list)} score tensors but {len(keep_ratios)} keep ratios")
-    if method not in (None, "bracket", "radix"):
-        raise ValueError(f"unknown selection method {method!r}; expected bracket, radix or None (by device)")
-    for i, scores in enumerate(scores_list):
-        if scores.dtype not in _ORDERED_INT:
-            raise ValueError(f"local_mask: scores must be float32, float64, bfloat16 or float16; tensor {i} is "
-                             f"{scores.dtype}")
-    masks: list[torch.Tensor | None] = [None] * len(scores_list)
-    pending = []  # (i, flat scores, j, keep, in_bracket, counts tensor, lo == hi tensor)
-    for i, (scores, keep_ratio) in enumerate(zip(scores_list, keep_ratios)):
-        flat = scores.detach().reshape(-1)
-        n = flat.numel()
-        j = num_pruned(n, keep_ratio)
-        if j <= 0 or j >= n:
-            masks[i] = torch.full(scores.shape, j <= 0, dtype=torch.bool, device=scores.device)
-            continue
-        if n <= _DIRECT:
-            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(scores.shape)
-            continue
-        if (method or ("radix" if _on_cpu(flat) else "bracket")) == "radix":
-            masks[i] = _radix_mask(_keys(flat), j, flat.dtype).view(scores.shape)
-            continue
-        key = _keys(flat)  # NaN payloads not canonical: lo and hi below are, and the comparisons allow for it
-        stride = n // min(max(n >> 8, _SAMPLE[0]), _SAMPLE[1])
-        sample = _keys(flat[::stride], canonical=True).sort().values
-        m = sample.numel()
-        rank = j * m / n  # the cut-off's expected 0-based rank in the sample, give or take one
-        margin = 2 * math.isqrt(m) + 2  # > 4 standard errors of a sample quantile's rank
-        lo_rank, hi_rank = math.floor(rank) - margin, math.ceil(rank) + margin
-        lo = sample[lo_rank] if lo_rank > 0 else None
-        hi = sample[hi_rank] if hi_rank < m else None
-        if hi is not None:  # hi a NaN: every NaN is a candidate, none above (no synchronisation to find out)
-            hi = torch.where(hi == _NAN_KEY[flat.dtype], torch.iinfo(key.dtype).max, hi)
-        keep = key >= lo if lo is not None else torch.ones(n, dtype=torch.bool, device=key.device)
-        above = key > hi if hi is not None else torch.zeros(n, dtype=torch.bool, device=key.device)
-        counts = torch.stack([keep.count_nonzero(), above.count_nonzero()])  # n - count(< lo), n - count(<= hi)
-        same = (lo == hi) if lo is not None and hi is not None else torch.zeros((), dtype=torch.bool,
-                                                                                   device=key.device)
-        in_bracket = keep ^ above  # above implies keep: this is lo <= key <= hi
-        del key, above
-        pending.append((i, flat, j, keep, in_bracket, counts, same))
-    if not pending:
-        return masks
-    host = torch.cat([torch.cat([p[5], p[6].reshape(1).to(p[5].dtype)]) for p in pending]).tolist()  # the sync
-    for index, (i, flat, j, keep, in_bracket, _, _) in enumerate(pending):
-        n = flat.numel()
-        n_keep, n_above, same = host[3 * index: 3 * index + 3]
-        below, upto = n - n_keep, n - n_above
-        shape = scores_list[i].shape
-        if not below < j <= upto:  # the bracket missed the cut-off: the reference itself
-            masks[i] = _sorted_mask(_keys(flat, canonical=True), j).view(shape)
-            continue
-        k = j - below  # how many candidates to prune, in (value, row-major index) order
-        # row-major order, the size known: no synchronisation on CUDA
-        idx = torch.nonzero_static(in_bracket, size=upto - below).squeeze(1)
-        del in_bracket
-        if same:  # all candidates are equal: the first k in row-major order go
-            keep_candidate = torch.arange(idx.numel(), device=idx.device) >= k
-        else:
-            keep_candidate = _sorted_mask(_keys(flat[idx], canonical=True), k)
-        keep.index_put_((idx,), keep_candidate)
-        masks[i] = keep.view(shape)
-    return masks
-
-
-def _on_cpu(t: torch.Tensor) -> bool:
-    """Whether `t` lives where a synchronisation costs nothing (the CPU): selects the per-device paths."""
-    return t.device.type == "cpu"
-
-
-def _keys(flat: torch.Tensor, canonical: bool = False) -> torch.Tensor:
-    """|x| as integers ordered like the values (abs(-0.0) = +0.0: signed zeros tie, as in the sort);
-    `canonical`: every NaN the same key, so that NaNs tie as in the sort (an extra pass over the keys)."""
-    key = flat.abs().view(_ORDERED_INT[flat.dtype])
-    return key.clamp_(max=_NAN_KEY[flat.dtype]) if canonical else key
-
-
-def _sorted_mask(key: torch.Tensor, j: int) -> torch.Tensor:
-    """The published rule literally: prune the first j of a stable ascending sort."""
-    mask = torch.ones(key.shape, dtype=torch.bool, device=key.device)
-    mask[key.sort(stable=True).indices[:j]] = False
-    return mask
-
-
-# bits below the histogram's: about 2^15 buckets for fp32/fp64 keys; bf16/fp16 keys are counted exactly
-_RADIX_SHIFT = {torch.int32: 16, torch.int64: 48, torch.int16: 0}
-
-
-def _radix_mask(key: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
-    """The CPU path: the keep mask pruning the j smallest of `key` (1-d, non-canonical NaNs allowed), ties
-    by row-major index. A histogram of the top bits finds the cut-off's bucket, `kthvalue` runs in that
-    bucket only; ties at the cut-off are resolved by index only when they straddle it."""
-    shift = _RADIX_SHIFT[key.dtype]
-    top = key >> shift if shift else key
-    cumulative = torch.bincount(top).cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, j))  # the first bucket whose cumulative count reaches j
-    below = int(cumulative[bucket - 1]) if bucket else 0
-    members = key[top == bucket]
-    del top
-    cutoff = members.kthvalue(j - below).values
-    nan_key = _NAN_KEY[dtype]
-    if int(cutoff) >= nan_key:  # the cut-off is a NaN: all NaNs tie, whatever their payload
-        cutoff = torch.tensor(nan_key, dtype=key.dtype)
-        prune = key < cutoff
-        need = j - int(prune.sum())
-        prune[(key >= cutoff).nonzero().squeeze(1)[:need]] = True
-        return ~prune
-    below += int((members < cutoff).sum())
-    if below + int((members == cutoff).sum()) == j:  # no tie straddles the cut-off
-        return key > cutoff
-    prune = key < cutoff
-    prune[(key == cutoff).nonzero().squeeze(1)[: j - below]] = True
-    return ~prune
-
-
-@torch.no_grad()
-def global_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask `scores >= threshold` on the raw signed scores (published `subnet_type: global`)."""
-    return scores.detach() >= threshold
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -267,49 +93,6 @@ def _recompute_hooks(masked_weight: torch.Tensor, weight: torch.Tensor, mask: to
     return pack, unpack
 
 
-def matrix_views(t: torch.Tensor, layout: str = "linear", split: str | None = None) -> list[torch.Tensor]:
-    """Views of `t`, one per matrix the local rule treats on its own, each as `[out, in]` (nn.Linear's layout).
-
-    `layout` (see `mft.masking.select`): `linear` [out, in] -> itself; `conv1d` [in, out] -> its transpose;
-    `experts` [E, out, in] / `experts_t` [E, in, out] -> one matrix per expert, and with `split` a fused
-    gate_up expert matrix gives two: `halves` (rows [:I] = gate, [I:] = up; Mixtral's on-disk w1 / w3) or
-    `interleaved` (rows 0::2 = gate, 1::2 = up; gpt-oss). Views share `t`'s storage, so writing into the
-    views of a mask tensor fills it.
-    """
-    if layout == "linear":
-        return [t]
-    if layout == "conv1d":
-        return [t.t()]
-    if layout not in ("experts", "experts_t"):
-        raise ValueError(f"unknown weight layout {layout!r}; expected linear, conv1d, experts or experts_t")
-    views = []
-    for e in range(t.shape[0]):
-        m = t[e] if layout == "experts" else t[e].t()
-        if split == "halves":
-            half = m.shape[0] // 2
-            views += [m[:half], m[half:]]
-        elif split == "interleaved":
-            views += [m[0::2], m[1::2]]
-        else:
-            views.append(m)
-    return views
-
-
-@torch.no_grad()
-def per_matrix_local_mask(scores: torch.Tensor, keep_ratio: float, layout: str = "linear",
-                          split: str | None = None) -> torch.Tensor:
-    """The local rule applied to each matrix of `matrix_views` alone: each prunes `int((1 - k) * n)` of its own
-    `n` entries (tie rule in `[out, in]` row-major order). Bool, `scores`-shaped."""
-    if layout == "linear":
-        return local_mask(scores, keep_ratio)
-    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    views = matrix_views(mask, layout, split)
-    # all matrices (experts, halves) selected in one batch: one host synchronisation on CUDA
-    for m, selected in zip(views, local_masks(matrix_views(scores, layout, split), [keep_ratio] * len(views))):
-        m.copy_(selected)
-    return mask
-
-
 class _MaskedTensor(nn.Module):
     """What every mask layer shares: the scores, the rule, the cached mask and its refresh, score init and the
     cached `W * M`. Subclasses give `weight` and the forward."""
@@ -324,7 +107,7 @@ class _MaskedTensor(nn.Module):
         # Under DeepSpeed ZeRO-3 the weight may already be partitioned: its full shape is `ds_shape`.
         shape = tuple(getattr(weight, "ds_shape", weight.shape))
         self.scores = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
-        self.scores._mft_module = weakref.ref(self)  # lets the optimizer step hook find this module
+        self.scores._mft_module = weakref.ref(self)  # lets refresh_after_step's hook find this module
         self._mask: torch.Tensor | None = None
         self._mask_key = None
         self._generation = 0
@@ -336,18 +119,19 @@ class _MaskedTensor(nn.Module):
         self.mask_updates = 0  # how many times the mask was (re)computed: once per optimizer step, not per forward
         self._refresh_group = None  # weakrefs to the layers the last optimizer step invalidated with this one
 
+    @property
+    def rule(self) -> MaskRule:
+        """This layer's mask rule (`subnet_type`, `keep_ratio`, `threshold`)."""
+        return MaskRule(self.subnet_type, self.keep_ratio, self.threshold)
+
     def _rule_repr(self) -> str:
-        rule = f"keep_ratio={self.keep_ratio}" if self.subnet_type == "local" else f"threshold={self.threshold}"
-        return f"kind={self.kind}, {self.subnet_type}, {rule}, scores={str(self.scores.dtype).split('.')[-1]}"
+        return f"kind={self.kind}, {self.rule}, scores={str(self.scores.dtype).split('.')[-1]}"
 
     # -- the mask ---------------------------------------------------------------------------------------
     def compute_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
         """The mask the rule gives for `scores` (default: this layer's own scores); no caching. The local rule
         runs per matrix (`matrix_views`): per expert, and per gate / up half of a fused gate_up."""
-        scores = self.scores if scores is None else scores
-        if self.subnet_type == "local":
-            return per_matrix_local_mask(scores, self.keep_ratio, self.layout, self.split)
-        return global_mask(scores, self.threshold)
+        return compute_mask(self.scores if scores is None else scores, self.rule, self.layout, self.split)
 
     def _key(self):
         # The version counter survives DeepSpeed swapping `.data`; the generation counts optimizer steps.
@@ -489,41 +273,29 @@ class MaskedLinear(_MaskedTensor):
         return linear
 
 
-_BATCH_ENTRIES = 1 << 28  # score entries selected per `local_masks` call by refresh_layers (bounds the memory)
+_BATCH_ENTRIES = 1 << 28  # score entries selected per `compute_masks` call by refresh_layers (bounds the memory)
 
 
 @torch.no_grad()
 def refresh_layers(layers, full_scores=None, budget: int = _BATCH_ENTRIES) -> None:
     """Recompute and cache the masks of `layers` (mask layers, in order) now.
 
-    The matrices of all local-rule layers (`matrix_views`: per expert, per gate / up half, [out, in]) are
-    selected together through `local_masks` (one host synchronisation per batch of at most `budget` score
-    entries; the bits are those of `refresh_mask`); global-rule layers through their own `refresh_mask`.
-    `full_scores(param)`, when given, supplies each layer's scores (e.g. DeepSpeed's
-    `safe_get_full_fp32_param`, a collective): it is called once per layer, in order.
+    The layers are cut into batches of at most `budget` score entries and each batch's masks are computed by
+    one `compute_masks` call (all local-rule matrices selected together: one host synchronisation per batch;
+    the bits are those of `refresh_mask`). `full_scores(param)`, when given, supplies each layer's scores
+    (e.g. DeepSpeed's `safe_get_full_fp32_param`, a collective): it is called once per layer, in order.
     """
     batch, size = [], 0
 
     def flush():
-        matrices, keeps, targets, masks = [], [], [], []
-        for layer, scores in batch:
-            mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-            views = matrix_views(mask, layer.layout, layer.split)
-            matrices += matrix_views(scores, layer.layout, layer.split)
-            keeps += [layer.keep_ratio] * len(views)
-            targets += views
-            masks.append(mask)
-        for target, selected in zip(targets, local_masks(matrices, keeps)):
-            target.copy_(selected)
+        masks = compute_masks([scores for _, scores in batch], [layer.rule for layer, _ in batch],
+                              [layer.layout for layer, _ in batch], [layer.split for layer, _ in batch])
         for (layer, _), mask in zip(batch, masks):
             layer._store_mask(mask)
         batch.clear()
 
     for layer in layers:
         scores = layer.scores if full_scores is None else full_scores(layer.scores)
-        if layer.subnet_type != "local":
-            layer.refresh_mask(scores)
-            continue
         if batch and size + scores.numel() > budget:
             flush()
             size = 0
@@ -660,8 +432,8 @@ def _masked_owner_forward(owner: nn.Module, *args, **kwargs):
 
 
 def _invalidate_after_step(optimizer, args, kwargs) -> None:
-    """Global `torch.optim` post-step hook: mark the masks of every stepped score tensor stale, and group
-    the layers so that the first forward after the step selects all their masks in one batch."""
+    """`refresh_after_step`'s hook: mark the masks of every stepped score tensor stale, and group the layers so
+    that the first forward after the step selects all their masks in one batch."""
     modules = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -675,4 +447,13 @@ def _invalidate_after_step(optimizer, args, kwargs) -> None:
         module._refresh_group = refresh_group
 
 
-register_optimizer_step_post_hook(_invalidate_after_step)
+def refresh_after_step(optimizer: torch.optim.Optimizer):
+    """For your own training loop: after every `optimizer.step()`, the masks of the scores it stepped are
+    recomputed (at the next forward, all layers in one batch). Registers a step post-hook on `optimizer` only
+    (`Optimizer.register_step_post_hook`; nothing global); returns its handle (`.remove()` undoes it).
+
+    Needed when the optimizer updates the scores without bumping their version counter (fused AdamW does
+    not); plain and foreach optimizers are noticed without it, one layer at a time. `mft train` needs none:
+    it refreshes every mask after each optimizer step itself.
+    """
+    return optimizer.register_step_post_hook(_invalidate_after_step)

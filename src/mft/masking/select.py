@@ -52,6 +52,7 @@ _EXPERT_PARAMS = {"gate_up_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2
 _PLAIN_LINEAR_SUBCLASSES = {"FalconLinear"}
 LAYOUTS = ("linear", "conv1d", "experts", "experts_t")
 _KIND_WORDS = {"attn": "attention", "mlp": "MLP", "router": "router", None: "unclassified"}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,14 @@ def linear_kind(path: str) -> str | None:
         if _MLP.search(part):
             return "mlp"
     return None
+
+
+def layer_index(name: str) -> str | None:
+    """The decoder layer a weight or module name sits in, for per-layer counts: the first `.N.` component
+    (`model.layers.4.self_attn.q_proj` -> `"4"`, `model.language_model.layers.12.mlp.experts.down_proj` ->
+    `"12"`); None when the name has none (e.g. `lm_head`)."""
+    found = _LAYER_INDEX.search(name)
+    return found.group(1) if found else None
 
 
 def _is_router(module_path: str, modules: dict[str, nn.Module]) -> bool:
@@ -371,8 +380,7 @@ def coverage_table(targets: list[Target]) -> str:
     for t in targets:
         rows.append((t.name, t.kind, t.layout + (f"/{t.split}" if t.split else ""), "x".join(map(str, t.shape)),
                      str(t.experts or "-"), str(t.matrices), f"{t.entries:,}"))
-        layer = re.search(r"\.(\d+)\.", t.name)
-        total = per_layer.setdefault(layer.group(1) if layer else t.name, [0, 0, 0])
+        total = per_layer.setdefault(layer_index(t.name) or t.name, [0, 0, 0])
         total[0] += 1
         total[1] += t.matrices
         total[2] += t.entries

@@ -3,8 +3,10 @@
     cfg = load_config("configs/train_configs/llama2_7b_math_local_masktune.yaml", ["--output_dir=out"])
     train(cfg)
 
-One straight function, `train`, in the order things happen: check everything that can be checked without
-weights, load data and model, set the method up, prepare, resume, loop, save. What each method writes:
+`train` names its steps in the order they happen: check everything that can be checked without weights
+(`_preflight`), load data (`_data`) and model and set the method up (`_model`), prepare (`_prepare`),
+resume (`_resume`), the optimizer steps (`_steps`), save (`_finish`). What differs between fft, mft and lora
+is one `mft.train.methods.Method` record, looked up once. What each method writes:
 
 - fft / lora: `output_dir` is a `from_pretrained` folder (safetensors shards + tokenizer); LoRA is merged.
 - mft: `output_dir` holds `masks.safetensors` (the mask the model uses at the end of training, bit for bit),
@@ -30,7 +32,6 @@ scores, see the README's fidelity table.)
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -39,8 +40,9 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +51,7 @@ from mft.train import guard
 from mft.run_dir import (CHECKPOINTS, FINISHED_MARKER, SNAPSHOT_INFO, SNAPSHOTS, TRAIN_LOG, TRAINER_STATE,
                          check_output_dir, latest_checkpoint, mark_finished)
 from mft.train.config import TrainConfig, load_model_config, validate_against_model
+from mft.train.methods import Method, method_of
 
 logger = logging.getLogger("mft.train")
 
@@ -98,14 +101,13 @@ def _preflight(cfg: TrainConfig) -> str:
     return state
 
 
-def _load_model(cfg: TrainConfig, accelerator, ds_config):
+def _load_model(cfg: TrainConfig, method: Method, accelerator, ds_config):
     from mft.models import load_pretrained
     from mft.precision import training_dtype
 
-    method = cfg.resolved_method
     # Frozen-weight methods need no fp32 master weights: load them in the training precision directly.
     dtype = torch.float32
-    if accelerator.mixed_precision == "bf16" and (method != "fft" or ds_config is not None):
+    if accelerator.mixed_precision == "bf16" and (method.frozen_weights or ds_config is not None):
         dtype = torch.bfloat16
     dtype = training_dtype(accelerator, dtype, cfg.model_name_or_path, deepspeed=ds_config is not None)
     # what the forward computes in: the autocast / DeepSpeed precision where one is on, else the weights' dtype
@@ -141,28 +143,6 @@ def _grow_embeddings(cfg: TrainConfig, model, tokenizer, main: bool) -> None:
                     model.get_input_embeddings().num_embeddings)
 
 
-def _setup_method(cfg: TrainConfig, model):
-    """Turn the loaded model into what is trained; returns (model, description)."""
-    method = cfg.resolved_method
-    if method == "mft":
-        from mft.masking.inject import inject_masks
-
-        targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed)
-        entries = sum(t.entries for t in targets)
-        return model, f"MFT: {len(targets)} masked matrices, {entries:,} scores"
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return model, f"LoRA rank {cfg.lora_rank}: {trainable:,} trainable parameters"
-    return model, f"FFT: {sum(p.numel() for p in model.parameters()):,} parameters"
-
-
 def _gradient_clipping(cfg: TrainConfig, ds_config: dict | None) -> float:
     """The max gradient norm the run clips to (0.0: off). Unset `clip_grad_norm`: 1.0, the value of every
     published run (DeepSpeed's `gradient_clipping: auto`, which accelerate fills with 1.0); under DeepSpeed a
@@ -195,14 +175,14 @@ def _optimizer(cfg: TrainConfig, model, ds_config):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cfg.fused_optimizer or None)
 
 
-def _shard_optimizer_state(cfg: TrainConfig, optimizer, accelerator, ds_config):
+def _shard_optimizer_state(cfg: TrainConfig, method: Method, optimizer, accelerator, ds_config):
     """The MFT layout without DeepSpeed (issue 12): frozen weights replicated in their training precision under
     plain DDP (no gradients, no master copies, nothing gathered), the scores' gradients all-reduced by DDP,
     and their AdamW state sharded over the processes (`ZeroRedundancyOptimizer`: each rank steps its shard
     and broadcasts the new scores, so every rank holds the same scores and computes the same masks).
     Returns `optimizer` unchanged for one process, DeepSpeed, other methods or `shard_optimizer_state: false`."""
     if (ds_config is not None or accelerator.num_processes == 1 or not cfg.shard_optimizer_state
-            or cfg.resolved_method != "mft" or not isinstance(optimizer, torch.optim.AdamW)):
+            or not method.shard_optimizer_state or not isinstance(optimizer, torch.optim.AdamW)):
         return optimizer
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -285,10 +265,9 @@ def checkpoint_due(every, completed_steps: int, batches_in_epoch: int, batches_p
     return step_in_epoch in {math.ceil(j * steps_per_epoch / k) for j in range(1, k + 1)}
 
 
-def _save_snapshot(accelerator, cfg, model, tokenizer, state: dict, extract_masks) -> Path:
+def _save_snapshot(accelerator, cfg, method: Method, model, tokenizer, state: dict) -> Path:
     """snapshots/step_N/: a from_pretrained folder (FFT; LoRA merged) or the mask file and mft_run.json (MFT),
     written under a temporary name and renamed when complete. Never pruned."""
-    method = cfg.resolved_method
     root = Path(cfg.output_dir) / SNAPSHOTS
     final = root / f"step_{state['completed_steps']}"
     partial = root / f".{final.name}.partial"
@@ -297,14 +276,9 @@ def _save_snapshot(accelerator, cfg, model, tokenizer, state: dict, extract_mask
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     base = cfg.model_name_or_path
-    info = {"method": method, "steps": state["completed_steps"], "epoch": state["epoch"],
+    info = {"method": method.name, "steps": state["completed_steps"], "epoch": state["epoch"],
             "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
-    if method == "mft":
-        _save_mft(accelerator, cfg, accelerator.unwrap_model(model), info, extract_masks, out=partial)
-    else:
-        _save_model(accelerator, cfg, model, tokenizer, method, out=partial, keep_training=True)
-        if accelerator.is_main_process:
-            (partial / SNAPSHOT_INFO).write_text(json.dumps(info, indent=1))
+    method.save(accelerator, cfg, model, tokenizer, info, partial, snapshot_info=SNAPSHOT_INFO)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -322,45 +296,6 @@ def _trainable_only_hooks(accelerator, model) -> None:
                 del state[key]
 
     accelerator.register_save_state_pre_hook(save_hook)
-
-
-# -- logging -------------------------------------------------------------------------------------------------
-class MaskTracker:
-    """For MFT logs: the fraction of mask entries that changed since the last log and the kept fraction, in all
-    and per decoder layer."""
-
-    def __init__(self, model):
-        from mft.masking.inject import masked_modules
-
-        self.layers = masked_modules(model)
-        self.previous = {name: layer.mask for name, layer in self.layers.items()}
-
-    def stats(self) -> dict:
-        import re
-
-        per_layer: dict[str, list[int]] = {}  # layer -> [changed, kept, entries]
-        for name, layer in self.layers.items():
-            mask = layer.mask
-            index = re.search(r"\.(\d+)\.", name)
-            entry = per_layer.setdefault(index.group(1) if index else name, [0, 0, 0])
-            entry[0] += int((mask != self.previous[name]).sum())
-            entry[1] += int(mask.sum())
-            entry[2] += mask.numel()
-            self.previous[name] = mask
-        changed, entries = sum(v[0] for v in per_layer.values()), sum(v[2] for v in per_layer.values())
-        return {"mask_changed": changed / entries,
-                "mask_changed_per_layer": {k: v[0] / v[2] for k, v in per_layer.items()},
-                "kept_fraction": {k: v[1] / v[2] for k, v in per_layer.items()}}
-
-
-def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
-    from mft.masking.files import pack_bits
-
-    h = hashlib.sha256()
-    for name in sorted(masks):
-        h.update(name.encode())
-        h.update(pack_bits(masks[name]).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _rewind_log(path: Path, completed_steps: int) -> None:
@@ -383,53 +318,116 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the job `cfg` describes (see the module docstring)."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+    _setup_logging()
+    method = method_of(cfg)
+    out_state = _preflight(cfg)
+    accelerator = _accelerator(cfg)
+    ds_config = _deepspeed_config(accelerator)
+    if accelerator.is_main_process:  # the compute dtype line (mft.precision.compute_dtype), once
+        logging.getLogger("mft.precision").setLevel(logging.INFO)
+    final_dir = Path(cfg.output_dir)
+    guard.check_resume(cfg, out_state, accelerator)  # read-only; before the data work
+    cfg, tokenizer, num_added, loader = _data(cfg, out_state, accelerator)
+    model, compute_dtype = _model(cfg, method, accelerator, ds_config, tokenizer, num_added)
+    run = _prepare(cfg, method, accelerator, ds_config, model, loader, tokenizer)
+    _resume(run)
+    method.after_step(run.unwrapped, run.ds)
+    _steps(run)
+    return _finish(run, final_dir, compute_dtype)
 
-    from mft.progress import progress, quiet_libraries_off_terminal
 
-    from mft.masking.inject import extract_masks, refresh_masks
-    from mft.train.data import Collator, build_train_dataset, load_tokenizer
+@dataclass
+class _Run:
+    """What the steps of `train` share once the model is prepared, and where the run stands."""
+
+    cfg: TrainConfig
+    method: Method
+    accelerator: Any
+    model: torch.nn.Module  # as prepared (DDP, DeepSpeed engine, or the model itself)
+    unwrapped: torch.nn.Module
+    optimizer: Any
+    loader: Any
+    tokenizer: Any
+    ds: bool  # under DeepSpeed
+    clip: float  # max gradient norm (0: off)
+    out: Path
+    scheduler: Any
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+    # where the run stands: steps done, the epoch it is in and the batches of it already seen (resume)
+    completed_steps: int = 0
+    start_epoch: int = 0
+    skip_batches: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class _Window:
+    """What the micro-batches since the last log record add up to."""
+
+    loss: Any = 0.0
+    batches: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _setup_logging() -> None:
+    from mft.progress import quiet_libraries_off_terminal
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     quiet_libraries_off_terminal()
     logger.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")
     logging.getLogger("mft.train.data").setLevel(logging.INFO)
-    method = cfg.resolved_method
-    out_state = _preflight(cfg)
-    accelerator = _accelerator(cfg)
-    ds_config = _deepspeed_config(accelerator)
-    main = accelerator.is_main_process
-    if main:  # the compute dtype line (mft.precision.compute_dtype), once
-        logging.getLogger("mft.precision").setLevel(logging.INFO)
-    final_dir = Path(cfg.output_dir)
-    guard.check_resume(cfg, out_state, accelerator)  # read-only; before the data work
 
-    # data: a bad row is refused before the run folder records anything
+
+def _data(cfg: TrainConfig, out_state: str, accelerator):
+    """(cfg, tokenizer, tokens it added, data loader). A bad row is refused before the run folder records
+    anything; then the output folder is opened (overwrite: a folder beside the old, which the returned cfg
+    names) and the seed set."""
+    from accelerate.utils import set_seed
+
+    from mft.train.data import Collator, build_train_dataset, load_tokenizer
+
     tokenizer, num_added = load_tokenizer(cfg)
     dataset, _ = build_train_dataset(cfg, tokenizer, main_process_first=accelerator.local_main_process_first)
     cfg = guard.open_output(cfg, out_state, accelerator)  # overwrite: a folder beside the old
-    out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.per_device_train_batch_size,
                                          sampler=EpochSampler(len(dataset), cfg.seed),
                                          collate_fn=Collator(tokenizer.pad_token_id))
+    return cfg, tokenizer, num_added, loader
 
-    # model and method
-    model, compute_dtype = _load_model(cfg, accelerator, ds_config)
+
+def _model(cfg: TrainConfig, method: Method, accelerator, ds_config, tokenizer, num_added: int):
+    """(the loaded model made into what `method` trains, the compute dtype); FFT grows the embeddings first
+    when the tokenizer gained a pad token."""
+    main = accelerator.is_main_process
+    model, compute_dtype = _load_model(cfg, method, accelerator, ds_config)
     if num_added:
-        if method != "fft":
+        if method.frozen_weights:
             raise MftError(f"the tokenizer of {cfg.tokenizer_name or cfg.model_name_or_path} has neither a pad nor "
-                           f"an EOS token, and {method} cannot grow the frozen embeddings; add a pad token when "
+                           f"an EOS token, and {method.name} cannot grow the frozen embeddings; add a pad token when "
                            "fine-tuning the base model")
         _grow_embeddings(cfg, model, tokenizer, main)
         model.config.pad_token_id = tokenizer.pad_token_id  # the saved config.json names the added <pad>
-    model, description = _setup_method(cfg, model)
+    model, description = method.setup(cfg, model)
     if main:
         logger.info(description)
-    optimizer = torch_optimizer = _shard_optimizer_state(cfg, _optimizer(cfg, model, ds_config), accelerator, ds_config)
+    return model, compute_dtype
 
+
+def _prepare(cfg: TrainConfig, method: Method, accelerator, ds_config, model, loader, tokenizer) -> _Run:
+    """Optimizer and clipping, accelerate's prepare, the number of steps and the learning-rate schedule."""
+    from transformers import get_scheduler
+
+    main = accelerator.is_main_process
+    optimizer = torch_optimizer = _shard_optimizer_state(cfg, method, _optimizer(cfg, model, ds_config), accelerator,
+                                                         ds_config)
     clip = _gradient_clipping(cfg, ds_config)
     if main:
         logger.info("gradient clipping: %s", f"max norm {clip:g}" if clip > 0 else "off")
@@ -437,7 +435,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     ds = ds_config is not None
     if not ds:
         _trainable_only_hooks(accelerator, model)
-    unwrapped = accelerator.unwrap_model(model)
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
@@ -450,116 +447,129 @@ def train(cfg: TrainConfig) -> TrainResult:
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer=torch_optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * max_steps), num_training_steps=max_steps)
     accelerator.register_for_checkpointing(scheduler)
+    return _Run(cfg, method, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, tokenizer, ds,
+                clip, Path(cfg.output_dir), scheduler, steps_per_epoch, max_steps, epochs)
 
-    def refresh():  # DeepSpeed: masks from the fp32 master scores, the same on every rank
-        if method == "mft" and ds:
-            from deepspeed.utils import safe_get_full_fp32_param
 
-            refresh_masks(unwrapped, safe_get_full_fp32_param, managed=True)
-
-    # resume
-    completed_steps, start_epoch, skip_batches = 0, 0, 0
+def _resume(run: _Run) -> None:
+    """From `resume_from_checkpoint` or the newest complete checkpoint, if there is one: the trained tensors,
+    optimizer, scheduler, RNGs and the position in the data; the log rewound to it."""
+    cfg, accelerator = run.cfg, run.accelerator
     checkpoint = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else latest_checkpoint(cfg.output_dir)
-    if checkpoint is not None:
-        guard.check_checkpoint(checkpoint, unwrapped)
-        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if ds else {"strict": False}))
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        completed_steps, start_epoch, skip_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
-        if skip_batches >= len(loader):
-            start_epoch, skip_batches = start_epoch + 1, 0
-        guard.PROGRESS["step"] = completed_steps
-        if completed_steps >= max_steps:  # killed after its last checkpoint: nothing left to train
-            start_epoch = epochs
-        if main:
-            logger.info("resuming from %s (step %d)", checkpoint, completed_steps)
-            _rewind_log(out / TRAIN_LOG, completed_steps)
-    refresh()
-    tracker = MaskTracker(unwrapped) if method == "mft" else None
+    if checkpoint is None:
+        return
+    guard.check_checkpoint(checkpoint, run.unwrapped)
+    accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if run.ds else {"strict": False}))
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    run.completed_steps, run.start_epoch, run.skip_batches = (state["completed_steps"], state["epoch"],
+                                                              state["batches_in_epoch"])
+    if run.skip_batches >= len(run.loader):
+        run.start_epoch, run.skip_batches = run.start_epoch + 1, 0
+    guard.PROGRESS["step"] = run.completed_steps
+    if run.completed_steps >= run.max_steps:  # killed after its last checkpoint: nothing left to train
+        run.start_epoch = run.epochs
+    if run.main:
+        logger.info("resuming from %s (step %d)", checkpoint, run.completed_steps)
+        _rewind_log(run.out / TRAIN_LOG, run.completed_steps)
+
+
+def _steps(run: _Run) -> None:
+    """The optimizer steps from where the run stands to `max_steps`: micro-batches, clipping, the method's
+    after_step, a log record every `logging_steps`, checkpoints (and snapshots) when due."""
+    from mft.progress import progress
+
+    cfg, accelerator, model, method = run.cfg, run.accelerator, run.model, run.method
+    tracker = method.tracker(run.unwrapped) if method.tracker is not None else None
     if cfg.with_tracking:
         accelerator.init_trackers(cfg.exp_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                         for k, v in cfg.to_dict().items()})
-
-    # the loop
-    if main:
+    if run.main:
         logger.info("%d optimizer steps (%d epochs x %d), %d processes x %d sequences x %d accumulation",
-                    max_steps, epochs, steps_per_epoch, accelerator.num_processes, cfg.per_device_train_batch_size,
-                    cfg.gradient_accumulation_steps)
-    bar = progress(total=max_steps, initial=completed_steps, desc=f"{method} training", disable=not main, unit="step")
+                    run.max_steps, run.epochs, run.steps_per_epoch, accelerator.num_processes,
+                    cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    bar = progress(total=run.max_steps, initial=run.completed_steps, desc=f"{method.name} training",
+                   disable=not run.main, unit="step")
     model.train()
-    window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window = _Window()
     grad_norm = None
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        batches_in_epoch = skip_batches
-        skip_batches = 0
+    for epoch in range(run.start_epoch, run.epochs):
+        run.loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(run.loader, run.skip_batches) if run.skip_batches else run.loader
+        batches_in_epoch = run.skip_batches
+        run.skip_batches = 0
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = _loss(model, batch, cfg.reduce_loss)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and clip > 0 and not ds:  # DeepSpeed clips by its config
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                optimizer.zero_grad()
+                if accelerator.sync_gradients and run.clip > 0 and not run.ds:  # DeepSpeed clips by its config
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.clip)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
             batches_in_epoch += 1
-            window_loss += loss.detach().float()
-            window_batches += 1
-            window_tokens += int(batch["attention_mask"].sum())
+            window.loss += loss.detach().float()
+            window.batches += 1
+            window.tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
-            scheduler.step()
-            refresh()
-            completed_steps += 1
-            guard.PROGRESS["step"] = completed_steps
-            if cfg.logging_steps and completed_steps % cfg.logging_steps == 0:
-                loss_mean = accelerator.gather(window_loss.reshape(1)).mean().item() / window_batches
-                tokens = int(accelerator.gather(torch.tensor([window_tokens], device=accelerator.device)).sum())
-                record = {"step": completed_steps, "epoch": epoch, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens / (time.perf_counter() - window_start)}
-                if grad_norm is not None:  # of the last step, before clipping
-                    record["grad_norm"] = float(grad_norm)
-                if tracker is not None:
-                    record.update(tracker.stats())
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if main:
-                    with open(out / TRAIN_LOG, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                if cfg.with_tracking:
-                    accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=completed_steps)
-                window_loss, window_batches, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            run.scheduler.step()
+            method.after_step(run.unwrapped, run.ds)
+            run.completed_steps += 1
+            guard.PROGRESS["step"] = run.completed_steps
+            if cfg.logging_steps and run.completed_steps % cfg.logging_steps == 0:
+                _log_step(run, epoch, window, grad_norm, tracker, bar)
+                window = _Window()
             bar.update(1)  # after set_postfix: a log line carries this step's loss
-            if checkpoint_due(cfg.checkpointing_steps, completed_steps, batches_in_epoch, len(loader),
+            if checkpoint_due(cfg.checkpointing_steps, run.completed_steps, batches_in_epoch, len(run.loader),
                               cfg.gradient_accumulation_steps):
-                state = {"completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
-                _save_checkpoint(accelerator, cfg, state, ds)
+                state = {"completed_steps": run.completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                _save_checkpoint(accelerator, cfg, state, run.ds)
                 if cfg.save_model_snapshots:
-                    _save_snapshot(accelerator, cfg, model, tokenizer, state, extract_masks)
-            if completed_steps >= max_steps:
+                    _save_snapshot(accelerator, cfg, method, model, run.tokenizer, state)
+            if run.completed_steps >= run.max_steps:
                 break
-        if completed_steps >= max_steps:
+        if run.completed_steps >= run.max_steps:
             break
     bar.close()
 
-    # outputs
+
+def _log_step(run: _Run, epoch: int, window: _Window, grad_norm, tracker, bar) -> None:
+    """One train_log.jsonl record (and the trackers' and the bar's numbers) for the steps since the last."""
+    accelerator, cfg = run.accelerator, run.cfg
+    loss_mean = accelerator.gather(window.loss.reshape(1)).mean().item() / window.batches
+    tokens = int(accelerator.gather(torch.tensor([window.tokens], device=accelerator.device)).sum())
+    record = {"step": run.completed_steps, "epoch": epoch, "loss": loss_mean, "lr": run.scheduler.get_last_lr()[0],
+              "tokens_per_s": tokens / (time.perf_counter() - window.start)}
+    if grad_norm is not None:  # of the last step, before clipping
+        record["grad_norm"] = float(grad_norm)
+    if tracker is not None:
+        record.update(tracker.stats())
+    bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    if run.main:
+        with open(run.out / TRAIN_LOG, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    if cfg.with_tracking:
+        accelerator.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=run.completed_steps)
+
+
+def _finish(run: _Run, final_dir: Path, compute_dtype: str) -> TrainResult:
+    """The method's files, then run_complete.json (written last), then, for an overwrite, the new folder in
+    place of the old one."""
+    cfg, accelerator, method, out = run.cfg, run.accelerator, run.method, run.out
     base = cfg.model_name_or_path
-    info = {"method": method, "steps": completed_steps, "gradient_clipping": clip, "compute_dtype": compute_dtype,
-            "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
-    if method == "mft":
-        _save_mft(accelerator, cfg, unwrapped, info, extract_masks)
-    else:
-        _save_model(accelerator, cfg, model, tokenizer, method)
+    info = {"method": method.name, "steps": run.completed_steps, "gradient_clipping": run.clip,
+            "compute_dtype": compute_dtype, "base_model": str(Path(base).resolve()) if Path(base).is_dir() else base}
+    method.save(accelerator, cfg, run.model, run.tokenizer, info, out)
     accelerator.wait_for_everyone()
     if cfg.with_tracking:
         accelerator.end_training()
-    if main:
+    if run.main:
         mark_finished(str(out), info)
-    out = guard.finish_output(out, final_dir, main)  # overwrite: the new run replaces the old one only now
-    if main:
+    out = guard.finish_output(out, final_dir, run.main)  # overwrite: the new run replaces the old one only now
+    if run.main:
         logger.info("done: %s", out)
-        if method == "mft":
-            logger.info("bake the masks: mft apply --mask_model_name_or_path %s --output_dir %s", out,
-                        out / "mask_applied")
-    return TrainResult(out, completed_steps, accelerator.unwrap_model(model))
+        if method.next_step:
+            logger.info(method.next_step.format(out=out))
+    return TrainResult(out, run.completed_steps, accelerator.unwrap_model(run.model))
 
 
 def _loss(model, batch, reduce_loss: str):
@@ -570,60 +580,3 @@ def _loss(model, batch, reduce_loss: str):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                              ignore_index=-100, reduction="sum")
-
-
-def _save_mft(accelerator, cfg, unwrapped, info, extract_masks, out: Path | None = None) -> None:
-    from accelerate.utils import gather_object
-
-    from mft.masking.apply import RUN_INFO
-    from mft.masking.files import DEFAULT_NAME, MaskSet, write_masks
-    from mft.masking.inject import mask_layouts, masked_modules
-
-    masks = extract_masks(unwrapped)
-    digests = gather_object([_masks_digest(masks)])
-    if len(set(digests)) != 1:
-        raise MftError(f"the ranks hold different masks at the end of training (digests {digests}); this is a bug")
-    if accelerator.is_main_process:
-        layers = masked_modules(unwrapped)
-        mask_cfg = cfg.mask_config()
-        mask_set = MaskSet(masks, {n: m.kind for n, m in layers.items()}, {n: m.keep_ratio for n, m in layers.items()},
-                           "learned", mask_cfg.to_dict(), info["base_model"], layouts=mask_layouts(layers))
-        out = Path(cfg.output_dir) if out is None else out
-        write_masks(out / DEFAULT_NAME, mask_set)
-        entries = sum(m.numel() for m in masks.values())
-        info.update({"mask_config": mask_cfg.to_dict(), "mask_digest_per_rank": digests,
-                     "fingerprint": mask_set.fingerprint,
-                     "kept_fraction": sum(int(m.sum()) for m in masks.values()) / entries})
-        (out / RUN_INFO).write_text(json.dumps(info, indent=1))
-
-
-def _save_model(accelerator, cfg, model, tokenizer, method, out: Path | None = None,
-                keep_training: bool = False) -> None:
-    """A from_pretrained folder in `out` (default output_dir). keep_training: the live model goes on training
-    (a snapshot), so LoRA merges a copy."""
-    out = Path(cfg.output_dir) if out is None else out
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards onto the main process
-    unwrapped = accelerator.unwrap_model(model)
-    if method == "lora":
-        if keep_training and accelerator.is_main_process and not any(p.numel() == 0 for p in unwrapped.parameters()):
-            import copy
-
-            unwrapped = copy.deepcopy(unwrapped)
-        unwrapped, state_dict = _merged_lora(cfg, unwrapped, state_dict, accelerator)
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-
-
-def _merged_lora(cfg, peft_model, state_dict, accelerator):
-    """(merged plain model, its state dict). Under ZeRO-3 the live model is partitioned, so the main process
-    rebuilds it on the CPU from the gathered state dict and merges there."""
-    if accelerator.is_main_process and state_dict is not None and any(p.numel() == 0 for p in peft_model.parameters()):
-        from peft import get_peft_model
-        from mft.models import load_pretrained
-
-        base = load_pretrained(cfg.model_name_or_path, dtype=torch.float32)
-        peft_model = get_peft_model(base, peft_model.peft_config["default"])
-        peft_model.load_state_dict(state_dict)
-    merged = peft_model.merge_and_unload() if accelerator.is_main_process else peft_model
-    return merged, (merged.state_dict() if accelerator.is_main_process else None)
