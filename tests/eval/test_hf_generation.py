@@ -8,8 +8,8 @@ import random
 import pytest
 
 from mft.errors import MftError
-from mft.eval.backends import cut_at_stop, decode_continuation
-from mft.eval.hf_backend import HFBackend, StopScanner, auto_batch_size, bytes_per_row, parse_batch_size
+from mft.eval.backends.decode import cut_at_stop, decode_continuation
+from mft.eval.backends.hf import HFBackend, StopScanner, auto_batch_size, bytes_per_row, parse_batch_size
 
 PROMPTS = [
     "Question: Janet has 3 apples and buys 5 more. How many apples does she have?\nAnswer:",
@@ -158,7 +158,7 @@ def test_batch_size_auto_is_what_fits_in_free_memory(backend, monkeypatch):
     """bytes_per_row by hand for the tiny Llama (2 layers, 2 KV heads x 16, hidden 64, MLP 136, vocab 600,
     fp32), then auto = floor(0.7 x free / per row), capped by the prompt count and 32 on a CPU. Free memory
     is set by hand here: the real figure changes from run to run on a shared machine."""
-    import mft.eval.hf_backend as hf
+    import mft.eval.backends.hf as hf
 
     config = backend.model.config
     per_row = bytes_per_row(config, 4, 100, 50)

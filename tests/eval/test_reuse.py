@@ -194,7 +194,7 @@ def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_
     without native bf16 `--dtype bfloat16` computes (and records) float32, so the CPU is patched to have it
     here (this machine's CPU has one answer; tests/models/test_precision.py checks both)."""
     from mft import precision
-    from mft.eval.backends import hf_device_dtype
+    from mft.eval.backends.hf import hf_device_dtype
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert hf_device_dtype() == ("cpu", "float32") and hf_device_dtype("bfloat16") == ("cpu", "bfloat16")

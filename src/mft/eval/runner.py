@@ -14,11 +14,12 @@ from pathlib import Path
 
 from mft.errors import MftError
 from mft.eval import outputs
-from mft.eval.backends import (DECODE_KWARGS, Generation, check_backend_options, check_model_path, load_backend,
-                               prompt_budget, resolve_model_type_why, resolve_settings)
+from mft.eval.backends import (check_backend_options, check_model_path, load_backend, resolve_model_type_why,
+                               resolve_settings)
+from mft.eval.backends.decode import DECODE_KWARGS, Generation, prompt_budget
+from mft.eval.backends.hf import parse_batch_size
 from mft.eval.data import describe_record, packaged_data_dir
 from mft.eval.fingerprint import model_fingerprint
-from mft.eval.hf_backend import parse_batch_size
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -124,7 +125,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
     `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`: see `VLLMBackend` (the first and last only
     with vllm; `dtype` also sets the hf backend's weights when not None/"auto"). `max_model_len` None = the
-    protocol's 2048, capped at the model's context (`backends.resolve_max_model_len`). The resolved device,
+    protocol's 2048, capped at the model's context (`model_info.resolve_max_model_len`). The resolved device,
     dtype, max_model_len and tensor_parallel_size are recorded in `model_config`.
     """
     if data_dir == "packaged":

@@ -11,8 +11,10 @@ from __future__ import annotations
 import inspect
 
 from mft.errors import MftError
-from mft.eval.backends import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts, generation_text,
-                               hf_settings, prompt_budget, stop_list, stop_token_ids)
+from mft.eval.backends.decode import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts,
+                                      generation_text, prompt_budget, stop_list)
+from mft.eval.backends.model_info import (DTYPES, auto_dtype, checkpoint_dtype, gpu_capability, load_config,
+                                          resolve_max_model_len, stop_token_ids)
 
 AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
 AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
@@ -129,6 +131,70 @@ def parse_batch_size(value) -> int | str:
     raise MftError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
 
 
+# -- settings: device, dtype and length, known before the model loads ---------------------------------
+def hf_device_dtype(dtype: str | None = None, model: str | None = None, config=None) -> tuple[str, str]:
+    """(device, dtype name) the hf backend generates with: cuda when torch sees a GPU, else cpu; `dtype`
+    when given (not None/"auto"), else on cpu the checkpoint `model`'s dtype where the CPU has native bf16,
+    float32 where not (`mft.precision.compute_dtype`), and on cuda `auto_dtype` for the checkpoint (vLLM's
+    rule for this GPU); float32 on cpu and bfloat16 on cuda when no model is named). Known before the model loads, so that
+    `mft eval` can key stored predictions by them (CPU float32 text is not reused on a GPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device, cpu_dtype(dtype, model)
+    if dtype not in (None, "auto"):
+        return device, dtype
+    if model is None:
+        return device, "bfloat16"
+    config = config if config is not None else load_config(model)
+    checkpoint = checkpoint_dtype(model, config)[0]
+    return device, auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), gpu_capability())
+
+
+def cpu_dtype(dtype: str | None, model: str | None) -> str:
+    """The dtype name the hf backend computes in on a CPU: `mft.precision.compute_dtype` of `dtype` (when given,
+    not None/"auto"), else of the checkpoint `model`'s dtype (float32 when it records none): bf16/fp16 become
+    float32 on a CPU without native bf16 matrix instructions. This is the dtype recorded with the predictions."""
+    import torch
+
+    from mft.precision import checkpoint_dtype as config_dtype, compute_dtype
+
+    wanted = getattr(torch, dtype) if dtype not in (None, "auto") else \
+        (config_dtype(model) if model is not None else None) or torch.float32
+    return str(compute_dtype(wanted, "cpu", model or "model")).removeprefix("torch.")
+
+
+def hf_settings(model: str, max_model_len: int | None = None, dtype=None, device: str | None = None,
+                config=None) -> dict:
+    """The hf backend's settings, resolved and checked without loading the weights: `device` (cuda when a
+    GPU is visible, else cpu), `dtype` (a name; None/"auto" = `auto_dtype`, the dtype vLLM would pick on
+    this GPU, float32 on a CPU; a torch.dtype is taken as given), `max_model_len`
+    (`resolve_max_model_len`) and `log`: the lines that say how they were chosen."""
+    import torch
+
+    config = config if config is not None else load_config(model)
+    log_lines = []
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in (None, *DTYPES):
+        raise MftError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    found, name = hf_device_dtype(dtype, model, config)
+    if device is None:
+        device = found
+    elif device == "cpu":  # a device given by the caller: the CPU rule (`cpu_dtype`)
+        name = cpu_dtype(dtype, model)
+    if dtype in (None, "auto"):
+        checkpoint, source = checkpoint_dtype(model, config)
+        log_lines.append(f"dtype {name} (auto on {device}; checkpoint: {checkpoint} from its {source})")
+    elif name != dtype:  # asked for bf16/fp16 on a CPU without native bf16
+        log_lines.append(f"dtype {name} instead of --dtype {dtype}: this CPU has no native bf16 matrix "
+                         f"instructions (mft.precision)")
+    length, note = resolve_max_model_len(max_model_len, config, model)
+    log_lines += [note] if note else []
+    return {"device": device, "dtype": name, "max_model_len": length, "log": log_lines}
+
+
 class HFBackend:
     """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time (`"auto"`:
     as many as fit in free memory, see `auto_batch_size`)."""
@@ -144,7 +210,7 @@ class HFBackend:
         from mft.progress import quiet_libraries_off_terminal
 
         quiet_libraries_off_terminal()
-        # device, dtype (`backends.hf_device_dtype`) and max_model_len, checked before loading
+        # device, dtype (`hf_device_dtype`) and max_model_len, checked before loading
         settings = hf_settings(model_path, max_model_len, dtype, device)
         self.device, self.max_model_len = settings["device"], settings["max_model_len"]
         dtype = compute_dtype(getattr(torch, settings["dtype"]), self.device, model_path)
