@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mft.cli import main
-from mft.demo.pipeline import MARKER, MODELS
+from mft.demo.settings import MARKER, MODELS
 from mft.masking.files import read_masks
 
 KEEP = 0.9

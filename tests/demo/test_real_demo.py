@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mft.demo import real
-from mft.demo.pipeline import MODELS
+from mft.demo.settings import MODELS
 from mft.errors import MftError
 from mft.eval.data import packaged_data_dir
 

@@ -25,37 +25,15 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from mft.demo.pipeline import LABELS, MARKER, MODELS, Paths, Stages, prepare_output, run_training
+from mft.demo.data import write_jsonl
+from mft.demo.pipeline import Stages, prepare_output, run_training
+from mft.demo.settings import LABELS, MARKER, MODELS, REAL_QUICK, Paths, RealSettings
 from mft.errors import MftError
 
 SPLIT_LABEL = "demo split of the GSM8K test set"
-
-
-@dataclass
-class RealSettings:
-    """What decides the real-model demo's numbers (with the seed and the model). `REAL_QUICK`: the CPU variant."""
-
-    n_train: int = 512  # GSM8K test problems used for FFT and MFT
-    n_test: int = 400  # held-out problems, evaluated
-    max_seq_length: int = 384
-    batch_size: int = 8
-    fft_epochs: int = 2
-    fft_lr: float = 1e-5
-    masked_layers: str = "4 5 6 7"
-    keep_ratio: float = 0.9
-    mft_epochs: int = 2
-    mft_lr: float = 1e-2
-    num_shots: int = 8
-    max_gen_toks: int = 256
-    eval_batch_size: int = 32
-    max_model_len: int = 2048
-
-
-REAL_QUICK = dict(n_train=8, n_test=8, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
-                  max_gen_toks=64, eval_batch_size=8, max_model_len=1536)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -92,12 +70,6 @@ def split_gsm8k(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[
     record = {"what": SPLIT_LABEL + ": not a benchmark number", "source": "mft/data/benchmarks/gsm8k/test.jsonl",
               "seed": seed, "train_indices": train_idx, "heldout_indices": test_idx}
     return [rows[i] for i in train_idx], [rows[i] for i in test_idx], record
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @contextlib.contextmanager
