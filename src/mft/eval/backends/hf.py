@@ -4,6 +4,7 @@ The decode loop is our own (a forward per step over a `DynamicCache`, greedy `ar
 `model.generate`, so that a row that has finished leaves the batch at once (its cache rows are dropped
 with `Cache.batch_select_indices`) instead of being computed until the last row finishes, and the stop
 check looks only at the newest tokens of each row instead of decoding every row's whole text at every step.
+`hf_settings`: the device, dtype and length it runs with, resolved before the model loads.
 """
 
 from __future__ import annotations
