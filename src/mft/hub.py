@@ -208,6 +208,9 @@ def _convert(source: Path, out: Path, dtype: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from mft.progress import quiet_libraries_off_terminal
+
+    quiet_libraries_off_terminal()  # transformers' conversion / shard bars: no carriage returns in a log file
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     folder, file = str(source.parent), source.name
     config = AutoConfig.from_pretrained(folder, gguf_file=file)

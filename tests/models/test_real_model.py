@@ -10,6 +10,9 @@ give mean nothing, the files and bits they write are what is checked.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +40,17 @@ def real(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MFT_CACHE_DIR", str(root / "cache"))
     try:
-        folder = models.get_model(NAME)
+        # `mft models get` as a user runs it, its output going to a file (a log, not a terminal): the folder is
+        # the last stdout line, and neither stream holds a carriage return (transformers' own conversion and
+        # shard-writing bars would write them) or a line of over 300 characters.
+        got = subprocess.run([sys.executable, "-m", "mft", "models", "get", NAME], capture_output=True, text=True,
+                             env={**os.environ, "MFT_CACHE_DIR": str(root / "cache")}, timeout=1800)
+        assert got.returncode == 0, got.stderr[-3000:]
+        for stream in (got.stdout, got.stderr):
+            assert "\r" not in stream
+            assert max(map(len, stream.splitlines()), default=0) <= 300
+        folder = Path(got.stdout.strip().splitlines()[-1])
+        assert folder == models.get_model(NAME)  # the same cached folder, reused
         data = root / "train.jsonl"
         with open(data, "w") as f:
             for a, b in [(12, 30), (7, 5), (21, 4), (9, 9)]:
