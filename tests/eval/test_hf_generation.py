@@ -4,6 +4,7 @@ outputs equal to `model.generate`'s, `--batch-size auto`."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -185,3 +186,39 @@ def test_batch_size_values():
     for bad in (0, "0", "-2", "many", "1.5"):
         with pytest.raises(MftError, match="--batch-size must be a positive integer or 'auto', got"):
             parse_batch_size(bad)
+
+
+@pytest.mark.parametrize("form", ["log", "bar"])
+def test_the_bar_counts_generated_tokens_only(backend, monkeypatch, capsys, form):
+    """A row that stops early shrinks the bar's total by its unused budget: the bar's count (and so its
+    tokens/s, count / elapsed) is the tokens generated, `sum(num_tokens)`, not `rows x max_gen_toks`.
+    Both forms: the plain log line (a file) and tqdm's bar (a terminal, forced)."""
+    import mft.eval.backends.hf as hf
+
+    monkeypatch.delenv("MFT_QUIET", raising=False)
+    monkeypatch.setenv("MFT_PROGRESS", form)
+    free = backend.generate(PROMPTS, [], 16)
+    assert [g.num_tokens for g in free] == [16] * len(PROMPTS)
+    stops = sorted({g.text[len(g.text) // (i + 2)] for i, g in enumerate(free)} - {" "})
+    capsys.readouterr()
+    import mft.progress
+
+    bars, original = [], mft.progress.progress
+
+    def recording(*args, **kwargs):  # the real bar, kept to read its count and total afterwards
+        bars.append(original(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(mft.progress, "progress", recording)
+    stopped = backend.generate(PROMPTS, stops, 16, desc="gen")
+    generated = sum(g.num_tokens for g in stopped)
+    assert generated < 16 * len(PROMPTS)  # some rows stopped early: the case the bar used to overcount
+    assert len(bars) == 1 and bars[0].n == generated and bars[0].total == generated
+    err = capsys.readouterr().err
+    if form == "log":
+        last = [line for line in err.splitlines() if line.startswith("gen (batch 4): ")][-1]
+        assert f" 100% {generated}/{generated} tok [" in last, last
+    else:  # tqdm with unit_scale writes 17 as 17.0
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        count = re.search(r"\| ([\d.]+)/([\d.]+) \[", last)
+        assert count and float(count[1]) == float(count[2]) == generated, last

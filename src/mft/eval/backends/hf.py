@@ -230,8 +230,10 @@ class HFBackend:
     def generate(self, prompts: list[str], task_stops, max_gen_toks: int, desc: str = "generating") -> list[Generation]:
         """One Generation per prompt, in the order given; prompts are batched longest first.
 
-        The bar counts generated tokens (tokens/s) and moves every step; its total is the most the prompts
-        can generate (`len(prompts) * max_gen_toks`), reached early when rows stop sooner."""
+        The bar counts generated tokens only (its count and tokens/s are of tokens the model produced) and
+        moves every step. Its total starts as the most the prompts can generate (`len(prompts) *
+        max_gen_toks`) and shrinks by a row's unused budget when that row stops early, so the percentage
+        and ETA follow the work left and the bar ends at `sum(num_tokens)` of `sum(num_tokens)`."""
         from mft.progress import progress
 
         stops = stop_list(task_stops, self.tokenizer.eos_token)
@@ -250,7 +252,6 @@ class HFBackend:
                 generations = self._generate_batch([ids[i] for i in batch], stops, max_gen_toks, bar)
                 for index, generation in zip(batch, generations):
                     results[index] = generation
-                    bar.update(max_gen_toks - generation.num_tokens)  # what a stopped row did not need
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, rows: list[list[int]], stops: list[str], max_gen_toks: int, bar=None) -> list[Generation]:
@@ -274,14 +275,18 @@ class HFBackend:
                 out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                  **{self._cache_arg: cache}, **extra)
                 chosen = out.logits[:, -1, :].argmax(dim=-1)
-                keep = []
+                keep, unused = [], 0
                 for j, token in enumerate(chosen.tolist()):
                     tokens = new_tokens[alive[j]]
                     tokens.append(token)
                     if not (token in self.stop_ids or len(tokens) >= max_gen_toks
                             or scanner.hit(tokens, rows[alive[j]])):
                         keep.append(j)
+                    else:
+                        unused += max_gen_toks - len(tokens)  # budget this row will never generate
                 if bar is not None:
+                    if unused and bar.total:
+                        bar.total -= unused  # the bar counts generated tokens only (see `generate`)
                     bar.update(len(alive))
                 if len(keep) < len(alive):
                     if not keep:
