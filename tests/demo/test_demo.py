@@ -184,3 +184,15 @@ def test_refuses_a_folder_that_is_not_a_demo_and_an_earlier_demo_without_overwri
     assert main(["demo", "--quick", "--output-dir", str(demo["out"])]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (demo["out"] / "results.json").is_file()
+
+
+def test_a_real_demo_of_a_model_inside_this_demo_folder_is_refused_with_overwrite(demo, capsys):
+    """`mft demo --model OUT/models/fft --output-dir OUT --overwrite` on a tiny demo's folder: refused before
+    anything is deleted (it used to delete OUT, the model with it, then fail to read the model)."""
+    out = demo["out"]
+    model = out / "models" / "fft"
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["demo", "--model", str(model), "--output-dir", str(out), "--overwrite", "--quick", "--quiet"]) == 1
+    assert f"--output-dir {out} contains the model {model}: writing the output there would delete" in \
+        capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

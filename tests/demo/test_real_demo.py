@@ -67,3 +67,52 @@ def test_real_demo_pipeline_on_a_local_model_folder(tmp_path, saved_model, capsy
     assert table in capsys.readouterr().out
     with pytest.raises(MftError, match="pass --overwrite"):
         real.run_real_demo(str(base), out, seed=2, settings=settings)
+
+
+def test_an_empty_model_is_refused_not_the_tiny_demo(tmp_path, monkeypatch, capsys):
+    """`mft demo --model ''` (an empty $MODEL): one error, and neither demo writes anything."""
+    from mft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--model", "", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "--model is empty (''): expected a short name from `mft models list`" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MftError, match="--model is empty"):
+        real.run_real_demo("  ", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_too_few_layers_is_refused_before_anything_is_written(tmp_path, saved_model):
+    """The quick settings mask layers 4-7; a 4-layer model (0-3) is refused from its config.json, before FFT."""
+    base = saved_model("llama")
+    out = tmp_path / "demo"
+    with pytest.raises(MftError) as caught:
+        real.run_real_demo(str(base), out, quick=True)
+    assert str(caught.value) == (f"--model {base} has 4 decoder layers (0-3, config.json num_hidden_layers), but the "
+                                 "real-model demo masks layers 4 5 6 7 (4 5 6 7 do not exist): use a model with at "
+                                 "least 8 decoder layers")
+    assert not out.exists()
+    settings = real.RealSettings(masked_layers="2 3 4")
+    with pytest.raises(MftError, match=r"has 4 decoder layers \(0-3, .* masks layers 2 3 4 \(4 do not exist\)"):
+        real.run_real_demo(str(base), out, settings=settings)
+    assert not out.exists()
+
+
+def test_overwrite_refuses_an_output_folder_that_holds_the_model(tmp_path, saved_model):
+    """`mft demo --model OUT/models/fft --output-dir OUT --overwrite` (OUT an earlier demo folder) would delete
+    the model before reading it: refused, and every file of OUT is still there."""
+    import shutil
+
+    out = tmp_path / "demo"
+    model = out / "models" / "fft"
+    shutil.copytree(saved_model("llama", num_layers=8), model)
+    (out / "mft_demo.json").write_text("{}")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(MftError) as caught:
+        real.run_real_demo(str(model), out, quick=True, overwrite=True)
+    assert str(caught.value).startswith(f"--output-dir {out} contains the model {model}: writing the output there "
+                                        "would delete or change that input")
+    with pytest.raises(MftError, match=f"--output-dir {model} is the model {model}"):
+        real.run_real_demo(str(model), model, quick=True, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -37,7 +37,7 @@ def run(args) -> int:
 
     if args.quiet:
         set_quiet()
-    if args.model:
+    if args.model is not None:  # `--model ''` (an empty $MODEL) is refused by run_real_demo, not the tiny demo
         from mft.demo.real import run_real_demo
 
         output = args.output_dir if args.output_dir != DEFAULT_OUTPUT else f"{DEFAULT_OUTPUT}_real"

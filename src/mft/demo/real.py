@@ -97,6 +97,11 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
     also written to results.json / results.md in `output_dir`."""
     from mft.hub import resolve_model
 
+    from mft.paths import check_output_vs_inputs
+
+    if not isinstance(model, str) or not model.strip():
+        raise MftError(f"--model is empty ({model!r}): expected a short name from `mft models list` (e.g. "
+                       "smollm2-135m-instruct) or a local model folder; without --model, `mft demo` runs the tiny demo")
     s = settings or RealSettings()
     if quick and settings is None:
         s = replace(s, **REAL_QUICK)
@@ -105,12 +110,36 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
     if not (Path(base) / "config.json").is_file():
         raise MftError(f"--model {model}: expected a short name from `mft models list` or a local model folder")
     root = Path(output_dir).expanduser().resolve()
+    # `--overwrite` deletes the output folder first: refuse one that is or holds the model (as `mft train` does)
+    check_output_vs_inputs(root, {"model": base}, "--output-dir")
+    check_masked_layers(Path(base), model, s.masked_layers)
     prepare_output(root, overwrite)
     (root / MARKER).write_text(json.dumps({"what": "mft demo output; `mft demo --overwrite` replaces it",
                                            "model": model, "seed": seed, "quick": quick, "settings": asdict(s)},
                                           indent=1))
     with real_environment():
         return _run(Paths(root), Path(base), model, s, seed, quick, echo)
+
+
+def check_masked_layers(base: Path, model: str, masked_layers: str) -> None:
+    """MftError, before anything is written, when the model in `base` (its config.json) has no decoder layer of
+    some index in `masked_layers` (the demo's MFT would fail only after FFT)."""
+    from mft.eval.backends.model_info import load_config
+    from mft.masking.config import parse_layers
+
+    wanted = parse_layers(masked_layers)
+    config = load_config(str(base))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise MftError(f"--model {model}: its config.json ({base}) gives no num_hidden_layers; the demo masks "
+                       f"decoder layers {' '.join(map(str, wanted))}")
+    outside = [layer for layer in wanted if layer >= count]
+    if outside:
+        raise MftError(f"--model {model} has {count} decoder layers (0-{count - 1}, config.json num_hidden_layers), "
+                       f"but the real-model demo masks layers {' '.join(map(str, wanted))} "
+                       f"({' '.join(map(str, outside))} do not exist): use a model with at least {max(wanted) + 1} "
+                       "decoder layers")
 
 
 def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick: bool, echo) -> dict:
