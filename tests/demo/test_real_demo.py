@@ -44,7 +44,8 @@ def test_real_demo_pipeline_on_a_local_model_folder(tmp_path, saved_model, capsy
     """Every stage and file of the real-model demo, on a tiny model folder given as --model (seconds, not minutes)."""
     base = saved_model("llama", max_position_embeddings=1024)
     settings = real.RealSettings(n_train=8, n_test=6, max_seq_length=512, batch_size=4, fft_epochs=1, mft_epochs=1,
-                                 masked_layers="1 2", max_gen_toks=8, eval_batch_size=6, max_model_len=512)
+                                 masked_layers="1 2", max_gen_toks=8, chat_max_gen_toks=12, eval_batch_size=6,
+                                 max_model_len=512)
     out = tmp_path / "demo"
     result = real.run_real_demo(str(base), out, seed=2, settings=settings)
     assert list(result["models"]) == list(MODELS)
@@ -58,13 +59,48 @@ def test_real_demo_pipeline_on_a_local_model_folder(tmp_path, saved_model, capsy
     split = json.loads((out / "data" / "split.json").read_text())
     assert split["seed"] == 2 and len(split["train_indices"]) == 8 and len(split["heldout_indices"]) == 6
     assert len((out / "data" / "heldout.jsonl").read_text().splitlines()) == 6
+    # the second evaluation: the question as the user turn of the tokenizer's chat template, 0-shot
+    from transformers import AutoTokenizer
+
+    from mft.eval.tasks.gsm8k import exact_match, extract_answer
+
+    heldout = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    for name, row in result["models"].items():
+        chat = row["chat"]
+        predictions = [json.loads(line) for line in (out / "eval_chat" / name / "predictions.jsonl").read_text()
+                       .splitlines()]
+        assert len(predictions) == 6 and chat["num_instances"] == 6
+        for doc, p in zip(heldout, predictions):
+            assert p["prompt"] == tokenizer.apply_chat_template([{"role": "user", "content": doc["question"]}],
+                                                                tokenize=False, add_generation_prompt=True)
+            assert "Question:" not in p["prompt"] and 1 <= p["num_tokens"] <= settings.chat_max_gen_toks
+            assert p["model_answer"] == extract_answer(p["continuation"])
+            assert p["label"] == doc["answer"].split("####")[-1].strip().replace(",", "")
+            assert p["exact_match"] == exact_match(p["model_answer"], p["label"])
+        assert chat["correct"] == sum(p["exact_match"] for p in predictions)
+        assert chat["ci95"] == pytest.approx(list(real.wilson_interval(chat["correct"], 6)))
     table = (out / "results.md").read_text()
     assert table.startswith(f"{base}, demo split of the GSM8K test set (seed 2: 8 train / 6 held-out problems): "
                             "NOT a benchmark number")
-    assert "| model | GSM8K 8-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n |" in table
-    assert [line.split("|")[1].strip() for line in table.splitlines()[4:]] == \
-        ["base", "FFT", "MFT", "random mask", "L1 mask"]
+    assert ("| model | GSM8K 8-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n | chat template, "
+            "0-shot | 95 % interval (Wilson) | correct / n |") in table
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[4:]]
+    assert [r[0].strip() for r in rows] == ["base", "FFT", "MFT", "random mask", "L1 mask"]
+    for r, name in zip(rows, MODELS):
+        chat = result["models"][name]["chat"]
+        assert r[6].strip() == f"{chat['correct']} / 6"
+        assert r[5].strip() == f"{chat['ci95'][0]:.1%} - {chat['ci95'][1]:.1%}"
     assert table in capsys.readouterr().out
+    # the figure: loss, lr, mask flips per layer, accuracy with intervals (looked at by hand, see the README)
+    from PIL import Image
+
+    plot = out / "plots" / "demo.png"
+    assert result["plot"] == str(plot.resolve()) or result["plot"] == str(plot)
+    with Image.open(plot) as image:
+        assert image.size == (1300, 850)
+    assert set(json.loads((out / "timings.json").read_text())["stage_seconds"]) == \
+        {"data", "fft", "mft", "apply", "eval", "chat", "report"}
     with pytest.raises(MftError, match="pass --overwrite"):
         real.run_real_demo(str(base), out, seed=2, settings=settings)
 

@@ -1,15 +1,20 @@
 """`mft demo --model NAME`: the demo's pipeline on a real pretrained model with real GSM8K problems.
 
     data (a seeded split of the shipped GSM8K test set) -> FFT of the model on the train part -> MFT from FFT
-    -> random / L1 baselines -> apply (streaming) -> 8-shot GSM8K evaluation of the held-out part -> table
+    -> random / L1 baselines -> apply (streaming) -> the held-out part evaluated twice (8-shot GSM8K protocol;
+    0-shot with the model's chat template) -> table, plots
 
 Every stage is the project's own code (`mft train`, `mft.masking.apply`, `mft eval`), as in the tiny demo.
 
 The split is a DEMO split, never a benchmark number: the 1319 problems of GSM8K's test set (shipped in
 `mft/data/benchmarks/gsm8k`) are shuffled with the seed; the first `n_train` train FFT and MFT (chat format,
 with the model's own chat template), the next `n_test` are held out and evaluated with the 8-shot GSM8K
-protocol of `mft eval` (plain few-shot prompts, greedy, exact match). The indices are written to
-`data/split.json`. Accuracy is given with a 95 % Wilson score interval over the held-out problems.
+protocol of `mft eval` (plain few-shot prompts, greedy, exact match), and a second time with the chat
+template (`CHAT_COLUMN`: the question as the user turn, rendered by the tokenizer's own chat template with
+the generation prompt, 0-shot, greedy through the hf backend's `generate`, scored by the GSM8K task's answer
+extraction and exact match). The indices are written to `data/split.json`. Accuracy is given with a 95 % Wilson
+score interval over the held-out problems. `plots/demo.png`: training loss and learning rate of FFT and MFT, mask
+entries flipped per masked layer, and both accuracies per model with their intervals (`write_plots`).
 
 Sizes: the default run is meant for one GPU (about 20 minutes; not timed: no GPU was lent); `--quick` (8 + 8
 problems, 2 optimizer steps each for FFT and MFT, 64 new tokens) is sized for a CPU in under 10 minutes
@@ -34,6 +39,8 @@ from mft.demo.settings import LABELS, MARKER, MODELS, REAL_QUICK, Paths, RealSet
 from mft.errors import MftError
 
 SPLIT_LABEL = "demo split of the GSM8K test set"
+CHAT_COLUMN = "chat template, 0-shot"
+FIGURE = "demo.png"
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -113,6 +120,9 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
     # `--overwrite` deletes the output folder first: refuse one that is or holds the model (as `mft train` does)
     check_output_vs_inputs(root, {"model": base}, "--output-dir")
     check_masked_layers(Path(base), model, s.masked_layers)
+    from transformers import AutoTokenizer
+
+    chat_prompts(AutoTokenizer.from_pretrained(base), [])  # FFT/MFT and the chat evaluation need a chat template
     prepare_output(root, overwrite)
     (root / MARKER).write_text(json.dumps({"what": "mft demo output; `mft demo --overwrite` replaces it",
                                            "model": model, "seed": seed, "quick": quick, "settings": asdict(s)},
@@ -150,7 +160,7 @@ def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick
 
     root = paths.root
     torch.manual_seed(seed)
-    stages = Stages(6, echo)
+    stages = Stages(7, echo)
     common = {"max_seq_length": s.max_seq_length, "per_device_train_batch_size": s.batch_size,
               "chat_template_name": "tokenizer"}
 
@@ -195,20 +205,131 @@ def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick
                          batch_size=s.eval_batch_size, max_model_len=s.max_model_len)["metrics"][0]
         n = entry["num_instances"]
         correct = round(entry["exact_match"] * n)
-        low, high = wilson_interval(correct, n)
-        results[name] = {"accuracy": correct / n, "correct": correct, "num_instances": n, "ci95": [low, high]}
+        results[name] = accuracy_record(correct, n)
 
-    stages.begin("report", "results table")
+    stages.begin("chat", f"accuracy: {CHAT_COLUMN} (the model's chat template, greedy, exact match) on the "
+                         f"{s.n_test} held-out problems")
+    for name in MODELS:
+        folder = base if name == "base" else paths.model(name)
+        results[name]["chat"] = evaluate_chat(folder, test_rows, s, root / "eval_chat" / name, name)
+
+    stages.begin("report", "results table and plots")
     summary = {"model": model, "model_path": str(base), "seed": seed, "quick": quick, "settings": asdict(s),
                "split": {k: v for k, v in record.items() if not k.endswith("indices")}, "models": results}
     (root / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = results_table(summary)
     (root / "results.md").write_text(table + "\n")
+    plot = write_plots(paths, summary)
     total = stages.finish()
     (root / "timings.json").write_text(json.dumps({"stage_seconds": stages.times, "total_seconds": total}) + "\n")
     echo("\n" + table)
-    echo(f"took {total:.0f} s; everything is in {root}")
-    return {**summary, "total_seconds": total}
+    echo(f"plots: {plot}\ntook {total:.0f} s; everything is in {root}")
+    return {**summary, "total_seconds": total, "plot": str(plot)}
+
+
+def accuracy_record(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "correct": correct, "num_instances": n, "ci95": [low, high]}
+
+
+def chat_prompts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each GSM8K question as the only user turn, rendered by the tokenizer's own chat template with the
+    generation prompt (the text the model sees before its answer; encoded without extra special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MftError(f"{getattr(tokenizer, 'name_or_path', 'the model')}: its tokenizer has no chat template; "
+                       f"the real-model demo's '{CHAT_COLUMN}' evaluation needs one")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                          add_generation_prompt=True) for r in rows]
+
+
+def evaluate_chat(folder: Path, rows: list[dict], s: RealSettings, out: Path, name: str) -> dict:
+    """Accuracy on `rows` with the chat template (`chat_prompts`): greedy generation by the hf backend
+    (`HFBackend.generate`, stopped at the model's EOS / end-of-turn tokens only, at most `s.chat_max_gen_toks`
+    new tokens), scored by the GSM8K task (last number of the answer, exact match with the number after ####).
+    Writes `out/predictions.jsonl` (one row per problem: prompt, continuation, num_tokens, model_answer, label,
+    exact_match)."""
+    from mft.eval.backends.hf import HFBackend
+    from mft.eval.tasks.gsm8k import GSM8K
+
+    task = GSM8K(name="gsm8k", num_shots=0)
+    backend = HFBackend(str(folder), batch_size=s.eval_batch_size, max_model_len=s.max_model_len)
+    prompts = chat_prompts(backend.tokenizer, rows)
+    generations = backend.generate(prompts, [], s.chat_max_gen_toks, desc=f"chat 0-shot, {name}")
+    del backend
+    scored = task.score(rows, [g.text for g in generations])
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "predictions.jsonl", [
+        {"doc_id": i, "prompt": prompt, "continuation": g.text, "num_tokens": g.num_tokens,
+         "model_answer": r["model_answer"], "label": task.label(row), "exact_match": r["metrics"]["exact_match"]}
+        for i, (row, prompt, g, r) in enumerate(zip(rows, prompts, generations, scored))])
+    return accuracy_record(sum(r["metrics"]["exact_match"] for r in scored), len(rows))
+
+
+def write_plots(paths: Paths, summary: dict, dpi: int = 100) -> Path:
+    """`plots/demo.png`, four panels drawn with `mft plot`'s panel functions and the tiny demo's colours:
+    training loss and learning rate of FFT and MFT (MFT drawn after FFT's last step; FFT's lr on its own right
+    axis, since FFT's and MFT's differ by 1000x), mask entries flipped per masked layer during MFT, and held-out accuracy per
+    model for both evaluations with its 95 % Wilson interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mft.demo.report import COLORS, SHORT, read_log, save_small_png
+    from mft.plot import RunLog, loss_panel, lr_panel, mask_changes_panel
+
+    fft_log, mft_log = read_log(paths.model("fft")), read_log(paths.runs / "mft")
+    offset = fft_log[-1]["step"] if fft_log else 0
+    runs = [RunLog("FFT", fft_log, COLORS["fft"]),
+            RunLog("MFT (after FFT's last step)", mft_log, COLORS["mft"], offset=offset)]
+    fig, ((ax_loss, ax_lr), (ax_flips, ax_acc)) = plt.subplots(2, 2, figsize=(13, 8.5))
+    loss_panel(ax_loss, runs)
+    # FFT's and MFT's learning rates differ by 1000x: MFT on the left axis, FFT on its own right axis
+    ax_fft_lr = ax_lr.twinx()
+    lr_panel(ax_fft_lr, runs[:1])
+    lr_panel(ax_lr, runs[1:])
+    ax_lr.set_ylabel("MFT learning rate", color=COLORS["mft"])
+    ax_fft_lr.set_ylabel("FFT learning rate (right axis)", color=COLORS["fft"])
+    ax_fft_lr.set_title("")
+    ax_fft_lr.get_legend().remove()
+    mask_changes_panel(ax_flips, [RunLog("MFT", mft_log, COLORS["mft"])])
+    ax_flips.set_xlabel("MFT optimizer step")
+    for ax in (ax_loss, ax_lr, ax_fft_lr, ax_flips):
+        for line in ax.get_lines():  # a short run (--quick: 2 steps each) has a few points: show each one
+            if len(line.get_xdata()) <= 30:
+                line.set_marker("o")
+                line.set_markersize(4)
+    ax_loss.legend(fontsize=8)
+    ax_lr.legend(ax_lr.get_lines() + ax_fft_lr.get_lines(), ["MFT (left axis)", "FFT (right axis)"], fontsize=8)
+    if ax_flips.get_lines():
+        ax_flips.legend(fontsize=7, ncol=2)
+
+    models, s = summary["models"], summary["settings"]
+    columns = [(f"GSM8K {s['num_shots']}-shot protocol", None, "///"), (CHAT_COLUMN, "chat", "")]
+    width = 0.38
+    for k, (label, key, hatch) in enumerate(columns):
+        rows = [models[m][key] if key else models[m] for m in MODELS]
+        xs = [i + (k - 0.5) * width for i in range(len(MODELS))]
+        values = [100 * r["accuracy"] for r in rows]
+        errors = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rows], [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]]
+        ax_acc.bar(xs, values, width, color=[COLORS[m] for m in MODELS], alpha=1.0 if key else 0.55, hatch=hatch,
+                   edgecolor="black", lw=0.5, yerr=errors, capsize=3, label=label)
+        for x, r in zip(xs, rows):
+            ax_acc.annotate(f"{100 * r['accuracy']:.0f}%\n{r['correct']}/{r['num_instances']}",
+                            (x, 100 * r["ci95"][1]), ha="center", va="bottom", fontsize=7)
+    ax_acc.set_xticks(range(len(MODELS)), [SHORT[m] for m in MODELS])
+    ax_acc.set_ylim(0, 118)
+    ax_acc.set_ylabel("held-out accuracy (%), 95 % Wilson interval")
+    ax_acc.set_title(f"held-out accuracy, {models['fft']['num_instances']} problems ({SPLIT_LABEL})", fontsize=10)
+    ax_acc.legend(fontsize=8, loc="upper right")
+    quick = ", --quick: the numbers mean nothing" if summary["quick"] else ""
+    fig.suptitle(f"mft demo --model {summary['model']} (seed {summary['seed']}{quick})", fontsize=11)
+    fig.tight_layout()
+    path = paths.plots / FIGURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_small_png(fig, path, dpi)
+    plt.close(fig)
+    return path
 
 
 def _mask_config(s: RealSettings):
@@ -219,17 +340,22 @@ def _mask_config(s: RealSettings):
 
 
 def results_table(summary: dict) -> str:
-    """The markdown table: one row per model, accuracy with its 95 % interval, labelled as a demo split."""
+    """The markdown table: one row per model, the accuracy of both evaluations (8-shot GSM8K protocol; chat
+    template, 0-shot) each with its 95 % Wilson interval, labelled as a demo split."""
     s = summary["settings"]
     quick = " (--quick: every stage runs; the numbers mean nothing)" if summary["quick"] else ""
     lines = [f"{summary['model']}, {SPLIT_LABEL} (seed {summary['seed']}: {s['n_train']} train / {s['n_test']} "
              f"held-out problems): NOT a benchmark number{quick}",
              "",
-             f"| model | GSM8K {s['num_shots']}-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n |",
-             "|---|---|---|---|"]
+             f"| model | GSM8K {s['num_shots']}-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n "
+             f"| {CHAT_COLUMN} | 95 % interval (Wilson) | correct / n |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cells(r: dict) -> str:
+        low, high = r["ci95"]
+        return f"{r['accuracy']:.1%} | {low:.1%} - {high:.1%} | {r['correct']} / {r['num_instances']}"
+
     for name in MODELS:
         r = summary["models"][name]
-        low, high = r["ci95"]
-        lines.append(f"| {LABELS[name]} | {r['accuracy']:.1%} | {low:.1%} - {high:.1%} | "
-                     f"{r['correct']} / {r['num_instances']} |")
+        lines.append(f"| {LABELS[name]} | {cells(r)} | {cells(r['chat'])} |")
     return "\n".join(lines)

@@ -89,9 +89,10 @@ class RealSettings:
     mft_lr: float = 1e-2
     num_shots: int = 8
     max_gen_toks: int = 256
+    chat_max_gen_toks: int = 512  # the chat-template evaluation: 0-shot answers, no few-shot prompt to pay for
     eval_batch_size: int = 32
     max_model_len: int = 2048
 
 
 REAL_QUICK = dict(n_train=8, n_test=8, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
-                  max_gen_toks=64, eval_batch_size=8, max_model_len=1536)
+                  max_gen_toks=64, chat_max_gen_toks=256, eval_batch_size=8, max_model_len=1536)
