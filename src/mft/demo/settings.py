@@ -95,4 +95,4 @@ class RealSettings:
 
 
 REAL_QUICK = dict(n_train=8, n_test=8, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
-                  max_gen_toks=64, chat_max_gen_toks=256, eval_batch_size=8, max_model_len=1536)
+                  max_gen_toks=64, chat_max_gen_toks=128, eval_batch_size=8, max_model_len=1536)
