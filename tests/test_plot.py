@@ -136,6 +136,113 @@ def test_default_labels_tell_the_runs_apart(sweep, tmp_path, capsys):
 def test_output_must_be_a_png(sweep, tmp_path, capsys):
     (tmp_path / "x.csv").write_text("keep me")
     assert main(["plot", str(sweep[0]), "--output", str(tmp_path / "x.csv")]) == 1
-    assert f"--output must name a .png file (the CSV is written beside it), got {tmp_path / 'x.csv'}" in \
-        capsys.readouterr().err
+    assert f"--output must name a .png file or a folder (the CSV is written beside the PNG), got " \
+        f"{tmp_path / 'x.csv'}" in capsys.readouterr().err
     assert (tmp_path / "x.csv").read_text() == "keep me"
+
+
+def write_log(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN/Infinity as mft train writes
+    return folder
+
+
+def write_summary(folder, score):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"metrics": [
+        {"task": "gsm8k", "primary_score": score, "num_instances": 8}]}))
+
+
+def test_heldout_scores_come_from_the_fixed_location_not_the_newest_file(tmp_path, capsys):
+    """An MFT run with its applied model's evaluation and, written later, a snapshot's: the applied model's
+    score is plotted (whatever the file times), its folder is named in the legend and the CSV, and the
+    snapshot's evaluation is named as not plotted."""
+    import os
+
+    run = write_log(tmp_path / "mft", [{"step": s, "loss": 2.0 - s / 10, "lr": 1e-3} for s in (1, 2, 3)])
+    write_summary(run / "mask_applied" / "eval_output", 0.25)
+    write_summary(run / "snapshots" / "step_2" / "eval_output", 0.0)
+    os.utime(run / "mask_applied" / "eval_output" / "metrics.json", (1, 1))  # the older file
+    assert main(["plot", str(run), "--output", str(tmp_path / "p.png")]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {run}: held-out scores from mask_applied/eval_output/metrics.json; not plotted: "
+            "snapshots/step_2/eval_output/metrics.json") in err
+    with open(tmp_path / "p.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "heldout/gsm8k"]
+    assert rows == [{"run": "mft", "step": "", "epoch": "", "metric": "heldout/gsm8k", "layer": "", "value": "0.25",
+                     "source": "mask_applied/eval_output/metrics.json"}]
+    heldout = figure(load_runs([str(run)])).axes[2]
+    assert [t.get_text() for t in heldout.texts] == ["25.0"]
+    assert [t.get_text() for t in heldout.get_legend().get_texts()] == ["mft (mask_applied/eval_output)"]
+    (run / "mask_applied" / "eval_output" / "metrics.json").unlink()  # no fixed location: no score at all
+    runs = load_runs([str(run)])
+    assert runs[0].heldout == {} and runs[0].heldout_source == ""
+    fft = write_log(tmp_path / "fft", [{"step": 1, "loss": 2.0, "lr": 1e-5}])
+    write_summary(fft / "eval_output", 0.5)
+    assert load_runs([str(fft)])[0].heldout_source == "eval_output/metrics.json"
+
+
+def test_non_finite_losses_are_marked_and_few_points_get_markers(tmp_path):
+    """Losses NaN, inf and 0 at steps 5-7 (a diverged run) are red marks named in the panel, not a curve that
+    silently ends at step 4; a run with one record shows its point; step ticks are integers."""
+    import math
+
+    bad = write_log(tmp_path / "bad", [{"step": 2, "loss": 6.1, "lr": 0.02}, {"step": 4, "loss": 6.0, "lr": 0.02},
+                                       {"step": 5, "loss": math.nan, "lr": 0.01},
+                                       {"step": 6, "loss": math.inf, "lr": 0.01}, {"step": 7, "loss": 0.0, "lr": 0.01}])
+    one = write_log(tmp_path / "one", [{"step": 2, "loss": 6.1, "lr": 0.02, "kept_fraction": {"0": 0.9},
+                                        "mask_changed_per_layer": {"0": 0.19}}])
+    fig = figure(load_runs([str(bad)]))
+    loss = fig.axes[0]
+    assert [list(line.get_xdata()) for line in loss.get_lines()] == [[2, 4]]
+    marks = loss.collections[0].get_offsets()
+    assert [float(x) for x in marks[:, 0]] == [5.0, 6.0, 7.0]
+    assert loss.get_xlabel() == "optimizer step\nred x at the top: bad: loss 0.0/inf/nan at steps 5-7"
+    assert loss.get_xlim()[1] >= 7
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in loss.get_yticklabels(minor=True) + loss.get_yticklabels() if t.get_text()]
+    assert len(ticks) >= 2 and len(set(ticks)) == len(ticks) and not any("times" in t or "e" in t for t in ticks)
+    for ax in fig.axes[:2]:
+        assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_xticks()
+    fig = figure(load_runs([str(one)]))
+    fig.canvas.draw()
+    for ax in fig.axes[:4]:
+        for line in ax.get_lines():
+            assert line.get_marker() == "o"
+        assert all(float(t).is_integer() for t in ax.get_xticks()), (ax.get_title(), ax.get_xticks())
+        assert ax.get_xlim()[0] <= 1 and ax.get_xlim()[1] >= 3
+
+
+def test_learning_rates_far_apart_are_drawn_relative_to_each_peak(tmp_path):
+    """FFT at 5e-6 and MFT at 5e-3 (the paper's rates) overlaid: each curve is divided by its peak, named in the
+    legend, so FFT is not a flat line at 0; the CSV keeps the absolute rates. Rates within 10x stay absolute."""
+    steps = range(1, 31)
+    fft = write_log(tmp_path / "fft", [{"step": s, "loss": 3.0 - s / 20, "lr": 5e-6 * (1 - s / 30)} for s in steps])
+    mft = write_log(tmp_path / "mft", [{"step": s, "loss": 1.5 - s / 30, "lr": 5e-3 * (1 - s / 30)} for s in steps])
+    fig = figure(load_runs([str(fft), str(mft)]))
+    lr = fig.axes[1]
+    assert lr.get_title() == "learning rate (each run relative to its peak)"
+    assert [t.get_text() for t in lr.get_legend().get_texts()] == ["fft (peak 4.83e-06)", "mft (peak 0.00483)"]
+    assert [max(line.get_ydata()) for line in lr.get_lines()] == [1.0, 1.0]
+    assert main(["plot", str(fft), str(mft), "--output", str(tmp_path / "o.png")]) == 0
+    with open(tmp_path / "o.csv", newline="") as f:
+        peaks = {r["run"]: float(r["value"]) for r in csv.DictReader(f) if r["metric"] == "lr" and r["step"] == "1"}
+    assert peaks == {"fft": 5e-6 * (1 - 1 / 30), "mft": 5e-3 * (1 - 1 / 30)}
+    close = write_log(tmp_path / "close", [{"step": s, "lr": 1e-3} for s in steps])
+    assert figure(load_runs([str(mft), str(close)])).axes[1].get_title() == "learning rate"
+
+
+def test_output_may_name_a_folder_and_bad_folders_are_one_line_errors(tmp_path, capsys):
+    run = write_log(tmp_path / "run", [{"step": 1, "loss": 2.0, "lr": 1e-3}])
+    assert main(["plot", str(run), "--output", str(tmp_path / "plots") + "/"]) == 0  # a folder meant, created
+    assert f"wrote {tmp_path / 'plots' / 'runs.png'} and {tmp_path / 'plots' / 'runs.csv'}" in capsys.readouterr().out
+    (tmp_path / "existing").mkdir()
+    assert main(["plot", str(run), "--output", str(tmp_path / "existing")]) == 0  # an existing folder
+    assert (tmp_path / "existing" / "runs.png").is_file() and (tmp_path / "existing" / "runs.csv").is_file()
+    capsys.readouterr()
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert main(["plot", str(run), "--output", str(tmp_path / "model.safetensors" / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"mft plot: error: cannot create the --output folder {tmp_path / 'model.safetensors'}: "
+                   f"{tmp_path / 'model.safetensors'} is a file, not a folder (ENOTDIR)\n")
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"

@@ -36,7 +36,8 @@ Environment:
   DRY_RUN=1      print the commands instead of running them
 Results: EVAL_OUTPUT/metrics.json and task-NNN-* files (mft), one folder per task (olmes); for math also
 EVAL_OUTPUT/math/<subject>/metrics.json and EVAL_OUTPUT/math/task_scores_flex.jsonl. Compare runs with
-  mft report output/fft_llama2-7b_math/eval_output output/masktune_llama2-7b_math/mask_applied/eval_output
+  mft report output/fft_llama2-7b_math/eval_output \
+    output/masktune_llama2-7b_local_4-7-layers_0.9_math/mask_applied/eval_output
 EOF_USAGE
 }
 

@@ -16,11 +16,14 @@ to the chosen dtype: this is the quantized model made dense, not the original bf
 Cache: `cache_dir()/models/NAME-DTYPE/` (`$MFT_CACHE_DIR`, see `cache_dir`). A folder is built under a temporary
 name and renamed into place when complete, so a folder with the final name is always whole; `mft-model.json`
 in it records the source file, its sha256, the dtype and every file's size, and a folder whose files differ
-from that list is refused. A killed run's temporary folder is removed by the next `get`.
+from that list, or whose `mft-model.json` is no such record, is refused. A killed run's temporary folder is
+removed by the next `get`. Files get the mode of the umask (0666 & ~umask), `model.safetensors` too
+(safetensors writes it 0600), so a group-shared cache works.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -62,7 +65,7 @@ def cache_dir() -> Path:
     `$XDG_CACHE_HOME/mft` (when set and not empty), else `~/.cache/mft`. Models, tokenized data and NLTK data
     all live under it.
 
-    Raises MftError when the chosen path exists and is not a folder.
+    Raises MftError when the chosen path exists and is not a folder, or lies under a file (ENOTDIR).
     """
     for variable in ("MFT_CACHE_DIR", "MFT_CACHE"):
         if os.environ.get(variable):
@@ -74,6 +77,12 @@ def cache_dir() -> Path:
     if root.exists() and not root.is_dir():
         raise MftError(f"the mft cache folder {root} (from ${variable} or its default) is a file, not a folder; "
                        "set MFT_CACHE_DIR to a folder")
+    above = root.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise MftError(f"the mft cache folder {root} (from ${variable} or its default) cannot be created: {above} is "
+                       f"a file, not a folder ({errno.errorcode[errno.ENOTDIR]}); set MFT_CACHE_DIR to a folder")
     return root
 
 
@@ -129,8 +138,15 @@ def _file_sizes(folder: Path) -> dict[str, int]:
 
 
 def damage(folder: Path) -> str:
-    """"" when every file `folder`'s manifest records is there with its recorded size, else what is wrong."""
-    recorded = json.loads((folder / MANIFEST).read_text()).get("files")
+    """"" when every file `folder`'s manifest records is there with its recorded size, else what is wrong (also
+    when the manifest is no JSON object: it was edited or damaged after `get` wrote it)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST} cannot be read as JSON ({exc})"
+    if not isinstance(manifest, dict):
+        return f"its {MANIFEST} holds a {type(manifest).__name__}, not a JSON object"
+    recorded = manifest.get("files")
     if not isinstance(recorded, dict) or not recorded:
         return f"its {MANIFEST} records no file list"
     problems = []
@@ -177,6 +193,7 @@ def get_model(name: str, dtype: str = DEFAULT_DTYPE) -> Path:
     logger.info("converting %s (%s) to a %s Hugging Face folder at %s", source.name, model.package, dtype, dest)
     try:
         _convert(source, partial, dtype)
+        paths.follow_umask(partial)  # safetensors writes model.safetensors 0600: a shared cache must be readable
         (partial / paths.TEMP_MARKER).unlink()  # the finished folder carries no marker (a kill now leaves it unmarked)
         manifest = {"name": name, "dtype": dtype, "source_package": model.package,
                     "source_version": _version(model.package), "source_file": model.gguf,
@@ -204,13 +221,17 @@ def _version(package: str) -> str:
 
 def _convert(source: Path, out: Path, dtype: str) -> None:
     """Write `source` (a GGUF file) as a safetensors folder in `out`: weights, config, tokenizer, generation config."""
+    from mft.progress import third_party_bars_off_terminal
+
+    with third_party_bars_off_terminal():  # transformers' GGUF and shard bars: no carriage return in a log file
+        _convert_quietly(source, out, dtype)
+
+
+def _convert_quietly(source: Path, out: Path, dtype: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from mft.progress import quiet_libraries_off_terminal
-
-    quiet_libraries_off_terminal()  # transformers' conversion / shard bars: no carriage returns in a log file
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     folder, file = str(source.parent), source.name
     config = AutoConfig.from_pretrained(folder, gguf_file=file)
@@ -261,6 +282,8 @@ def register(sub) -> None:
     ls = models_sub.add_parser("list", help="known models, whether they can be built here, what is cached")
     ls.set_defaults(func=_list)
     get = models_sub.add_parser("get", help="convert a model once (if needed) and print its folder")
+    get.add_argument("--quiet", action="store_true",
+                     help="no progress output (also MFT_QUIET=1); the folder is still printed")
     get.add_argument("name", help=f"short name: {', '.join(sorted(MODELS))}")
     get.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES, help="weight dtype (default: bf16)")
     get.set_defaults(func=_get)
@@ -281,12 +304,20 @@ def _list(args) -> int:
             print(f"    {d}: {model_dir(name, d)} was changed after it was written ({damage(model_dir(name, d))}); "
                   f"delete it and run `mft models get {name} --dtype {d}` again")
         for d in DTYPES:
+            blocker = model_dir(name, d)
+            if (blocker.exists() or blocker.is_symlink()) and not (blocker / MANIFEST).is_file():
+                print(f"    {d}: {blocker} exists but has no {MANIFEST} (not written by `mft models get`), so "
+                      "`get` refuses it: move it away or set MFT_CACHE_DIR to another folder")
             for item in model_leftovers(name, d):
                 print(f"    {d}: {item} is left by an interrupted `mft models get`; the next get removes it")
     return 0
 
 
 def _get(args) -> int:
+    if args.quiet:
+        from mft.progress import set_quiet
+
+        set_quiet()
     logging.basicConfig(level=logging.INFO, format="[mft models] %(message)s", stream=sys.stderr)
     print(get_model(args.name, args.dtype))
     return 0

@@ -15,6 +15,10 @@ The rule every writing command follows (`mft train`, `mft apply`):
    An `.<name>.old-<pid>-<tag>` folder is never deleted by a later run: it may be the only complete copy of the
    output (a swap killed between its two renames); it is renamed back into place when the output is missing,
    otherwise kept and reported.
+4. Replacing an output (`mft train --overwrite_output_dir`, `mft apply --overwrite`) is refused while the old
+   folder holds evaluation results another command wrote into it (`eval_output/`, or any folder with a
+   `metrics.json`; `mft eval --output-dir MODEL/eval_output` puts them there): `check_overwrite_keeps_results`,
+   before any work. The user moves them out (or deletes them) first.
 """
 
 from __future__ import annotations
@@ -63,6 +67,43 @@ def check_output_vs_inputs(output: str | os.PathLike, inputs: dict[str, str | os
         if link == out or out in link.parents:
             raise MftError(f"the {what} {path} lies inside {output_flag} {output} (a link to {src}): replacing the "
                            f"output would delete it. Give the {what} as {src}, or choose another output folder")
+
+
+RESULTS_FOLDER = "eval_output"  # where `mft eval` results of a model go by default: inside the model's folder
+
+
+def results_inside(output: str | os.PathLike) -> list[Path]:
+    """Evaluation results inside the folder `output` (which need not exist): every folder named
+    RESULTS_FOLDER and every other folder holding a `metrics.json` (a `metrics.json` directly in `output`
+    too), none below one already found; symlinks are not followed. Sorted paths."""
+    root = Path(output)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and (here.name == RESULTS_FOLDER or "metrics.json" in filenames):
+            found.append(here)
+            dirnames[:] = []  # everything below belongs to this result
+        elif here == root and "metrics.json" in filenames:
+            found.append(here / "metrics.json")
+        dirnames.sort()
+    return sorted(found)
+
+
+def check_overwrite_keeps_results(output: str | os.PathLike, overwrite_flag: str) -> None:
+    """Refuse to replace the folder `output` while it holds evaluation results (`results_inside`): another
+    command wrote them, and replacing the folder would delete the only copy without a word. Call it before
+    any work, only when the command is about to replace an existing output (`overwrite_flag` names the flag,
+    e.g. "--overwrite"). Raises MftError naming each result (up to five) and what to do."""
+    found = results_inside(output)
+    if not found:
+        return
+    names = [str(p.relative_to(output)) + ("/" if p.is_dir() else "") for p in found]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise MftError(f"{overwrite_flag} would replace {output}, which holds evaluation results written into it "
+                   f"({shown}): replacing the folder would delete them. Move them out of {output} (or delete "
+                   "them) and run again, or choose another output folder")
 
 
 def check_writable(output: str | os.PathLike, output_flag: str = "--output_dir") -> None:

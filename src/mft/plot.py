@@ -2,18 +2,34 @@
 
 Reads each run folder's `train_log.jsonl` (written by `mft train`; one record per logged step: `step`,
 `epoch`, `loss`, `lr`, `tokens_per_s`, and for MFT `mask_changed`, `mask_changed_per_layer`,
-`kept_fraction`) and, when present, the evaluation summaries (`metrics.json`, olmes layout) under the run
-folder (e.g. `RUN/eval_output/`, `RUN/mask_applied/eval_output/`). Panels: training loss, learning rate,
-mask entries flipped per logged step per layer, kept fraction per layer, and the held-out primary scores.
-The CSV holds every plotted number, one per row: `run,step,epoch,metric,layer,value` (`layer` empty for
-whole-run values; held-out scores as metric `heldout/<task>` with no step). The demo's figure draws its
-training-loss, learning-rate and mask-change curves with the panel functions below.
+`kept_fraction`) and, when present, the held-out scores of the run's model from one fixed place,
+`HELDOUT_LOCATIONS` in order: `RUN/mask_applied/eval_output/metrics.json` (an MFT run's applied model), else
+`RUN/eval_output/metrics.json` (an FFT run's own model) — the olmes summary `mft eval --output-dir` writes.
+Other evaluations under the run folder (of snapshots, say) are not plotted; a note on stderr names them.
+The location used is named in the panel's legend and in the CSV's `source` column.
+
+Panels: training loss, learning rate, mask entries flipped per logged step per layer, kept fraction per
+layer, and the held-out primary scores. The loss axis is logarithmic, its ticks written as plain numbers
+with as many digits as tell them apart (6.0975, 6.1, not 6.1 x 10^0 twice). A loss that is NaN,
+infinite or not positive (none has a place on a log axis) is drawn as a red x at the top of the loss panel
+and named there, so a diverged run does not look like a run that stopped logging. A
+series of at most `MARKERS_UP_TO` points is drawn with markers (one logged step is a visible dot). Steps are
+integers on every axis. Learning rates are drawn as they are when the runs' peak rates lie within a factor
+`LR_SPREAD` of each other; otherwise (FFT at 5e-6 overlaid on MFT at 5e-3, where FFT would be a flat line at
+0) each run's curve is divided by its own peak, which the legend names: the panel then compares schedules,
+and the CSV keeps the absolute values.
+
+The CSV holds every plotted number, one per row: `run,step,epoch,metric,layer,value,source` (`layer` empty
+for whole-run values; held-out scores as metric `heldout/<task>` with no step and the metrics.json they come
+from, relative to the run folder, as `source`). The demo's figure draws its training-loss and learning-rate
+curves with the panel functions below.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +37,10 @@ from pathlib import Path
 from mft.errors import MftError
 
 TRAIN_LOG = "train_log.jsonl"
+HELDOUT_LOCATIONS = ("mask_applied/eval_output", "eval_output")  # relative to the run folder, first found wins
+MARKERS_UP_TO = 20
+LR_SPREAD = 10.0
+DEFAULT_OUTPUT = "runs.png"
 PALETTE = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
            "tab:cyan", "tab:gray"]
 LAYER_STYLES = ["-", "--", ":", "-."]
@@ -35,6 +55,7 @@ class RunLog:
     color: str = "tab:blue"
     offset: int = 0
     heldout: dict[str, float] = field(default_factory=dict)  # task -> primary score in [0, 1]
+    heldout_source: str = ""  # the metrics.json the scores come from, relative to the run folder
 
     def steps(self, key: str) -> list[int]:
         return [self.offset + r["step"] for r in self.records if key in r]
@@ -75,16 +96,30 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
-def read_heldout(folder: Path) -> dict[str, float]:
-    """task -> primary score from the olmes `metrics.json` summaries under `folder` (newest wins)."""
+def read_heldout(folder: Path) -> tuple[dict[str, float], str]:
+    """(task -> primary score, source) from the first of `HELDOUT_LOCATIONS` under the run `folder` that holds
+    an olmes summary `metrics.json`; `source` is that file relative to `folder` ("" when none). File times play
+    no part. Other summaries under `folder` are named in a note on stderr (they are not plotted)."""
     scores: dict[str, float] = {}
-    for path in sorted(folder.rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
+    source = ""
+    for location in HELDOUT_LOCATIONS:
+        path = folder / location / "metrics.json"
+        if not path.is_file():
+            continue
         try:
             entries = json.loads(path.read_text()).get("metrics")
-            scores.update({e["task"]: float(e["primary_score"]) for e in entries or []})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a per-task or per-subject metrics.json, not a summary
-    return scores
+            scores = {e["task"]: float(e["primary_score"]) for e in entries or []}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MftError(f"{path} is not an olmes metrics.json (needs metrics[].task/primary_score): {exc}") from exc
+        source = f"{location}/metrics.json"
+        break
+    others = sorted(str(p.relative_to(folder)) for p in folder.rglob("eval_output/metrics.json")
+                    if str(p.relative_to(folder)) != source)
+    if others:
+        print(f"note: {folder}: held-out scores {'from ' + source if source else 'not plotted'}; not plotted: "
+              f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''} (only "
+              f"{' or '.join(f'{loc}/' for loc in HELDOUT_LOCATIONS)} is read)", file=sys.stderr)
+    return scores, source
 
 
 def load_runs(folders: list[str], labels: list[str] | None = None) -> list[RunLog]:
@@ -100,7 +135,8 @@ def load_runs(folders: list[str], labels: list[str] | None = None) -> list[RunLo
         records = read_log(log)
         if not records:
             raise MftError(f"{log} is empty: the run logged no step yet (logging_steps)")
-        runs.append(RunLog("", records, PALETTE[i % len(PALETTE)], heldout=read_heldout(root)))
+        heldout, source = read_heldout(root)
+        runs.append(RunLog("", records, PALETTE[i % len(PALETTE)], heldout=heldout, heldout_source=source))
     for run, label in zip(runs, labels or default_labels(folders)):
         run.label = label
     return runs
@@ -123,23 +159,109 @@ def default_labels(folders: list[str]) -> list[str]:
 
 
 # -- panels (shared with the demo's figure) ------------------------------------------------------------
+def _markers(n: int) -> dict:
+    """Line style extras: dots when a series has few points (a single point is invisible as a bare line)."""
+    return {"marker": "o", "ms": 3} if n <= MARKERS_UP_TO else {}
+
+
+def _integer_steps(ax, steps: list[int] | None = None) -> None:
+    """Integer ticks on the step axis; `steps` (all the panel's steps) set the x range, at least one step either
+    side (a single logged step would otherwise get ticks 1.9 ... 2.1), also for marks drawn off the data."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if steps:
+        low, high = min(steps), max(steps)
+        pad = max(1.0, 0.04 * (high - low)) if high - low < 2 else 0.04 * (high - low)
+        ax.set_xlim(low - pad, high + pad)
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _PlainLogFormatter(**kwargs):
+    """matplotlib's LogFormatter (it picks which ticks get a label) writing the numbers plainly (0.6, 6, 60)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            span = abs(vmax - vmin)  # digits enough to tell ticks a small fraction of the view apart
+            digits = 3 if span <= 0 or x <= 0 else max(3, math.ceil(math.log10(abs(x) / span)) + 2)
+            return f"{x:.{min(digits, 8)}g}"
+
+    return PlainLogFormatter(**kwargs)
+
+
 def loss_panel(ax, runs: list[RunLog]) -> None:
+    """Training loss on a log axis; NaN, infinite or non-positive losses as red x marks at the top, named."""
+    from matplotlib.transforms import blended_transform_factory
+
+    bad_notes, all_steps = [], []
     for run in runs:
-        ax.plot(run.steps("loss"), run.values("loss"), color=run.color, lw=0.8, label=run.label)
+        steps, values = run.steps("loss"), run.values("loss")
+        good = [(s, v) for s, v in zip(steps, values) if _finite_positive(v)]
+        all_steps += steps
+        ax.plot([s for s, _ in good], [v for _, v in good], color=run.color, lw=0.8, label=run.label,
+                **_markers(len(good)))
+        bad = [(s, v) for s, v in zip(steps, values) if not _finite_positive(v)]
+        if bad:
+            top = blended_transform_factory(ax.transData, ax.transAxes)
+            ax.scatter([s for s, _ in bad], [0.97] * len(bad), marker="x", color="red", s=30, transform=top,
+                       zorder=5, clip_on=False)
+            kinds = sorted({str(v) for _, v in bad})
+            bad_notes.append(f"{run.label}: loss {'/'.join(kinds)} at {_step_ranges([s for s, _ in bad])}")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())  # plain numbers (6, 0.6), not 6.1 x 10^0 or 6e-01
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    _integer_steps(ax, all_steps)
+    ax.set_xlabel("\n".join(["optimizer step", *(f"red x at the top: {note}" for note in bad_notes)]))
+    if bad_notes:
+        ax.xaxis.label.set_color("red")
     ax.set_ylabel("training loss (log scale)")
     ax.set_title("training loss")
     ax.legend(fontsize=8)
 
 
+def _step_ranges(steps: list[int]) -> str:
+    """[5, 6, 7, 9] -> "steps 5-7, 9" (at most four ranges)."""
+    ranges: list[list[int]] = []
+    for step in sorted(steps):
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges[:4])
+    return "steps " + text + (", ..." if len(ranges) > 4 else "")
+
+
+def lr_normalised(runs: list[RunLog]) -> bool:
+    """True when the runs' peak learning rates differ by more than LR_SPREAD (see the module docstring)."""
+    peaks = [max(run.values("lr")) for run in runs if run.values("lr")]
+    peaks = [p for p in peaks if p > 0]
+    return len(peaks) > 1 and max(peaks) / min(peaks) > LR_SPREAD
+
+
 def lr_panel(ax, runs: list[RunLog]) -> None:
+    """Learning rate, absolute; each run divided by its own peak when the peaks are far apart (`lr_normalised`)."""
+    normalise = lr_normalised(runs)
     for run in runs:
-        ax.plot(run.steps("lr"), run.values("lr"), color=run.color, lw=1.2, label=run.label)
+        values = run.values("lr")
+        peak = max(values, default=0.0)
+        if normalise and peak > 0:
+            values, label = [v / peak for v in values], f"{run.label} (peak {peak:.3g})"
+        else:
+            label = run.label
+        ax.plot(run.steps("lr"), values, color=run.color, lw=1.2, label=label, **_markers(len(values)))
+    _integer_steps(ax, [s for run in runs for s in run.steps("lr")])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if normalise:
+        ax.set_ylabel("learning rate / the run's peak")
+        ax.set_title("learning rate (each run relative to its peak)")
+    else:
+        ax.set_ylabel("learning rate")
+        ax.set_title("learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax.legend(fontsize=8)
 
 
@@ -148,7 +270,7 @@ def _layer_curves(ax, runs: list[RunLog], key: str, scale: float) -> int:
     for run in runs:
         for j, layer in enumerate(run.layers(key)):
             steps, values = run.per_layer(key, layer)
-            ax.plot(steps, [scale * v for v in values], color=run.color, lw=1.0,
+            ax.plot(steps, [scale * v for v in values], color=run.color, lw=1.0, **_markers(len(values)),
                     ls=LAYER_STYLES[j % len(LAYER_STYLES)], alpha=1.0 - 0.5 * j / max(1, len(run.layers(key))),
                     label=f"{run.label}, layer {layer}" if len(runs) > 1 else f"layer {layer}")
             drawn += 1
@@ -160,6 +282,7 @@ def _no_data(ax, text: str) -> None:
 
 
 def mask_changes_panel(ax, runs: list[RunLog]) -> None:
+    _integer_steps(ax, [s for run in runs for s in run.steps("mask_changed_per_layer")])
     if _layer_curves(ax, runs, "mask_changed_per_layer", 100.0):
         ax.legend(fontsize=7, ncol=2)
     else:
@@ -170,6 +293,7 @@ def mask_changes_panel(ax, runs: list[RunLog]) -> None:
 
 
 def kept_panel(ax, runs: list[RunLog]) -> None:
+    _integer_steps(ax, [s for run in runs for s in run.steps("kept_fraction")])
     if _layer_curves(ax, runs, "kept_fraction", 100.0):
         ax.legend(fontsize=7, ncol=2)
         ax.ticklabel_format(axis="y", useOffset=False)
@@ -190,7 +314,8 @@ def heldout_panel(ax, runs: list[RunLog]) -> None:
     for i, run in enumerate(runs):
         xs = [t + (i - (len(runs) - 1) / 2) * width for t in range(len(tasks))]
         values = [100 * run.heldout[t] if t in run.heldout else 0.0 for t in tasks]
-        bars = ax.bar(xs, values, width, color=run.color, label=run.label)
+        where = f" ({run.heldout_source.removesuffix('/metrics.json')})" if run.heldout_source else ""
+        bars = ax.bar(xs, values, width, color=run.color, label=run.label + where)
         for bar, task in zip(bars, tasks):
             ax.annotate("n/a" if task not in run.heldout else f"{100 * run.heldout[task]:.1f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
@@ -209,36 +334,56 @@ def csv_rows(runs: list[RunLog]) -> list[dict]:
             for key in ("loss", "lr", "tokens_per_s", "mask_changed"):
                 if key in r:
                     rows.append({"run": run.label, "step": r["step"], "epoch": r.get("epoch", ""), "metric": key,
-                                 "layer": "", "value": r[key]})
+                                 "layer": "", "value": r[key], "source": ""})
             for key in ("mask_changed_per_layer", "kept_fraction"):
                 for layer, value in sorted((r.get(key) or {}).items()):
                     rows.append({"run": run.label, "step": r["step"], "epoch": r.get("epoch", ""), "metric": key,
-                                 "layer": layer, "value": value})
+                                 "layer": layer, "value": value, "source": ""})
         for task, value in sorted(run.heldout.items()):
             rows.append({"run": run.label, "step": "", "epoch": "", "metric": f"heldout/{task}", "layer": "",
-                         "value": value})
+                         "value": value, "source": run.heldout_source})
     return rows
 
 
-def plot_runs(folders: list[str], output: str = "runs.png", labels: list[str] | None = None) -> tuple[Path, Path]:
-    """Write the figure to `output` (PNG) and its numbers beside it (same name, `.csv`); returns both paths."""
+def output_png(output: str) -> Path:
+    """The PNG `--output` names: `output` itself (.png added when it has no suffix), or `DEFAULT_OUTPUT` inside
+    it when it ends with "/" or is an existing folder. Raises MftError for another suffix, and (one line with
+    the errno) for a folder that cannot be created or written: under a file, read-only, no permission."""
+    from mft.paths import check_writable
+
     png = Path(output).expanduser()
-    if not png.suffix:
+    if str(output).endswith(("/", "\\")) or png.is_dir():
+        png = png / DEFAULT_OUTPUT
+    elif not png.suffix:
         png = png.with_name(png.name + ".png")
     elif png.suffix.lower() != ".png":
-        raise MftError(f"--output must name a .png file (the CSV is written beside it), got {output}")
+        raise MftError(f"--output must name a .png file or a folder (the CSV is written beside the PNG), got {output}")
+    check_writable(png.parent, output_flag="the --output folder")
+    return png
+
+
+def plot_runs(folders: list[str], output: str = DEFAULT_OUTPUT, labels: list[str] | None = None) -> tuple[Path, Path]:
+    """Write the figure to `output` (PNG; see `output_png`) and its numbers beside it (same name, `.csv`);
+    returns both paths. Every check (runs, logs, the output folder) comes before anything is written."""
+    from mft.paths import os_error
+
+    png = output_png(output)
     runs = load_runs(folders, labels)
     import matplotlib.pyplot as plt
 
     fig = figure(runs)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
     table = png.with_suffix(".csv")
-    with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", "step", "epoch", "metric", "layer", "value"])
-        writer.writeheader()
-        writer.writerows(csv_rows(runs))
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=100)
+        with open(table, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["run", "step", "epoch", "metric", "layer", "value", "source"])
+            writer.writeheader()
+            writer.writerows(csv_rows(runs))
+    except OSError as exc:
+        raise os_error(exc, png) from None
+    finally:
+        plt.close(fig)
     return png, table
 
 
@@ -272,9 +417,10 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holds train_log.jsonl)")
     p.add_argument("--labels", nargs="+", default=None,
                    help="names for the runs (default: each folder's shortest path suffix no other run shares)")
-    p.add_argument("--output", default="runs.png",
-                   help="the PNG to write (.png added when the name has no suffix); the CSV goes beside it "
-                   "(default: runs.png)")
+    p.add_argument("--output", default=DEFAULT_OUTPUT,
+                   help="the PNG to write (.png added when the name has no suffix), or a folder (an existing one, "
+                   f"or a name ending with /) to write {DEFAULT_OUTPUT} into; the CSV goes beside the PNG "
+                   f"(default: {DEFAULT_OUTPUT})")
     p.set_defaults(func=run_plot_command)
 
 

@@ -1,6 +1,6 @@
 """The dtype a model computes in: bf16/fp16 weights on a CPU without native bf16 matrix instructions run in fp32.
 
-A CPU without AMX-BF16 or AVX512-BF16 has no bf16 matrix multiply: PyTorch emulates it, several times slower
+A CPU without AMX-BF16 or AVX512-BF16 (x86) or the BF16 feature (Arm) has no bf16 matrix multiply: PyTorch emulates it, several times slower
 than fp32. So a bf16 (or fp16) checkpoint trained or evaluated on such a CPU is upcast to fp32 when it is
 loaded (`mft train`, `mft eval`'s transformers backend); `mft apply` never computes and keeps the file's dtype.
 The choice is logged at INFO level.
@@ -17,29 +17,48 @@ import torch
 logger = logging.getLogger(__name__)
 
 # /proc/cpuinfo flags of x86 CPUs with bf16 matrix instructions (Intel AMX on Sapphire Rapids and later;
-# AVX512-BF16 on Cooper Lake, Sapphire Rapids, AMD Zen 4 and later).
+# AVX512-BF16 on Cooper Lake, Sapphire Rapids, AMD Zen 4 and later), on its `flags` lines.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# The Arm feature (FEAT_BF16: BFMMLA, BFDOT; Neoverse V1/N2, Graviton 3 and later) on aarch64's `Features` lines.
+BF16_ARM_FEATURES = ("bf16",)
+
+
+def read_cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, or None where it cannot be read (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The BF16_CPU_FLAGS this CPU reports in /proc/cpuinfo (or in `cpuinfo`, its text); [] where unreadable."""
+    """The bf16 matrix-instruction flags this CPU reports in /proc/cpuinfo (or in `cpuinfo`, its text):
+    BF16_CPU_FLAGS on x86 `flags` lines, BF16_ARM_FEATURES on aarch64 `Features` lines; [] where unreadable."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    flags: set[str] = set()
+        cpuinfo = read_cpuinfo() or ""
+    x86: set[str] = set()
+    arm: set[str] = set()
     for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    return [f for f in BF16_CPU_FLAGS if f in flags]
+        if line.startswith("flags"):
+            x86.update(line.split(":", 1)[-1].split())
+        elif line.startswith("Features"):
+            arm.update(line.split(":", 1)[-1].split())
+    return [f for f in BF16_CPU_FLAGS if f in x86] + [f for f in BF16_ARM_FEATURES if f in arm]
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (a BF16_CPU_FLAGS flag, or PyTorch's oneDNN says so)."""
-    if cpu_bf16_flags():
-        return True
-    try:  # non-Linux, or a kernel that hides the flags: ask oneDNN
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has bf16 matrix instructions.
+
+    Wherever /proc/cpuinfo can be read (or `cpuinfo`, its text, is given), its flags alone decide (see
+    `cpu_bf16_flags`). Only where it cannot (not Linux) is PyTorch's oneDNN asked; on x86 its answer is True
+    for any CPU with AVX512BW/VL/DQ (Skylake-SP, Cascade Lake, Ice Lake-SP), which emulate bf16 matrix
+    products, so it is not used where the flags are available.
+    """
+    if cpuinfo is None:
+        cpuinfo = read_cpuinfo()
+    if cpuinfo is not None:
+        return bool(cpu_bf16_flags(cpuinfo))
+    try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
@@ -67,7 +86,7 @@ def compute_dtype(wanted: torch.dtype, device: str | torch.device, what: str = "
     if device.type == "cpu" and wanted in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
         logger.info("%s: computing in float32 instead of %s: this CPU has no native bf16 matrix instructions "
                     "(none of the cpuinfo flags %s)", what, str(wanted).removeprefix("torch."),
-                    "/".join(BF16_CPU_FLAGS))
+                    "/".join(BF16_CPU_FLAGS + BF16_ARM_FEATURES))
         return torch.float32
     logger.info("%s: computing in %s on %s", what, str(wanted).removeprefix("torch."), device)
     return wanted

@@ -11,12 +11,19 @@ and `with` support:
   No carriage return is ever written and no line is longer than `MAX_LINE` characters.
 - quiet (`set_quiet(True)`, what every command's `--quiet` calls, or `MFT_QUIET=1` in the environment, which
   child processes inherit): nothing, and the `transformers` / `datasets` / `huggingface_hub` bars are off too.
+- other libraries' own tqdm bars (e.g. `transformers`' GGUF reader calls `tqdm.auto.tqdm` directly, past its
+  own switch): code that calls such a library runs it inside `third_party_bars_off_terminal()`, which disables
+  every tqdm bar created meanwhile when stderr is no terminal or quiet.
+
+The percentage is rounded down (99.6 % prints 99 %): 100 % only when the work is done.
 
 `MFT_PROGRESS=bar|log` forces one form (e.g. `log` on a terminal, to see what a cluster job writes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 import threading
@@ -79,6 +86,48 @@ def quiet_libraries_off_terminal() -> None:
     quiet (imports them)."""
     if is_quiet() or not _stream_is_terminal():
         _third_party_bars(enabled=False, load=True)
+
+
+def _disabled(real):
+    """A subclass of the tqdm class `real` whose bars are always created with `disable=True`: no output, the
+    same interface (iteration, `update`, `write`, `set_postfix`, class attributes)."""
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        real.__init__(self, *args, **kwargs)
+
+    return type(real.__name__, (real,), {"__init__": __init__, "__module__": real.__module__})
+
+
+@contextlib.contextmanager
+def third_party_bars_off_terminal():
+    """Within the block, the tqdm bars that other libraries create write nothing when stderr is no terminal or
+    quiet (on a terminal and not quiet: no change). Patches the `tqdm` attribute of `tqdm`, `tqdm.std`,
+    `tqdm.auto` and `tqdm.autonotebook`, which is what `from tqdm.auto import tqdm` inside a library's function
+    reads at call time, and turns the libraries' own switches off (`quiet_libraries_off_terminal`); restores
+    the attributes on exit. Bars created before the block, or through a class a library imported earlier at
+    module level, are not reached: those libraries have their own switch (`_LIBRARY_BARS`)."""
+    if not (is_quiet() or not _stream_is_terminal()):
+        yield
+        return
+    import importlib
+
+    quiet_libraries_off_terminal()
+    saved = []
+    try:
+        importlib.import_module("tqdm.auto")  # loads tqdm, tqdm.std and tqdm.autonotebook as well
+    except ImportError:
+        pass
+    for name in ("tqdm", "tqdm.std", "tqdm.auto", "tqdm.autonotebook"):
+        module = sys.modules.get(name)
+        real = getattr(module, "tqdm", None)
+        if isinstance(real, type):
+            saved.append((module, real))
+            setattr(module, "tqdm", _disabled(real))
+    try:
+        yield
+    finally:
+        for module, real in reversed(saved):
+            setattr(module, "tqdm", real)
 
 
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", initial: int = 0, leave: bool = True,
@@ -198,7 +247,7 @@ class LogProgress:
         rate = done / elapsed if elapsed > 0 else 0.0
         count = f"{_amount(self.n, self.unit_scale)}/{_amount(self.total, self.unit_scale)}" if self.total \
             else _amount(self.n, self.unit_scale)
-        percent = f"{100 * self.n / self.total:.0f}% " if self.total else ""
+        percent = f"{math.floor(100 * self.n / self.total)}% " if self.total else ""  # 100 % only when done
         eta = f"<{_clock((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
         text = (f"{self.desc + ': ' if self.desc else ''}{percent}{count} {self.unit} "
                 f"[{_clock(elapsed)}{eta}, {_amount(rate, True) if self.unit_scale else f'{rate:.3g}'} {self.unit}/s]")

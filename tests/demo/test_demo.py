@@ -34,19 +34,21 @@ def demo(tmp_path_factory):
         proc = subprocess.run([sys.executable, "-m", "mft", "demo", "--quick", "--output-dir", str(out), "--seed", "1"],
                               stdout=fout, stderr=ferr, env=env, timeout=600)
     seconds = time.perf_counter() - started
-    stdout, stderr = (logs / "stdout.log").read_text(), (logs / "stderr.log").read_text()
+    # bytes first: read_text() turns every \r into \n (universal newlines), which would hide a tqdm refresh
+    raw = {"stdout_bytes": (logs / "stdout.log").read_bytes(), "stderr_bytes": (logs / "stderr.log").read_bytes()}
+    stdout, stderr = raw["stdout_bytes"].decode(), raw["stderr_bytes"].decode()
     assert proc.returncode == 0, stderr[-3000:]
-    return {"out": out, "stdout": stdout, "stderr": stderr, "seconds": seconds,
+    return {"out": out, "stdout": stdout, "stderr": stderr, "seconds": seconds, **raw,
             "results": json.loads((out / "results.json").read_text())}
 
 
 def test_output_to_a_file_has_plain_lines_only(demo):
     """Written to files (as under SLURM): no carriage return, no line over 300 characters, and the stages'
     progress as plain lines ending at 100 %."""
-    for text in (demo["stdout"], demo["stderr"]):
-        assert "\r" not in text
+    for data in (demo["stdout_bytes"], demo["stderr_bytes"]):
+        assert b"\r" not in data
         # logging records (`2026-11-30 23:37:53,915 INFO name: ...`) are as long as the paths they name
-        lines = [line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ ", line)]
+        lines = [line for line in data.decode().split("\n") if not re.match(r"\d{4}-\d\d-\d\d [\d:,]+ [A-Z]+ ", line)]
         assert max(map(len, lines), default=0) <= 300
     assert any(line.startswith("mft training: 100% ") for line in demo["stderr"].splitlines())
     assert any(line.startswith("generating gsm8k") and " 100% " in line for line in demo["stderr"].splitlines())

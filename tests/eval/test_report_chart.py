@@ -73,3 +73,50 @@ def test_no_na_legend_without_na_and_zero_instances_are_na(tmp_path):
     hatched = [p for p in ax.patches if p.get_hatch() and p.get_height() > 0]
     assert len(hatched) == 1 and hatched[0].get_x() + hatched[0].get_width() / 2 == pytest.approx(1.0)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FFT", "n/a: no result"]
+
+
+def gsm8k_entry(score, n, limit, max_gen_toks, sha="3730d312" + "0" * 56, shots=8):
+    return {"task": "gsm8k", "primary_score": score, "num_instances": n,
+            "task_config": {"task_name": "gsm8k", "num_shots": shots, "limit": limit,
+                            "data_source": {"file": "/somewhere/gsm8k/test.jsonl", "sha256": sha},
+                            "generation_kwargs": {"max_gen_toks": max_gen_toks}}}
+
+
+def test_columns_scored_on_different_problem_sets_show_n_and_a_warning(tmp_path, capsys):
+    """The tester's case: gsm8k run with --limit 8, 5 and 6 and budgets 40, 24 and 48. Each cell names its n,
+    a warning line names every setting that differs, and the chart title gives n in legend order."""
+    write_results(tmp_path / "fft", [gsm8k_entry(0.0, 8, 8, 40)])
+    write_results(tmp_path / "mft", [gsm8k_entry(0.2, 5, 5, 24)])
+    write_results(tmp_path / "smol", [gsm8k_entry(0.0, 6, 6, 48, sha="ffff" + "0" * 60)])
+    chart = tmp_path / "chart.png"
+    assert main(["report", str(tmp_path / "fft"), str(tmp_path / "mft"), str(tmp_path / "smol"),
+                 "--labels", "FFT", "MFT", "smol", "--output", str(chart)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| gsm8k | 0.0 (n=8) | 20.0 (n=5) | 0.0 (n=6) | +20.0 | +0.0 |" in lines
+    assert ("warning: gsm8k was scored under different settings in these columns, so its scores are not "
+            "comparable: num_instances 8 (FFT), 5 (MFT), 6 (smol); limit 8 (FFT), 5 (MFT), 6 (smol); max_gen_toks "
+            "40 (FFT), 24 (MFT), 48 (smol); data source 3730d3120000 (FFT), 3730d3120000 (MFT), ffff00000000 (smol)"
+            ) in lines
+    fig = chart_figure(["gsm8k"], ["FFT", "MFT", "smol"], [{"gsm8k": 0.0}, {"gsm8k": 0.2}, {"gsm8k": 0.0}],
+                       [{"gsm8k": 8}, {"gsm8k": 5}, {"gsm8k": 6}])
+    assert fig.axes[0].get_title() == "gsm8k (n=8/5/6 in legend order)"
+    # the same settings everywhere: no n in the cells, no warning
+    for name in ("mft", "smol"):
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": [gsm8k_entry(0.25, 8, 8, 40)]}))
+    assert main(["report", str(tmp_path / "fft"), str(tmp_path / "mft"), "--labels", "FFT", "MFT",
+                 "--output", str(chart)]) == 0
+    out = capsys.readouterr().out
+    assert "| gsm8k | 0.0 | 25.0 | +25.0 |" in out.splitlines() and "warning" not in out
+    (tmp_path / "mft" / "metrics.json").write_text(json.dumps({"metrics": [gsm8k_entry(0.25, 8, 8, 40, shots=2)]}))
+    assert main(["report", str(tmp_path / "fft"), str(tmp_path / "mft"), "--output", str(chart)]) == 0
+    assert "so its scores are not comparable: num_shots 8 (fft), 2 (mft)" in capsys.readouterr().out
+
+
+def test_output_under_a_file_is_a_one_line_error(tmp_path, capsys):
+    write_results(tmp_path / "fft", [gsm8k_entry(0.0, 8, 8, 40)])
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert main(["report", str(tmp_path / "fft"), "--output", str(tmp_path / "model.safetensors" / "c.png")]) == 1
+    assert capsys.readouterr().err == (
+        f"mft report: error: cannot create the --output folder {tmp_path / 'model.safetensors'}: "
+        f"{tmp_path / 'model.safetensors'} is a file, not a folder (ENOTDIR)\n")
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"

@@ -191,3 +191,75 @@ def test_one_cache_folder_for_models_tokenized_data_and_nltk(tmp_path, monkeypat
     monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "new"))  # the documented name wins over the alias
     assert (tokenized_root(cfg), nltk_root()) == (str(tmp_path / "new" / "tokenized"), tmp_path / "new" / "nltk_data")
     assert tokenized_root(SimpleNamespace(dataset_local_cache_dir=str(tmp_path / "own"))) == str(tmp_path / "own" / "tokenized")
+
+
+def test_a_cache_path_under_a_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "afile" / "sub"))
+    for argv in (["models", "get", NAME], ["models", "list"],
+                 ["eval", "--model", NAME, "--task", "gsm8k", "--output-dir", str(tmp_path / "out")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].endswith(
+            f"error: the mft cache folder {tmp_path / 'afile' / 'sub'} (from $MFT_CACHE_DIR or its default) cannot "
+            f"be created: {tmp_path / 'afile'} is a file, not a folder (ENOTDIR); set MFT_CACHE_DIR to a folder")
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{bad", "its mft-model.json cannot be read as JSON (Expecting property name enclosed in double quotes"),
+    ("[1, 2]", "its mft-model.json holds a list, not a JSON object"),
+])
+def test_a_damaged_manifest_is_a_changed_folder(cache, capsys, text, problem):
+    folder = fake_cached(cache)
+    (folder / models.MANIFEST).write_text(text)
+    assert not models.is_cached(NAME)
+    assert main(["models", "get", NAME]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mft models: error: the cached folder {folder} was changed after `mft models get` wrote "
+                          f"it ({problem}") and "Traceback" not in err
+    assert err.rstrip().endswith(f"delete {folder} and run `mft models get {NAME} --dtype bf16` again")
+    assert main(["models", "list"]) == 0
+    assert f"bf16: {folder} was changed after it was written ({problem}" in capsys.readouterr().out
+
+
+def test_list_names_a_foreign_folder_that_blocks_get(cache, capsys, monkeypatch):
+    foreign = cache / "models" / f"{NAME}-bf16"
+    foreign.mkdir(parents=True)
+    monkeypatch.setattr(models, "gguf_path", lambda name: None)
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cached: none" in out
+    assert (f"bf16: {foreign} exists but has no mft-model.json (not written by `mft models get`), so `get` refuses "
+            "it: move it away or set MFT_CACHE_DIR to another folder") in out
+
+
+def test_get_writes_files_with_the_umasks_mode_and_takes_quiet(cache, capsys, monkeypatch):
+    """safetensors writes model.safetensors 0600: the cached folder must be readable by the group under umask
+    0022/0002 like every other file (a shared MFT_CACHE_DIR). `--quiet` is accepted and sets MFT_QUIET."""
+    import os
+
+    def convert(source, out, dtype):  # what safetensors' save_file does: a 0600 file; the rest plain writes
+        (out / "config.json").write_text("{}")
+        weights = out / "model.safetensors"
+        weights.write_bytes(b"x" * 8)
+        os.chmod(weights, 0o600)
+
+    monkeypatch.setattr(models, "gguf_path", lambda name: cache / "fake.gguf")
+    monkeypatch.setattr(models, "_convert", convert)
+    monkeypatch.setattr(models, "_sha256", lambda path: "0" * 64)
+    monkeypatch.setattr(models, "_version", lambda package: "0.1.2")
+    monkeypatch.delenv("MFT_QUIET", raising=False)
+    old = os.umask(0o002)
+    try:
+        assert main(["models", "get", NAME, "--quiet"]) == 0
+        assert os.environ.get("MFT_QUIET") == "1"
+    finally:
+        os.umask(old)
+        os.environ.pop("MFT_QUIET", None)
+        for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.pop(name, None)
+    folder = models.model_dir(NAME)
+    assert capsys.readouterr().out == f"{folder}\n"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"config.json": 0o664, "model.safetensors": 0o664, models.MANIFEST: 0o664}

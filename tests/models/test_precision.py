@@ -20,7 +20,26 @@ CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n\nprocessor\t: 
 def test_cpu_flags_parsed_from_cpuinfo():
     assert precision.cpu_bf16_flags(CPUINFO_SPR) == ["amx_bf16", "avx512_bf16"]
     assert precision.cpu_bf16_flags(CPUINFO_AVX2) == []
-    assert precision.cpu_bf16_flags("Features\t: fp asimd bf16\n") == []  # arm's flag is not a matrix unit
+    assert precision.cpu_bf16_flags("Features\t: fp asimd bf16 i8mm\n") == ["bf16"]  # aarch64: BFMMLA
+    assert precision.cpu_bf16_flags("Features\t: fp asimd\n") == []
+
+
+# Skylake-SP / Cascade Lake: AVX-512 (BW, VL, DQ) but no bf16 instruction; oneDNN calls this bf16-capable
+CPUINFO_SKX = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni\n"
+
+
+def test_readable_cpuinfo_decides_and_onednn_answers_only_without_it(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert precision.cpu_has_native_bf16(CPUINFO_SKX) is False  # emulated bf16: fp32
+    assert precision.cpu_has_native_bf16(CPUINFO_SPR) is True
+    assert precision.cpu_has_native_bf16(CPUINFO_SKX.replace("avx512_vnni", "avx512_vnni avx512_bf16")) is True
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: CPUINFO_SKX)  # the machine's own file, faked
+    assert precision.cpu_has_native_bf16() is False
+    assert precision.compute_dtype(torch.bfloat16, "cpu") == torch.float32
+    monkeypatch.setattr(precision, "read_cpuinfo", lambda: None)  # not Linux: oneDNN's answer
+    assert precision.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert precision.cpu_has_native_bf16() is False
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -43,13 +43,15 @@ def real(tmp_path_factory):
         # `mft models get` as a user runs it, its output going to a file (a log, not a terminal): the folder is
         # the last stdout line, and neither stream holds a carriage return (transformers' own conversion and
         # shard-writing bars would write them) or a line of over 300 characters.
-        got = subprocess.run([sys.executable, "-m", "mft", "models", "get", NAME], capture_output=True, text=True,
-                             env={**os.environ, "MFT_CACHE_DIR": str(root / "cache")}, timeout=1800)
-        assert got.returncode == 0, got.stderr[-3000:]
+        # Read as bytes: text=True would turn each \r into \n (universal newlines) before the check.
+        env = {k: v for k, v in os.environ.items() if k not in ("MFT_QUIET", "MFT_PROGRESS")}
+        got = subprocess.run([sys.executable, "-m", "mft", "models", "get", NAME], capture_output=True,
+                             env={**env, "MFT_CACHE_DIR": str(root / "cache")}, timeout=1800)
+        assert got.returncode == 0, got.stderr[-3000:].decode(errors="replace")
         for stream in (got.stdout, got.stderr):
-            assert "\r" not in stream
-            assert max(map(len, stream.splitlines()), default=0) <= 300
-        folder = Path(got.stdout.strip().splitlines()[-1])
+            assert b"\r" not in stream
+            assert max(map(len, stream.split(b"\n")), default=0) <= 300
+        folder = Path(got.stdout.decode().strip().splitlines()[-1])
         assert folder == models.get_model(NAME)  # the same cached folder, reused
         data = root / "train.jsonl"
         with open(data, "w") as f:

@@ -304,3 +304,43 @@ def test_a_symlink_input_inside_output_dir_is_refused(workspace, capsys):
             f"{os.path.realpath(workspace['base'])}): replacing the output would delete it") in err
     assert link.is_symlink() and (out / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in out.iterdir()) == ["mylink", "notes.txt"]
+
+
+def test_overwrite_refuses_to_delete_evaluation_results_inside_the_output(workspace, capsys):
+    """break8 #12: results sit inside the model folder (`mft eval --output-dir RUN/eval_output`, an MFT run's
+    `mask_applied/eval_output`), so `--overwrite_output_dir` would delete them silently. Refused before any
+    work, naming them; the folder is left byte for byte and no temporary folder is made."""
+    from mft.paths import results_inside
+
+    out = workspace["root"] / "with_results"
+    (out / "eval_output").mkdir(parents=True)
+    (out / "eval_output" / "metrics.json").write_text('{"metrics": []}')
+    (out / "mask_applied" / "eval_output").mkdir(parents=True)
+    (out / "snapshots" / "step_2" / "mine").mkdir(parents=True)
+    (out / "snapshots" / "step_2" / "mine" / "metrics.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"old weights")
+    assert results_inside(out) == [out / "eval_output", out / "mask_applied" / "eval_output",
+                                   out / "snapshots" / "step_2" / "mine"]
+    before = digest(out)
+    assert train_main(args_for(workspace, out, "--max_train_steps=1", "--overwrite_output_dir")) == 1
+    err = capsys.readouterr().err
+    assert (f"error: --overwrite_output_dir would replace {out}, which holds evaluation results written into it "
+            "(eval_output/, mask_applied/eval_output/, snapshots/step_2/mine/): replacing the folder would delete "
+            f"them. Move them out of {out} (or delete them) and run again, or choose another output folder") in err
+    assert digest(out) == before and sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    assert "training:" not in err  # refused before any work
+
+
+def test_results_inside_finds_only_evaluation_results(tmp_path):
+    from mft.paths import check_overwrite_keeps_results, results_inside
+
+    assert results_inside(tmp_path / "missing") == []
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text("{}\n")
+    assert results_inside(run) == []
+    check_overwrite_keeps_results(run, "--overwrite")  # nothing to keep: no error
+    (run / "metrics.json").write_text("{}")
+    assert results_inside(run) == [run / "metrics.json"]
+    with pytest.raises(MftError, match=r"--overwrite would replace .*\(metrics.json\)"):
+        check_overwrite_keeps_results(run, "--overwrite")

@@ -170,19 +170,74 @@ def data_source_lines(tasks: list[str], labels: list[str], all_sources: list[dic
     return out
 
 
-def markdown_table(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]]) -> str:
-    """Scores in %, one decimal as in the paper, then each model's difference to the first."""
-    def cell(value):
-        return "–" if value is None else f"{100 * value:.1f}"
+def markdown_table(tasks: list[str], labels: list[str], all_scores: list[dict[str, float]],
+                   counts: list[dict[str, int]] | None = None) -> str:
+    """Scores in %, one decimal as in the paper, then each model's difference to the first. Where the columns
+    scored a task on different numbers of instances (`counts`, task -> num_instances per column), each of that
+    row's cells names its n: `20.0 (n=5)`."""
+    counts = counts or [{} for _ in labels]
+
+    def cell(value, n):
+        return "–" if value is None else f"{100 * value:.1f}" + (f" (n={n})" if n is not None else "")
 
     header = ["task", *labels, *(f"Δ {label}" for label in labels[1:])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in tasks:
         values = [scores.get(task) for scores in all_scores]
+        ns = [c.get(task) if v is not None else None for c, v in zip(counts, values)]
+        shown = ns if len({n for n in ns if n is not None}) > 1 else [None] * len(ns)
         base = values[0]
         deltas = ["–" if v is None or base is None else f"{100 * (v - base):+.1f}" for v in values[1:]]
-        lines.append("| " + " | ".join([task, *map(cell, values), *deltas]) + " |")
+        lines.append("| " + " | ".join([task, *map(cell, values, shown), *deltas]) + " |")
     return "\n".join(lines)
+
+
+CONFIG_KEYS = ("num_instances", "limit", "num_shots", "max_gen_toks", "data source")
+
+
+def _config_value(entry: dict, key: str):
+    config = entry.get("task_config") if isinstance(entry.get("task_config"), dict) else {}
+    if key == "num_instances":
+        return entry.get("num_instances")
+    if key == "max_gen_toks":
+        return (config.get("generation_kwargs") or {}).get("max_gen_toks")
+    if key == "data source":
+        source = config.get("data_source")
+        return (source.get("sha256") or json.dumps(source, sort_keys=True)) if isinstance(source, dict) else source
+    return config.get(key)
+
+
+def collect_task_configs(folder: str | Path) -> dict[str, dict]:
+    """task -> {CONFIG_KEYS: value} from one result folder's metrics.json files (those `collect_results`
+    reads); the data source is its sha256 (the file's content, wherever it lies)."""
+    configs: dict[str, dict] = {}
+    for path in _files_of(Path(folder).expanduser()):
+        try:
+            entries = json.loads(path.read_text())["metrics"]
+            configs.update({e["task"]: {key: _config_value(e, key) for key in CONFIG_KEYS} for e in entries})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return configs
+
+
+def config_warnings(tasks: list[str], labels: list[str], configs: list[dict[str, dict]]) -> list[str]:
+    """One line per task that two or more columns scored under different settings (CONFIG_KEYS: the number
+    of instances, --limit, shots, generation budget, data file): their scores are not comparable."""
+    lines = []
+    for task in tasks:
+        have = [(label, config[task]) for label, config in zip(labels, configs) if task in config]
+        if len(have) < 2:
+            continue
+        differ = []
+        for key in CONFIG_KEYS:
+            values = [config.get(key) for _, config in have]
+            if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+                shown = [str(v)[:12] if key == "data source" and v is not None else str(v) for v in values]
+                differ.append(f"{key} " + ", ".join(f"{value} ({label})" for value, (label, _) in zip(shown, have)))
+        if differ:
+            lines.append(f"warning: {task} was scored under different settings in these columns, so its scores "
+                         f"are not comparable: {'; '.join(differ)}")
+    return lines
 
 
 def binomial_interval(score: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -203,14 +258,22 @@ def bar_chart(tasks: list[str], labels: list[str], all_scores: list[dict[str, fl
     binomial (Wilson) interval from the task's `num_instances` where `counts` has it, a hatched "n/a" bar
     where a model has no result for the task or scored it on 0 instances, the legend (its "n/a" entry only
     when some bar is n/a) outside the axes and a title naming the tasks
-    with their sample sizes."""
+    with their sample sizes (in legend order where the models' differ). An --output folder that cannot be
+    created or written is one MftError line with the errno."""
     import matplotlib.pyplot as plt
 
-    fig = chart_figure(tasks, labels, all_scores, counts)
+    from mft.paths import check_writable, os_error
+
     path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    check_writable(path.parent, output_flag="the --output folder")
+    fig = chart_figure(tasks, labels, all_scores, counts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        raise os_error(exc, path) from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -254,8 +317,12 @@ def chart_figure(tasks: list[str], labels: list[str], all_scores: list[dict[str,
     ax.set_ylabel("primary score (%), 95 % interval")
     sizes = []
     for task in tasks:
-        ns = sorted({c[task] for c in counts if task in c})
-        sizes.append(f"{task} (n={'/'.join(map(str, ns))})" if ns else task)
+        ns = [c.get(task) for c in counts]
+        known = {n for n in ns if n is not None}
+        if len(known) > 1:  # per model, in legend order ("–": no count)
+            sizes.append(f"{task} (n={'/'.join('–' if n is None else str(n) for n in ns)} in legend order)")
+        else:
+            sizes.append(f"{task} (n={known.pop()})" if known else task)
     ax.set_title("; ".join(sizes), fontsize=9, wrap=True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=9)
     fig.tight_layout()
@@ -290,10 +357,13 @@ def run_report(dirs: list[str], output: str, labels: list[str] | None = None) ->
     all_scores = [scores for scores, _ in results]
     labels = labels or folder_labels(found)
     tasks = ordered_tasks(all_scores)
-    table = markdown_table(tasks, labels, all_scores)
+    counts = [collect_counts(folder) for _, folder in found]
+    table = markdown_table(tasks, labels, all_scores, counts)
+    warnings = config_warnings(tasks, labels, [collect_task_configs(folder) for _, folder in found])
+    if warnings:
+        table += "\n\n" + "\n".join(warnings)
     headline = [t for t in tasks if not (t.startswith("minerva_math_") and "minerva_math" in tasks)]
-    path = bar_chart(headline, labels, all_scores, output,  # the paper's five numbers, not the subjects
-                     [collect_counts(folder) for _, folder in found])
+    path = bar_chart(headline, labels, all_scores, output, counts)  # the paper's five numbers, not the subjects
     folders = "\n".join(f"- {label}: {folder}" for label, (_, folder) in zip(labels, found))
     sources = data_source_lines(tasks, labels, [s for _, s in results])
     data = "\n\ndata sources:\n" + "\n".join(sources) if sources else ""

@@ -43,14 +43,17 @@ PROGRESS: dict = {}
 
 # -- before anything loads --------------------------------------------------------------------------------
 def check_inputs(cfg: TrainConfig) -> None:
-    """Output vs inputs, writability, tokenizer files, JSON lines of local data files. Raises MftError."""
-    from mft.paths import check_output_vs_inputs, check_writable
+    """Output vs inputs, writability, results another command wrote into an output that overwrite_output_dir
+    would replace, tokenizer files, JSON lines of local data files. Raises MftError."""
+    from mft.paths import check_output_vs_inputs, check_overwrite_keeps_results, check_writable
 
     inputs = {"model_name_or_path": cfg.model_name_or_path, "tokenizer_name": cfg.tokenizer_name}
     local_data = [src for src, _ in cfg.data_sources() if source_kind(src) in ("file", "dir")]
     inputs.update({f"training data {src}": src for src in local_data})
     check_output_vs_inputs(cfg.output_dir, inputs, output_flag="output_dir")
     check_writable(cfg.output_dir, output_flag="output_dir")
+    if cfg.overwrite_output_dir:
+        check_overwrite_keeps_results(cfg.output_dir, "--overwrite_output_dir")
     check_not_mask_only(cfg.model_name_or_path)
     check_tokenizer_files(cfg.tokenizer_name or cfg.model_name_or_path)
     for src in local_data:
