@@ -66,7 +66,7 @@ import torch
 
 from mft.errors import MftError
 from mft.eval import sandbox
-from mft.eval.vllm_backend import check_vllm_version, cuda_problem, driver_cuda_version
+from mft.eval.backends.vllm import check_vllm_version, cuda_problem, driver_cuda_version
 
 gpus = torch.cuda.device_count()
 driver = driver_cuda_version()

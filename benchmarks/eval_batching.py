@@ -67,7 +67,7 @@ def main() -> int:
 
     import torch
 
-    from mft.eval.hf_backend import HFBackend
+    from mft.eval.backends.hf import HFBackend
 
     if args.threads:
         torch.set_num_threads(args.threads)

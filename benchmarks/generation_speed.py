@@ -76,8 +76,8 @@ class Before:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-        from mft.eval.backends import (Generation, cut_at_stop, decode_continuation, encode_prompts, prompt_budget,
-                                       stop_list)
+        from mft.eval.backends.decode import (Generation, cut_at_stop, decode_continuation, encode_prompts,
+                                              prompt_budget, stop_list)
 
         b, tok = self.b, self.b.tokenizer
         stops = stop_list(task_stops, tok.eos_token)
@@ -125,7 +125,7 @@ def plain_generate(backend, prompts, max_gen_toks, batch_size):
     import torch
     from transformers import GenerationConfig
 
-    from mft.eval.backends import encode_prompts, prompt_budget
+    from mft.eval.backends.decode import encode_prompts, prompt_budget
 
     tok = backend.tokenizer
     ids = encode_prompts(tok, prompts, prompt_budget(backend.max_model_len, max_gen_toks))
@@ -154,8 +154,8 @@ def stop_check_cost(tokenizer, stops, rows: int, length: int, seed: int = 0) -> 
     whole-text check, the tail check). The rows are random tokens, so no stop ends them early."""
     import random
 
-    from mft.eval.backends import decode_continuation
-    from mft.eval.hf_backend import StopScanner
+    from mft.eval.backends.decode import decode_continuation
+    from mft.eval.backends.hf import StopScanner
 
     rng = random.Random(seed)
     vocab = len(tokenizer)
@@ -196,8 +196,8 @@ def main() -> int:
 
     import torch
 
-    from mft.eval.backends import cut_at_stop, decode_continuation, encode_prompts, prompt_budget, stop_list
-    from mft.eval.hf_backend import HFBackend
+    from mft.eval.backends.decode import cut_at_stop, decode_continuation, encode_prompts, prompt_budget, stop_list
+    from mft.eval.backends.hf import HFBackend
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mft.cli import main
-from mft.demo.pipeline import MARKER, MODELS
+from mft.demo.settings import MARKER, MODELS
 from mft.masking.files import read_masks
 
 KEEP = 0.9
@@ -161,6 +161,46 @@ def test_mft_model_carries_the_learned_mask_and_differs_from_the_baselines(demo)
     assert any(not torch.equal(mask, random_set.masks[m]) for m, mask in learned.masks.items())
 
 
+def test_the_curves_end_at_the_models_they_describe(demo):
+    """The last FFT checkpoint is the FFT model, and the last MFT checkpoint's mask, taken through the mask
+    layers, is the learned mask the streaming apply baked into models/mft: each curve ends at that model's
+    held-out loss, to the bit. One point per checkpoint; the mask changes name every masked layer."""
+    results = demo["results"]
+    s, curves, models = results["settings"], results["curves"], results["models"]
+    steps = math.ceil(s["n_train"] / s["batch_size"])  # per epoch: 4
+    fft_every, mft_every = s["fft_curve_every"] * steps, s["mft_curve_every"] * steps
+    assert [c["step"] for c in curves["fft"]] == list(range(fft_every, s["fft_epochs"] * steps + 1, fft_every))
+    assert [c["step"] for c in curves["mft"]] == list(range(mft_every, s["mft_epochs"] * steps + 1, mft_every))
+    assert curves["fft"][-1]["heldout_loss"] == models["fft"]["heldout_loss"]
+    assert curves["mft"][-1]["heldout_loss"] == models["mft"]["heldout_loss"]
+    assert [c["step"] for c in curves["mft_layer_changes"]] == [c["step"] for c in curves["mft"][1:]]
+    for change in curves["mft_layer_changes"]:
+        assert sorted(k for k in change if k != "step") == s["masked_layers"].split()
+        assert all(0 <= change[layer] <= 1 for layer in s["masked_layers"].split())
+
+
+def test_the_curves_refuse_a_checkpoint_with_other_scores(demo, tmp_path):
+    """An MFT checkpoint whose scores are not those of the demo's masked matrices: a clear error naming it,
+    before any held-out loss is computed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mft.demo.pipeline import training_curves
+    from mft.demo.settings import Paths, Settings
+    from mft.errors import MftError
+
+    paths = Paths(tmp_path)
+    shutil.copytree(demo["out"] / "models" / "fft", paths.model("fft"))
+    checkpoint = paths.runs / "mft" / "checkpoints" / "step_4"
+    checkpoint.mkdir(parents=True)
+    save_file({"model.layers.0.self_attn.q_proj.scores": torch.zeros(64, 64)}, str(checkpoint / "model.safetensors"))
+    settings = Settings(**demo["results"]["settings"])
+    with pytest.raises(MftError, match=r"step_4 holds 1 tensors, not the scores of the 21 matrices the demo's mask "
+                                        r"settings select \(layers 0 1 2\)"):
+        training_curves(paths, None, settings, seed=1)
+
+
 def test_the_same_seed_gives_the_same_results(demo, tmp_path):
     """results.json holds only what the seed decides: a second run must write it byte for byte again."""
     again = tmp_path / "again"
@@ -186,3 +226,15 @@ def test_refuses_a_folder_that_is_not_a_demo_and_an_earlier_demo_without_overwri
     assert main(["demo", "--quick", "--output-dir", str(demo["out"])]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (demo["out"] / "results.json").is_file()
+
+
+def test_a_real_demo_of_a_model_inside_this_demo_folder_is_refused_with_overwrite(demo, capsys):
+    """`mft demo --model OUT/models/fft --output-dir OUT --overwrite` on a tiny demo's folder: refused before
+    anything is deleted (it used to delete OUT, the model with it, then fail to read the model)."""
+    out = demo["out"]
+    model = out / "models" / "fft"
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["demo", "--model", str(model), "--output-dir", str(out), "--overwrite", "--quick", "--quiet"]) == 1
+    assert f"--output-dir {out} contains the model {model}: writing the output there would delete" in \
+        capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

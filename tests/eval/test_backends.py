@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mft.eval.backends import cut_at_stop, encode_prompts, prompt_budget, stop_list
-from mft.eval.hf_backend import HFBackend
+from mft.eval.backends.decode import cut_at_stop, encode_prompts, prompt_budget, stop_list
+from mft.eval.backends.hf import HFBackend
 from mft.errors import MftError
 
 PROMPTS = [

@@ -4,12 +4,13 @@ outputs equal to `model.generate`'s, `--batch-size auto`."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from mft.errors import MftError
-from mft.eval.backends import cut_at_stop, decode_continuation
-from mft.eval.hf_backend import HFBackend, StopScanner, auto_batch_size, bytes_per_row, parse_batch_size
+from mft.eval.backends.decode import cut_at_stop, decode_continuation
+from mft.eval.backends.hf import HFBackend, StopScanner, auto_batch_size, bytes_per_row, parse_batch_size
 
 PROMPTS = [
     "Question: Janet has 3 apples and buys 5 more. How many apples does she have?\nAnswer:",
@@ -158,7 +159,7 @@ def test_batch_size_auto_is_what_fits_in_free_memory(backend, monkeypatch):
     """bytes_per_row by hand for the tiny Llama (2 layers, 2 KV heads x 16, hidden 64, MLP 136, vocab 600,
     fp32), then auto = floor(0.7 x free / per row), capped by the prompt count and 32 on a CPU. Free memory
     is set by hand here: the real figure changes from run to run on a shared machine."""
-    import mft.eval.hf_backend as hf
+    import mft.eval.backends.hf as hf
 
     config = backend.model.config
     per_row = bytes_per_row(config, 4, 100, 50)
@@ -185,3 +186,39 @@ def test_batch_size_values():
     for bad in (0, "0", "-2", "many", "1.5"):
         with pytest.raises(MftError, match="--batch-size must be a positive integer or 'auto', got"):
             parse_batch_size(bad)
+
+
+@pytest.mark.parametrize("form", ["log", "bar"])
+def test_the_bar_counts_generated_tokens_only(backend, monkeypatch, capsys, form):
+    """A row that stops early shrinks the bar's total by its unused budget: the bar's count (and so its
+    tokens/s, count / elapsed) is the tokens generated, `sum(num_tokens)`, not `rows x max_gen_toks`.
+    Both forms: the plain log line (a file) and tqdm's bar (a terminal, forced)."""
+    import mft.eval.backends.hf as hf
+
+    monkeypatch.delenv("MFT_QUIET", raising=False)
+    monkeypatch.setenv("MFT_PROGRESS", form)
+    free = backend.generate(PROMPTS, [], 16)
+    assert [g.num_tokens for g in free] == [16] * len(PROMPTS)
+    stops = sorted({g.text[len(g.text) // (i + 2)] for i, g in enumerate(free)} - {" "})
+    capsys.readouterr()
+    import mft.progress
+
+    bars, original = [], mft.progress.progress
+
+    def recording(*args, **kwargs):  # the real bar, kept to read its count and total afterwards
+        bars.append(original(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(mft.progress, "progress", recording)
+    stopped = backend.generate(PROMPTS, stops, 16, desc="gen")
+    generated = sum(g.num_tokens for g in stopped)
+    assert generated < 16 * len(PROMPTS)  # some rows stopped early: the case the bar used to overcount
+    assert len(bars) == 1 and bars[0].n == generated and bars[0].total == generated
+    err = capsys.readouterr().err
+    if form == "log":
+        last = [line for line in err.splitlines() if line.startswith("gen (batch 4): ")][-1]
+        assert f" 100% {generated}/{generated} tok [" in last, last
+    else:  # tqdm with unit_scale writes 17 as 17.0
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        count = re.search(r"\| ([\d.]+)/([\d.]+) \[", last)
+        assert count and float(count[1]) == float(count[2]) == generated, last

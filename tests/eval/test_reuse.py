@@ -194,7 +194,7 @@ def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_
     without native bf16 `--dtype bfloat16` computes (and records) float32, so the CPU is patched to have it
     here (this machine's CPU has one answer; tests/models/test_precision.py checks both)."""
     from mft import precision
-    from mft.eval.backends import hf_device_dtype
+    from mft.eval.backends.hf import hf_device_dtype
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert hf_device_dtype() == ("cpu", "float32") and hf_device_dtype("bfloat16") == ("cpu", "bfloat16")
@@ -216,6 +216,35 @@ def test_the_hf_device_dtype_and_batch_size_key_the_predictions(model_copy, tmp_
     with contextlib.redirect_stderr(err):
         assert main([*args, "--batch-size", "1", "--dtype", "bfloat16"]) == 0
     assert "gsm8k: recomputing: the model settings changed (dtype 'float32' -> 'bfloat16')" in err.getvalue()
+
+
+@pytest.mark.slow
+def test_the_batch_size_used_is_recorded_beside_the_setting(model_copy, tmp_path):
+    """`--batch-size auto` (the default) resolves to a number only once the model is loaded: provenance,
+    the task's metrics.json and the summary record it as `batch_size_used` (2 here: auto is capped at the 2
+    prompts), while `model_config.batch_size` stays the setting that reuse is keyed by. A reusing run keeps
+    the stored number; `--batch-size 1` generates again and records 1."""
+    out = tmp_path / "results"
+
+    def recorded():
+        provenance = json.loads((out / "task-000-gsm8k-provenance.json").read_text())
+        task = json.loads((out / "task-000-gsm8k-metrics.json").read_text())
+        summary = json.loads((out / "metrics.json").read_text())
+        assert provenance["model_config"] == task["model_config"] == summary["model_config"]
+        return (provenance["model_config"]["batch_size"], provenance["batch_size_used"], task["batch_size_used"],
+                summary["metrics"][0]["batch_size_used"])
+
+    assert run(model_copy, out, "gsm8k")[0] == 0
+    assert recorded() == ("auto", 2, 2, 2)
+    code, err = run(model_copy, out, "gsm8k")
+    assert code == 0 and "gsm8k: reusing 2 predictions" in err
+    assert recorded() == ("auto", 2, 2, 2)
+    args = ["eval", "--model", str(model_copy), "--output-dir", str(out), "--model-type", "hf", "--limit", "2",
+            "--data-dir", "packaged", "--workers", "1", "--batch-size", "1",
+            "--task", json.dumps({"task_name": "gsm8k", "generation_kwargs": SHORT})]
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+    assert recorded() == (1, 1, 1, 1)
 
 
 def test_math500_is_recognised_by_its_content(tmp_path):

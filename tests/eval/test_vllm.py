@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mft.errors import MftError
-from mft.eval.backends import decode_continuation, encode_prompts
-from mft.eval.hf_backend import HFBackend
-from mft.eval.vllm_backend import VLLM_MIN_VERSION, choose_dtype, choose_tensor_parallel_size, divided_sizes
+from mft.eval.backends.decode import decode_continuation, encode_prompts
+from mft.eval.backends.hf import HFBackend
+from mft.eval.backends.vllm import VLLM_MIN_VERSION, choose_dtype, choose_tensor_parallel_size, divided_sizes
 
 from . import vllm_standin
 from .conftest import read_jsonl
@@ -72,7 +72,7 @@ def test_both_backends_stop_at_an_added_special_token(monkeypatch, chatml_model_
     """olmes keeps special tokens in the text, so `<|im_end|>` is a stop; with vLLM's defaults
     (skip_special_tokens=True) it vanishes from the text and generation runs on to max_tokens."""
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     vllm = VLLMBackend(str(chatml_model_dir))
     hf = HFBackend(str(chatml_model_dir), batch_size=2)
@@ -137,7 +137,7 @@ def test_decode_keeps_the_leading_space_sentencepiece_strips():
 
 def test_empty_prompts_are_refused_before_generation(monkeypatch, chatml_model_dir):
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     vllm = VLLMBackend(str(chatml_model_dir))
     with pytest.raises(MftError, match=r"prompt\(s\) \[1\] of 3 encode to no tokens"):
@@ -153,7 +153,7 @@ def test_over_length_prompts_are_cut_from_the_left(monkeypatch, chatml_model_dir
     """max_model_len 64, 16 new tokens: a 200-token prompt goes to vLLM as its last 48 tokens, which vLLM
     accepts (it refuses 64), and both backends continue it the same way."""
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     vllm = VLLMBackend(str(chatml_model_dir), max_model_len=64)
     long_prompt = " ".join(PROMPTS * 8)
@@ -225,7 +225,7 @@ def test_dtype_rule():
 def test_multi_gpu_settings_reach_vllm_and_are_logged(monkeypatch, capsys, chatml_model_dir, tmp_path):
     """The tiny model has 4 heads: 3 visible GPUs -> 2; a float32 checkpoint -> bfloat16; float16 kept."""
     vllm_standin.install(monkeypatch, gpus=3)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(str(chatml_model_dir), gpu_memory_utilization=0.7)
     assert backend.llm.init == {"model": str(chatml_model_dir), "tensor_parallel_size": 2, "max_model_len": 512,
@@ -246,7 +246,7 @@ def test_multi_gpu_settings_reach_vllm_and_are_logged(monkeypatch, capsys, chatm
 
 def test_old_vllm_is_refused_before_loading(monkeypatch, chatml_model_dir):
     vllm_standin.install(monkeypatch, version="0.10.1", gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     with pytest.raises(MftError, match=f"vLLM 0.10.1 is older than the supported {VLLM_MIN_VERSION}"):
         VLLMBackend(str(chatml_model_dir))
@@ -292,7 +292,7 @@ def test_bad_vllm_flags_are_refused_before_loading(monkeypatch, capsys, chatml_m
 
 
 def test_cuda_pairing_messages():
-    from mft.eval.vllm_backend import cuda_problem
+    from mft.eval.backends.vllm import cuda_problem
 
     assert cuda_problem((12, 8), "12.8", 4) is None
     fatal, message = cuda_problem((11, 8), "12.8", 4)
@@ -329,7 +329,7 @@ def test_extra_eos_ids_of_the_generation_config_stop_both_backends(monkeypatch, 
     adds it to stop_token_ids, so the request ends there even when no stop string names it. Without
     `<|im_end|>` among the stops, the first prompt stops on its 7th token (as it does with the stop string)."""
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -352,7 +352,7 @@ def test_the_checkpoints_sampling_settings_do_not_change_greedy_decoding(monkeyp
     ignored by vLLM when it is given SamplingParams, and olmes gives greedy ones: both backends decode plain
     greedy. `model.generate` with the checkpoint's settings gives other text (so the test can fail)."""
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     penalised = _copy_model(chatml_model_dir, tmp_path / "penalised", repetition_penalty=1.3,
                             no_repeat_ngram_size=2)
@@ -391,7 +391,7 @@ def test_max_model_len_above_the_models_context(monkeypatch, capsys, chatml_mode
     """The tiny model has 512 positions. vLLM refuses a longer max_model_len; both backends cap the
     protocol's default 2048 at 512 (logged) and refuse a longer explicit one before loading."""
     vllm_standin.install(monkeypatch, gpus=1)
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     with pytest.raises(ValueError, match=r"User-specified max_model_len \(2048\) is greater than the derived"):
         vllm_standin.LLM(str(chatml_model_dir), max_model_len=2048)
@@ -418,7 +418,7 @@ def test_auto_dtype_on_a_gpu_without_bfloat16(monkeypatch, capsys, chatml_model_
     """A V100 (compute capability 7.0): vLLM refuses bfloat16, and its own auto picks float16, so the project
     does too; a checkpoint whose config has no dtype is read from its weights (bfloat16 here)."""
     vllm_standin.install(monkeypatch, gpus=1, capability=(7, 0))
-    from mft.eval.vllm_backend import VLLMBackend
+    from mft.eval.backends.vllm import VLLMBackend
 
     with pytest.raises(ValueError, match="Bfloat16 is only supported on GPUs with compute capability of at least 8.0"):
         vllm_standin.LLM(str(chatml_model_dir), dtype="bfloat16")
@@ -502,7 +502,7 @@ def test_the_olmes_route_refuses_mft_settings():
 
 def test_tiny_models_stop_only_on_the_tokenizers_eos(chatml_model_dir):
     """mft.tiny's config EOS used to be id 2 (`<unk>` for its tokenizer): vLLM would stop on `<unk>` too."""
-    from mft.eval.backends import stop_token_ids
+    from mft.eval.backends.model_info import stop_token_ids
 
     tokenizer = HFBackend(str(chatml_model_dir)).tokenizer
     assert stop_token_ids(str(chatml_model_dir), tokenizer) == [tokenizer.eos_token_id] == [1]

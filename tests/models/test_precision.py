@@ -64,7 +64,7 @@ def test_checkpoint_dtype_reads_config(saved_model, tmp_path):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_hf_backend_loads_bf16_checkpoint_in_fp32_without_native_bf16(monkeypatch, saved_model, native):
-    from mft.eval.hf_backend import HFBackend
+    from mft.eval.backends.hf import HFBackend
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     backend = HFBackend(str(saved_model(dtype=torch.bfloat16)), device="cpu")
@@ -100,7 +100,7 @@ def test_eval_records_the_dtype_it_computes_in_on_cpu(monkeypatch, saved_model, 
     """`--dtype bfloat16` on a CPU without native bf16 computes in float32: the settings that key and record the
     predictions say float32, with a line that says why; auto takes the checkpoint's dtype through the same rule
     (bfloat16 where the CPU has it), also when the caller names the device."""
-    from mft.eval.backends import hf_settings
+    from mft.eval.backends.hf import hf_settings
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -24,7 +24,8 @@ DEFAULT_OUTPUT = "mft_demo"
 class DemoOptions:
     """The flags of `mft demo` (`--kebab-case`; `--snake_case` is accepted too)."""
 
-    output_dir: str = option(f"where everything goes (default: {DEFAULT_OUTPUT}/)", DEFAULT_OUTPUT)
+    output_dir: str = option(f"where everything goes (default: {DEFAULT_OUTPUT}/, with --model: "
+                                     f"{DEFAULT_OUTPUT}_real/)", DEFAULT_OUTPUT)
     seed: int = option("random seed; the same seed gives the same table", 0)
     quick: bool = option("a 20-second smoke test of every stage (tiny budgets; the numbers mean nothing)", False)
     overwrite: bool = option("replace an earlier demo run in --output-dir", False)
@@ -47,7 +48,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     """`mft demo` (--quiet is set by mft.cli.main)."""
-    if args.model:
+    if args.model is not None:  # `--model ''` (an empty $MODEL) is refused by run_real_demo, not the tiny demo
         from mft.demo.real import run_real_demo
 
         output = args.output_dir if args.output_dir != DEFAULT_OUTPUT else f"{DEFAULT_OUTPUT}_real"

@@ -18,70 +18,11 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from mft.demo.settings import MARKER, MODELS, QUICK, Paths, Settings
 from mft.errors import MftError
-
-MARKER = "mft_demo.json"  # written first into the output folder: proves a folder is the demo's to replace
-MODELS = ("base", "fft", "mft", "random", "l1")
-LABELS = {"base": "base", "fft": "FFT", "mft": "MFT", "random": "random mask", "l1": "L1 mask"}
-
-
-@dataclass
-class Settings:
-    """Everything that decides the demo's numbers (with the seed). `QUICK` is the smoke-test variant."""
-
-    # model: Llama architecture
-    layers: int = 6
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 176
-    vocab_size: int = 512
-    # data
-    n_train: int = 200  # FFT / MFT training problems: few, so that FFT overfits
-    n_test: int = 400  # held-out problems
-    max_seq_length: int = 96
-    batch_size: int = 16
-    # base model: pre-training on the arithmetic drills until it knows them
-    pretrain_epochs: int = 40
-    pretrain_lr: float = 2e-3
-    # FFT on the word problems, far past the best held-out loss (which comes at about 20 epochs)
-    fft_epochs: int = 60
-    fft_lr: float = 1e-3
-    fft_curve_every: int = 5  # epochs between the FFT checkpoints whose held-out loss is plotted
-    # MFT from the FFT model
-    masked_layers: str = "0 1 2"  # the window that showed MFT best here (see the README's demo section)
-    keep_ratio: float = 0.9
-    mft_epochs: int = 30
-    mft_lr: float = 3e-3
-    score_init: str = "normal"
-    mft_curve_every: int = 2  # epochs between the MFT checkpoints (held-out loss, mask changes per layer)
-    # evaluation
-    max_gen_toks: int = 48
-    eval_batch_size: int = 100
-
-
-QUICK = dict(n_train=64, n_test=64, pretrain_epochs=2, fft_epochs=4, fft_curve_every=2, mft_epochs=2,
-             mft_curve_every=1, eval_batch_size=64)
-
-
-@dataclass
-class Paths:
-    root: Path
-    data: Path = field(init=False)
-    models: Path = field(init=False)
-    runs: Path = field(init=False)
-    evals: Path = field(init=False)
-    plots: Path = field(init=False)
-
-    def __post_init__(self):
-        self.data, self.models, self.runs = self.root / "data", self.root / "models", self.root / "runs"
-        self.evals, self.plots = self.root / "eval", self.root / "plots"
-
-    def model(self, name: str) -> Path:
-        return self.models / name
 
 
 def prepare_output(root: Path, overwrite: bool) -> None:
@@ -344,19 +285,21 @@ def _checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings) -> dict:
+def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings, seed: int) -> dict:
     """From the FFT and MFT checkpoints (removed afterwards): the held-out loss along both runs, and the mask
     changes per masked layer along MFT.
 
-    FFT checkpoints hold every weight. MFT checkpoints hold the scores only; the mask of a checkpoint is what
-    the training loop computes from them (`local_mask`, keep ratio per matrix), baked into the FFT weights.
+    FFT checkpoints hold every weight. MFT checkpoints hold the scores only; each is loaded into the mask
+    layers of the training run (`inject_masks` with the run's mask settings, on the final FFT weights), so
+    its mask is the one the training loop computed from those scores (`refresh_masks`: the library's rule)
+    and the forward masks the weights as training did.
     """
     import torch
     from safetensors.torch import load_file
     from mft.progress import progress as tqdm
 
     from mft.masking.files import read_masks
-    from mft.masking.layer import local_mask
+    from mft.masking.inject import extract_masks, inject_masks, refresh_masks
     from mft.train.loop import CHECKPOINTS
 
     fft_points, mft_points = _checkpoints(paths.model("fft")), _checkpoints(paths.runs / "mft")
@@ -368,15 +311,17 @@ def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings) -> dict:
             curves["fft"].append({"step": step, "heldout_loss": loss(model, f"FFT step {step}")})
             bar.update()
         model = load_model(paths.model("fft"))  # the final FFT weights, which MFT masks
-        weights = {name: module.weight.detach().clone() for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear)}
+        inject_masks(model, mask_config(s), seed=seed)  # a seeded draw (replaced below) leaves torch's RNG alone
+        score_keys = {name for name, _ in model.named_parameters() if name.endswith(".scores")}
         previous, previous_step, masks = None, 0, {}
         for step, checkpoint in mft_points:
             scores = load_file(str(checkpoint / "model.safetensors"))
-            masks = {key.removesuffix(".scores"): local_mask(value, s.keep_ratio) for key, value in scores.items()}
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    model.get_submodule(name).weight.copy_(weights[name] * mask)
+            if set(scores) != score_keys:
+                raise MftError(f"{checkpoint} holds {len(scores)} tensors, not the scores of the {len(score_keys)} "
+                               f"matrices the demo's mask settings select (layers {s.masked_layers})")
+            model.load_state_dict(scores, strict=False)
+            refresh_masks(model)
+            masks = extract_masks(model)
             curves["mft"].append({"step": step, "heldout_loss": loss(model, f"MFT step {step}")})
             if previous is not None:  # share of each layer's mask entries that flipped, per step
                 changed: dict[str, list[int]] = {}
@@ -469,7 +414,7 @@ def _run(paths: Paths, s: Settings, seed: int, quick: bool, echo) -> dict:
         results[name]["heldout_loss"] = loss(load_model(paths.model(name)), name)
 
     stages.begin("curves", "held-out loss along FFT and MFT, mask changes per layer (from the checkpoints)")
-    curves = training_curves(paths, loss, s)
+    curves = training_curves(paths, loss, s, seed)
 
     stages.begin("report", "results table and plots")
     # results.json holds only what the seed decides (two runs with one seed give the same file);

@@ -1,20 +1,26 @@
 """`mft demo --model NAME`: the demo's pipeline on a real pretrained model with real GSM8K problems.
 
     data (a seeded split of the shipped GSM8K test set) -> FFT of the model on the train part -> MFT from FFT
-    -> random / L1 baselines -> apply (streaming) -> 8-shot GSM8K evaluation of the held-out part -> table
+    -> random / L1 baselines -> apply (streaming) -> the held-out part evaluated twice (8-shot GSM8K protocol;
+    0-shot with the model's chat template) -> table, plots
 
 Every stage is the project's own code (`mft train`, `mft.masking.apply`, `mft eval`), as in the tiny demo.
 
 The split is a DEMO split, never a benchmark number: the 1319 problems of GSM8K's test set (shipped in
 `mft/data/benchmarks/gsm8k`) are shuffled with the seed; the first `n_train` train FFT and MFT (chat format,
 with the model's own chat template), the next `n_test` are held out and evaluated with the 8-shot GSM8K
-protocol of `mft eval` (plain few-shot prompts, greedy, exact match). The indices are written to
-`data/split.json`. Accuracy is given with a 95 % Wilson score interval over the held-out problems.
+protocol of `mft eval` (plain few-shot prompts, greedy, exact match), and a second time with the chat
+template (`CHAT_COLUMN`: the question as the user turn, rendered by the tokenizer's own chat template with
+the generation prompt, 0-shot, greedy through the hf backend's `generate`, scored by the GSM8K task's answer
+extraction and exact match). The indices are written to `data/split.json`. Accuracy is given with a 95 % Wilson
+score interval over the held-out problems. `plots/demo.png`: training loss and learning rate of FFT and MFT, mask
+entries flipped per masked layer, and both accuracies per model with their intervals (`write_plots`).
 
 Sizes: the default run is meant for one GPU (about 20 minutes; not timed: no GPU was lent); `--quick` (8 + 8
-problems, 2 optimizer steps each for FFT and MFT, 64 new tokens) is sized for a CPU in under 10 minutes
-(measured: 154 s on 2 idle cores with SmolLM2-135M-Instruct, README) and only shows that every stage works
-on a real model.
+problems, 2 optimizer steps each for FFT and MFT, 64 new tokens 8-shot, 128 for the chat answers) is sized for
+a CPU in under 10 minutes (measured: 154 s on 2 idle cores with SmolLM2-135M-Instruct before the chat
+evaluation and plots were added, which are estimated at 2-3 minutes more, README) and only shows that every
+stage works on a real model.
 """
 
 from __future__ import annotations
@@ -25,37 +31,17 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from mft.demo.pipeline import LABELS, MARKER, MODELS, Paths, Stages, prepare_output, run_training
+from mft.demo.data import write_jsonl
+from mft.demo.pipeline import Stages, prepare_output, run_training
+from mft.demo.settings import LABELS, MARKER, MODELS, REAL_QUICK, Paths, RealSettings
 from mft.errors import MftError
 
 SPLIT_LABEL = "demo split of the GSM8K test set"
-
-
-@dataclass
-class RealSettings:
-    """What decides the real-model demo's numbers (with the seed and the model). `REAL_QUICK`: the CPU variant."""
-
-    n_train: int = 512  # GSM8K test problems used for FFT and MFT
-    n_test: int = 400  # held-out problems, evaluated
-    max_seq_length: int = 384
-    batch_size: int = 8
-    fft_epochs: int = 2
-    fft_lr: float = 1e-5
-    masked_layers: str = "4 5 6 7"
-    keep_ratio: float = 0.9
-    mft_epochs: int = 2
-    mft_lr: float = 1e-2
-    num_shots: int = 8
-    max_gen_toks: int = 256
-    eval_batch_size: int = 32
-    max_model_len: int = 2048
-
-
-REAL_QUICK = dict(n_train=8, n_test=8, max_seq_length=320, batch_size=4, fft_epochs=1, mft_epochs=1,
-                  max_gen_toks=64, eval_batch_size=8, max_model_len=1536)
+CHAT_COLUMN = "chat template, 0-shot"
+FIGURE = "demo.png"
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -94,12 +80,6 @@ def split_gsm8k(n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[
     return [rows[i] for i in train_idx], [rows[i] for i in test_idx], record
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @contextlib.contextmanager
 def real_environment():
     """Offline and without accelerate's launcher settings from the caller; a GPU is used where there is one."""
@@ -125,6 +105,11 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
     also written to results.json / results.md in `output_dir`."""
     from mft.hub import resolve_model
 
+    from mft.paths import check_output_vs_inputs
+
+    if not isinstance(model, str) or not model.strip():
+        raise MftError(f"--model is empty ({model!r}): expected a short name from `mft models list` (e.g. "
+                       "smollm2-135m-instruct) or a local model folder; without --model, `mft demo` runs the tiny demo")
     s = settings or RealSettings()
     if quick and settings is None:
         s = replace(s, **REAL_QUICK)
@@ -133,12 +118,39 @@ def run_real_demo(model: str, output_dir: str | Path, seed: int = 0, quick: bool
     if not (Path(base) / "config.json").is_file():
         raise MftError(f"--model {model}: expected a short name from `mft models list` or a local model folder")
     root = Path(output_dir).expanduser().resolve()
+    # `--overwrite` deletes the output folder first: refuse one that is or holds the model (as `mft train` does)
+    check_output_vs_inputs(root, {"model": base}, "--output-dir")
+    check_masked_layers(Path(base), model, s.masked_layers)
+    from transformers import AutoTokenizer
+
+    chat_prompts(AutoTokenizer.from_pretrained(base), [])  # FFT/MFT and the chat evaluation need a chat template
     prepare_output(root, overwrite)
     (root / MARKER).write_text(json.dumps({"what": "mft demo output; `mft demo --overwrite` replaces it",
                                            "model": model, "seed": seed, "quick": quick, "settings": asdict(s)},
                                           indent=1))
     with real_environment():
         return _run(Paths(root), Path(base), model, s, seed, quick, echo)
+
+
+def check_masked_layers(base: Path, model: str, masked_layers: str) -> None:
+    """MftError, before anything is written, when the model in `base` (its config.json) has no decoder layer of
+    some index in `masked_layers` (the demo's MFT would fail only after FFT)."""
+    from mft.eval.backends.model_info import load_config
+    from mft.masking.config import parse_layers
+
+    wanted = parse_layers(masked_layers)
+    config = load_config(str(base))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise MftError(f"--model {model}: its config.json ({base}) gives no num_hidden_layers; the demo masks "
+                       f"decoder layers {' '.join(map(str, wanted))}")
+    outside = [layer for layer in wanted if layer >= count]
+    if outside:
+        raise MftError(f"--model {model} has {count} decoder layers (0-{count - 1}, config.json num_hidden_layers), "
+                       f"but the real-model demo masks layers {' '.join(map(str, wanted))} "
+                       f"({' '.join(map(str, outside))} do not exist): use a model with at least {max(wanted) + 1} "
+                       "decoder layers")
 
 
 def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick: bool, echo) -> dict:
@@ -149,7 +161,7 @@ def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick
 
     root = paths.root
     torch.manual_seed(seed)
-    stages = Stages(6, echo)
+    stages = Stages(7, echo)
     common = {"max_seq_length": s.max_seq_length, "per_device_train_batch_size": s.batch_size,
               "chat_template_name": "tokenizer"}
 
@@ -194,20 +206,115 @@ def _run(paths: Paths, base: Path, model: str, s: RealSettings, seed: int, quick
                          batch_size=s.eval_batch_size, max_model_len=s.max_model_len)["metrics"][0]
         n = entry["num_instances"]
         correct = round(entry["exact_match"] * n)
-        low, high = wilson_interval(correct, n)
-        results[name] = {"accuracy": correct / n, "correct": correct, "num_instances": n, "ci95": [low, high]}
+        results[name] = accuracy_record(correct, n)
 
-    stages.begin("report", "results table")
+    stages.begin("chat", f"accuracy: {CHAT_COLUMN} (the model's chat template, greedy, exact match) on the "
+                         f"{s.n_test} held-out problems")
+    for name in MODELS:
+        folder = base if name == "base" else paths.model(name)
+        results[name]["chat"] = evaluate_chat(folder, test_rows, s, root / "eval_chat" / name, name)
+
+    stages.begin("report", "results table and plots")
     summary = {"model": model, "model_path": str(base), "seed": seed, "quick": quick, "settings": asdict(s),
                "split": {k: v for k, v in record.items() if not k.endswith("indices")}, "models": results}
     (root / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = results_table(summary)
     (root / "results.md").write_text(table + "\n")
+    plot = write_plots(paths, summary)
     total = stages.finish()
     (root / "timings.json").write_text(json.dumps({"stage_seconds": stages.times, "total_seconds": total}) + "\n")
     echo("\n" + table)
-    echo(f"took {total:.0f} s; everything is in {root}")
-    return {**summary, "total_seconds": total}
+    echo(f"plots: {plot}\ntook {total:.0f} s; everything is in {root}")
+    return {**summary, "total_seconds": total, "plot": str(plot)}
+
+
+def accuracy_record(correct: int, n: int) -> dict:
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "correct": correct, "num_instances": n, "ci95": [low, high]}
+
+
+def chat_prompts(tokenizer, rows: list[dict]) -> list[str]:
+    """Each GSM8K question as the only user turn, rendered by the tokenizer's own chat template with the
+    generation prompt (the text the model sees before its answer; encoded without extra special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MftError(f"{getattr(tokenizer, 'name_or_path', 'the model')}: its tokenizer has no chat template; "
+                       f"the real-model demo's '{CHAT_COLUMN}' evaluation needs one")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                          add_generation_prompt=True) for r in rows]
+
+
+def evaluate_chat(folder: Path, rows: list[dict], s: RealSettings, out: Path, name: str) -> dict:
+    """Accuracy on `rows` with the chat template (`chat_prompts`): greedy generation by the hf backend
+    (`HFBackend.generate`, stopped at the model's EOS / end-of-turn tokens only, at most `s.chat_max_gen_toks`
+    new tokens), scored by the GSM8K task (last number of the answer, exact match with the number after ####).
+    Writes `out/predictions.jsonl` (one row per problem: prompt, continuation, num_tokens, model_answer, label,
+    exact_match)."""
+    from mft.eval.backends.hf import HFBackend
+    from mft.eval.tasks.gsm8k import GSM8K
+
+    task = GSM8K(name="gsm8k", num_shots=0)
+    backend = HFBackend(str(folder), batch_size=s.eval_batch_size, max_model_len=s.max_model_len)
+    prompts = chat_prompts(backend.tokenizer, rows)
+    generations = backend.generate(prompts, [], s.chat_max_gen_toks, desc=f"chat 0-shot, {name}")
+    del backend
+    scored = task.score(rows, [g.text for g in generations])
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "predictions.jsonl", [
+        {"doc_id": i, "prompt": prompt, "continuation": g.text, "num_tokens": g.num_tokens,
+         "model_answer": r["model_answer"], "label": task.label(row), "exact_match": r["metrics"]["exact_match"]}
+        for i, (row, prompt, g, r) in enumerate(zip(rows, prompts, generations, scored))])
+    return accuracy_record(sum(r["metrics"]["exact_match"] for r in scored), len(rows))
+
+
+def write_plots(paths: Paths, summary: dict, dpi: int = 100) -> Path:
+    """`plots/demo.png`, four panels drawn with `mft plot`'s panel functions and the tiny demo's colours:
+    training loss and learning rate of FFT and MFT (MFT drawn after FFT's last step; learning rates as `mft
+    plot` draws far-apart ones, each relative to its own peak), mask entries flipped per masked layer during
+    MFT, and held-out accuracy per model for both evaluations with its 95 % Wilson interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mft.demo.report import COLORS, SHORT, read_log, save_small_png
+    from mft.plot import RunLog, loss_panel, lr_panel, mask_changes_panel
+
+    fft_log, mft_log = read_log(paths.model("fft")), read_log(paths.runs / "mft")
+    offset = fft_log[-1]["step"] if fft_log else 0
+    runs = [RunLog("FFT", fft_log, COLORS["fft"]),
+            RunLog("MFT (after FFT's last step)", mft_log, COLORS["mft"], offset=offset)]
+    fig, ((ax_loss, ax_lr), (ax_flips, ax_acc)) = plt.subplots(2, 2, figsize=(13, 8.5))
+    loss_panel(ax_loss, runs)
+    lr_panel(ax_lr, runs)  # FFT's and MFT's peaks differ by 1000x: each drawn relative to its own peak
+    mask_changes_panel(ax_flips, [RunLog("MFT", mft_log, COLORS["mft"])])
+    ax_flips.set_xlabel("MFT optimizer step")
+
+    models, s = summary["models"], summary["settings"]
+    columns = [(f"GSM8K {s['num_shots']}-shot protocol", None, "///"), (CHAT_COLUMN, "chat", "")]
+    width = 0.38
+    for k, (label, key, hatch) in enumerate(columns):
+        rows = [models[m][key] if key else models[m] for m in MODELS]
+        xs = [i + (k - 0.5) * width for i in range(len(MODELS))]
+        values = [100 * r["accuracy"] for r in rows]
+        errors = [[100 * (r["accuracy"] - r["ci95"][0]) for r in rows], [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]]
+        ax_acc.bar(xs, values, width, color=[COLORS[m] for m in MODELS], alpha=1.0 if key else 0.55, hatch=hatch,
+                   edgecolor="black", lw=0.5, yerr=errors, capsize=3, label=label)
+        for x, r in zip(xs, rows):
+            ax_acc.annotate(f"{100 * r['accuracy']:.0f}%\n{r['correct']}/{r['num_instances']}",
+                            (x, 100 * r["ci95"][1]), ha="center", va="bottom", fontsize=7)
+    ax_acc.set_xticks(range(len(MODELS)), [SHORT[m] for m in MODELS])
+    ax_acc.set_ylim(0, 118)
+    ax_acc.set_ylabel("held-out accuracy (%), 95 % Wilson interval")
+    ax_acc.set_title(f"held-out accuracy, {models['fft']['num_instances']} problems ({SPLIT_LABEL})", fontsize=10)
+    ax_acc.legend(fontsize=8, loc="upper right")
+    quick = ", --quick: the numbers mean nothing" if summary["quick"] else ""
+    fig.suptitle(f"mft demo --model {summary['model']} (seed {summary['seed']}{quick})", fontsize=11)
+    fig.tight_layout()
+    path = paths.plots / FIGURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_small_png(fig, path, dpi)
+    plt.close(fig)
+    return path
 
 
 def _mask_config(s: RealSettings):
@@ -218,17 +325,22 @@ def _mask_config(s: RealSettings):
 
 
 def results_table(summary: dict) -> str:
-    """The markdown table: one row per model, accuracy with its 95 % interval, labelled as a demo split."""
+    """The markdown table: one row per model, the accuracy of both evaluations (8-shot GSM8K protocol; chat
+    template, 0-shot) each with its 95 % Wilson interval, labelled as a demo split."""
     s = summary["settings"]
     quick = " (--quick: every stage runs; the numbers mean nothing)" if summary["quick"] else ""
     lines = [f"{summary['model']}, {SPLIT_LABEL} (seed {summary['seed']}: {s['n_train']} train / {s['n_test']} "
              f"held-out problems): NOT a benchmark number{quick}",
              "",
-             f"| model | GSM8K {s['num_shots']}-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n |",
-             "|---|---|---|---|"]
+             f"| model | GSM8K {s['num_shots']}-shot accuracy (held-out) | 95 % interval (Wilson) | correct / n "
+             f"| {CHAT_COLUMN} | 95 % interval (Wilson) | correct / n |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cells(r: dict) -> str:
+        low, high = r["ci95"]
+        return f"{r['accuracy']:.1%} | {low:.1%} - {high:.1%} | {r['correct']} / {r['num_instances']}"
+
     for name in MODELS:
         r = summary["models"][name]
-        low, high = r["ci95"]
-        lines.append(f"| {LABELS[name]} | {r['accuracy']:.1%} | {low:.1%} - {high:.1%} | "
-                     f"{r['correct']} / {r['num_instances']} |")
+        lines.append(f"| {LABELS[name]} | {cells(r)} | {cells(r['chat'])} |")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mft.demo.pipeline import LABELS, MODELS, Paths
+from mft.demo.settings import LABELS, MODELS, Paths
 from mft.train.loop import TRAIN_LOG
 
 TABLE = "results.md"

@@ -124,7 +124,8 @@ def producer_change(stored: dict, model_config: dict, task_config: dict) -> str 
 
 
 def reusable(out: Path, task: str, requests: list[dict], task_config: dict, model_config: dict):
-    """(predictions, metrics, reason): what earlier runs stored for exactly this work, and why not the rest.
+    """(predictions, metrics, reason, provenance): what earlier runs stored for exactly this work, and why not
+    the rest; `provenance` is the reused predictions' `-provenance.json` content (None when none is reused).
 
     Predictions are reused only when their `-provenance.json` names the same model settings and file
     fingerprint (`mft.eval.fingerprint`) and the same full task config, and the stored requests (prompts,
@@ -145,7 +146,8 @@ def reusable(out: Path, task: str, requests: list[dict], task_config: dict, mode
             reason = reason or f"no record of the model that produced its stored predictions ({provenance_file.name})"
             continue
         try:
-            changed = producer_change(read_json(provenance_file), model_config, task_config)
+            provenance = read_json(provenance_file)
+            changed = producer_change(provenance, model_config, task_config)
         except MftError:
             reason = reason or f"{provenance_file.name} is not readable JSON"
             continue
@@ -173,14 +175,21 @@ def reusable(out: Path, task: str, requests: list[dict], task_config: dict, mode
         except MftError:
             metrics = None  # scored again below
         if metrics is not None and producer_change(metrics, model_config, task_config):
-            return predictions, None, f"scoring again: {producer_change(metrics, model_config, task_config)}"
-        return predictions, metrics, None
-    return None, None, reason
+            return (predictions, None, f"scoring again: {producer_change(metrics, model_config, task_config)}",
+                    provenance)
+        return predictions, metrics, None, provenance
+    return None, None, reason, None
 
 
-def write_provenance(out: Path, index: int, task: str, model_config: dict, task_config: dict) -> None:
-    write_json(task_path(out, index, task, "provenance.json"), {"model_config": model_config,
-                                                                "task_config": task_config})
+def write_provenance(out: Path, index: int, task: str, model_config: dict, task_config: dict,
+                     batch_size_used: int | None = None) -> None:
+    """`-provenance.json`: the settings reuse compares (`model_config`, `task_config`) and, for the hf
+    backend, `batch_size_used`: the batch size the predictions were generated with (`model_config.batch_size`
+    is the setting, e.g. "auto", which reuse is keyed by)."""
+    record = {"model_config": model_config, "task_config": task_config}
+    if batch_size_used is not None:
+        record["batch_size_used"] = batch_size_used
+    write_json(task_path(out, index, task, "provenance.json"), record)
 
 
 def remove_stale(out: Path, task: str, index: int) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from mft.errors import MftError
 from mft.eval import outputs
-from mft.eval.backends import (DECODE_KWARGS, Generation, check_backend_options, check_model_path, load_backend,
-                               prompt_budget, resolve_model_type_why, resolve_settings)
+from mft.eval.backends import (check_backend_options, check_model_path, load_backend, resolve_model_type_why,
+                               resolve_settings)
+from mft.eval.backends.decode import DECODE_KWARGS, Generation, prompt_budget
+from mft.eval.backends.hf import parse_batch_size
 from mft.eval.data import describe_record, packaged_data_dir
 from mft.eval.fingerprint import model_fingerprint
-from mft.eval.hf_backend import parse_batch_size
 from mft.eval.specs import build_tasks
 from mft.eval.tasks import Task
 
@@ -34,6 +35,7 @@ class Plan:
     predictions: list[dict] | None = None
     metrics: dict | None = None
     generated: bool = field(default=False)
+    batch_size_used: int | None = None  # hf: the batch size its predictions were generated with
 
 
 def log(message: str) -> None:
@@ -66,10 +68,12 @@ def load_requests(tasks: list[Task]) -> list[tuple[Task, list[dict], list[dict]]
 def plan_tasks(loaded: list[tuple[Task, list[dict], list[dict]]], out: Path, model_config: dict) -> list[Plan]:
     plans = []
     for index, (task, docs, requests) in enumerate(loaded):
-        predictions, metrics, reason = outputs.reusable(out, task.name, requests, task.config(), model_config)
+        predictions, metrics, reason, provenance = outputs.reusable(out, task.name, requests, task.config(),
+                                                                    model_config)
         if reason:
             log(f"{task.name}: recomputing: {reason}" if predictions is None else f"{task.name}: {reason}")
-        plans.append(Plan(index, task, docs, requests, predictions, metrics))
+        used = (provenance or {}).get("batch_size_used")
+        plans.append(Plan(index, task, docs, requests, predictions, metrics, batch_size_used=used))
     return plans
 
 
@@ -88,13 +92,14 @@ def generate(plan: Plan, backend, out: Path, model_config: dict) -> list[Generat
     task = plan.task
     prompts = [r["request"]["context"] for r in plan.requests]
     generations = backend.generate(prompts, task.stops, task.max_gen_toks, desc=f"generating {task.name}")
+    plan.batch_size_used = getattr(backend, "last_batch_size", None)  # hf: "auto" resolved; vLLM: None
     # Written before scoring, so that a crash while scoring does not cost the generations; the record of
     # what produced them goes last (and the old one first), so predictions never sit beside a wrong record.
     outputs.task_path(out, plan.index, task.name, "provenance.json").unlink(missing_ok=True)
     outputs.write_jsonl(outputs.task_path(out, plan.index, task.name, "requests.jsonl"), plan.requests)
     outputs.write_jsonl(outputs.task_path(out, plan.index, task.name, "predictions.jsonl"),
                         predictions_rows(plan, generations, None))
-    outputs.write_provenance(out, plan.index, task.name, model_config, task.config())
+    outputs.write_provenance(out, plan.index, task.name, model_config, task.config(), plan.batch_size_used)
     plan.generated = True
     return generations
 
@@ -107,9 +112,10 @@ def score_and_write(plan: Plan, generations: list[Generation], out: Path, model_
     outputs.write_jsonl(outputs.task_path(out, plan.index, name, "requests.jsonl"), plan.requests)
     outputs.write_jsonl(outputs.task_path(out, plan.index, name, "predictions.jsonl"),
                         predictions_rows(plan, generations, scored))
-    outputs.write_provenance(out, plan.index, name, model_config, task.config())
+    outputs.write_provenance(out, plan.index, name, model_config, task.config(), plan.batch_size_used)
     record = {"task_name": name, "task_idx": plan.index, "metrics": metrics, "num_instances": len(plan.docs),
               "task_config": task.config(), "model_config": model_config,
+              **({"batch_size_used": plan.batch_size_used} if plan.batch_size_used is not None else {}),
               "processing_time": round(time.time() - seconds, 3), "current_date": time.strftime("%Y-%m-%d %H:%M:%S")}
     outputs.write_json(outputs.task_path(out, plan.index, name, "metrics.json"), record)
     return record
@@ -124,7 +130,7 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
     `data_dir="packaged"` reads the benchmark files shipped in the package (GSM8K test, MATH-500).
     `tensor_parallel_size`, `dtype`, `gpu_memory_utilization`: see `VLLMBackend` (the first and last only
     with vllm; `dtype` also sets the hf backend's weights when not None/"auto"). `max_model_len` None = the
-    protocol's 2048, capped at the model's context (`backends.resolve_max_model_len`). The resolved device,
+    protocol's 2048, capped at the model's context (`model_info.resolve_max_model_len`). The resolved device,
     dtype, max_model_len and tensor_parallel_size are recorded in `model_config`.
     """
     if data_dir == "packaged":
@@ -183,6 +189,8 @@ def run_eval(model: str, task_specs: list[str], output_dir: str, model_type: str
         else:
             log(f"{name}: reusing its metrics")
         entries.append(outputs.summary_entry(name, record["metrics"], record["num_instances"], record["task_config"]))
+        if plan.batch_size_used is not None:  # hf: the batch size used (model_config.batch_size: the setting)
+            entries[-1]["batch_size_used"] = plan.batch_size_used
         log(f"{name}: {plan.task.primary_metric} = {record['metrics']['primary_score']:.4f}")
     summary_path = outputs.write_summary(out, entries, model_config)
     return json.loads(summary_path.read_text())

@@ -4,6 +4,7 @@ The decode loop is our own (a forward per step over a `DynamicCache`, greedy `ar
 `model.generate`, so that a row that has finished leaves the batch at once (its cache rows are dropped
 with `Cache.batch_select_indices`) instead of being computed until the last row finishes, and the stop
 check looks only at the newest tokens of each row instead of decoding every row's whole text at every step.
+`hf_settings`: the device, dtype and length it runs with, resolved before the model loads.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import inspect
 
 from mft.errors import MftError
-from mft.eval.backends import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts, generation_text,
-                               hf_settings, prompt_budget, stop_list, stop_token_ids)
+from mft.eval.backends.decode import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts,
+                                      generation_text, prompt_budget, stop_list)
+from mft.eval.backends.model_info import (DTYPES, auto_dtype, checkpoint_dtype, gpu_capability, load_config,
+                                          resolve_max_model_len, stop_token_ids)
 
 AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
 AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
@@ -129,6 +132,70 @@ def parse_batch_size(value) -> int | str:
     raise MftError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
 
 
+# -- settings: device, dtype and length, known before the model loads ---------------------------------
+def hf_device_dtype(dtype: str | None = None, model: str | None = None, config=None) -> tuple[str, str]:
+    """(device, dtype name) the hf backend generates with: cuda when torch sees a GPU, else cpu; `dtype`
+    when given (not None/"auto"), else on cpu the checkpoint `model`'s dtype where the CPU has native bf16,
+    float32 where not (`mft.precision.compute_dtype`), and on cuda `auto_dtype` for the checkpoint (vLLM's
+    rule for this GPU); float32 on cpu and bfloat16 on cuda when no model is named). Known before the model loads, so that
+    `mft eval` can key stored predictions by them (CPU float32 text is not reused on a GPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device, cpu_dtype(dtype, model)
+    if dtype not in (None, "auto"):
+        return device, dtype
+    if model is None:
+        return device, "bfloat16"
+    config = config if config is not None else load_config(model)
+    checkpoint = checkpoint_dtype(model, config)[0]
+    return device, auto_dtype(checkpoint, getattr(config.get_text_config(), "model_type", ""), gpu_capability())
+
+
+def cpu_dtype(dtype: str | None, model: str | None) -> str:
+    """The dtype name the hf backend computes in on a CPU: `mft.precision.compute_dtype` of `dtype` (when given,
+    not None/"auto"), else of the checkpoint `model`'s dtype (float32 when it records none): bf16/fp16 become
+    float32 on a CPU without native bf16 matrix instructions. This is the dtype recorded with the predictions."""
+    import torch
+
+    from mft.precision import checkpoint_dtype as config_dtype, compute_dtype
+
+    wanted = getattr(torch, dtype) if dtype not in (None, "auto") else \
+        (config_dtype(model) if model is not None else None) or torch.float32
+    return str(compute_dtype(wanted, "cpu", model or "model")).removeprefix("torch.")
+
+
+def hf_settings(model: str, max_model_len: int | None = None, dtype=None, device: str | None = None,
+                config=None) -> dict:
+    """The hf backend's settings, resolved and checked without loading the weights: `device` (cuda when a
+    GPU is visible, else cpu), `dtype` (a name; None/"auto" = `auto_dtype`, the dtype vLLM would pick on
+    this GPU, float32 on a CPU; a torch.dtype is taken as given), `max_model_len`
+    (`resolve_max_model_len`) and `log`: the lines that say how they were chosen."""
+    import torch
+
+    config = config if config is not None else load_config(model)
+    log_lines = []
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in (None, *DTYPES):
+        raise MftError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    found, name = hf_device_dtype(dtype, model, config)
+    if device is None:
+        device = found
+    elif device == "cpu":  # a device given by the caller: the CPU rule (`cpu_dtype`)
+        name = cpu_dtype(dtype, model)
+    if dtype in (None, "auto"):
+        checkpoint, source = checkpoint_dtype(model, config)
+        log_lines.append(f"dtype {name} (auto on {device}; checkpoint: {checkpoint} from its {source})")
+    elif name != dtype:  # asked for bf16/fp16 on a CPU without native bf16
+        log_lines.append(f"dtype {name} instead of --dtype {dtype}: this CPU has no native bf16 matrix "
+                         f"instructions (mft.precision)")
+    length, note = resolve_max_model_len(max_model_len, config, model)
+    log_lines += [note] if note else []
+    return {"device": device, "dtype": name, "max_model_len": length, "log": log_lines}
+
+
 class HFBackend:
     """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time (`"auto"`:
     as many as fit in free memory, see `auto_batch_size`)."""
@@ -144,7 +211,7 @@ class HFBackend:
         from mft.progress import quiet_libraries_off_terminal
 
         quiet_libraries_off_terminal()
-        # device, dtype (`backends.hf_device_dtype`) and max_model_len, checked before loading
+        # device, dtype (`hf_device_dtype`) and max_model_len, checked before loading
         settings = hf_settings(model_path, max_model_len, dtype, device)
         self.device, self.max_model_len = settings["device"], settings["max_model_len"]
         dtype = compute_dtype(getattr(torch, settings["dtype"]), self.device, model_path)
@@ -163,8 +230,10 @@ class HFBackend:
     def generate(self, prompts: list[str], task_stops, max_gen_toks: int, desc: str = "generating") -> list[Generation]:
         """One Generation per prompt, in the order given; prompts are batched longest first.
 
-        The bar counts generated tokens (tokens/s) and moves every step; its total is the most the prompts
-        can generate (`len(prompts) * max_gen_toks`), reached early when rows stop sooner."""
+        The bar counts generated tokens only (its count and tokens/s are of tokens the model produced) and
+        moves every step. Its total starts as the most the prompts can generate (`len(prompts) *
+        max_gen_toks`) and shrinks by a row's unused budget when that row stops early, so the percentage
+        and ETA follow the work left and the bar ends at `sum(num_tokens)` of `sum(num_tokens)`."""
         from mft.progress import progress
 
         stops = stop_list(task_stops, self.tokenizer.eos_token)
@@ -183,7 +252,6 @@ class HFBackend:
                 generations = self._generate_batch([ids[i] for i in batch], stops, max_gen_toks, bar)
                 for index, generation in zip(batch, generations):
                     results[index] = generation
-                    bar.update(max_gen_toks - generation.num_tokens)  # what a stopped row did not need
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, rows: list[list[int]], stops: list[str], max_gen_toks: int, bar=None) -> list[Generation]:
@@ -207,14 +275,18 @@ class HFBackend:
                 out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                  **{self._cache_arg: cache}, **extra)
                 chosen = out.logits[:, -1, :].argmax(dim=-1)
-                keep = []
+                keep, unused = [], 0
                 for j, token in enumerate(chosen.tolist()):
                     tokens = new_tokens[alive[j]]
                     tokens.append(token)
                     if not (token in self.stop_ids or len(tokens) >= max_gen_toks
                             or scanner.hit(tokens, rows[alive[j]])):
                         keep.append(j)
+                    else:
+                        unused += max_gen_toks - len(tokens)  # budget this row will never generate
                 if bar is not None:
+                    if unused and bar.total:
+                        bar.total -= unused  # the bar counts generated tokens only (see `generate`)
                     bar.update(len(alive))
                 if len(keep) < len(alive):
                     if not keep:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 
 from mft.errors import MftError
-from mft.eval.backends import (DECODE_KWARGS, Generation, auto_dtype, check_dtype_on_gpu, checkpoint_dtype,
-                               cut_at_stop, encode_prompts, gpu_capability, load_config, prompt_budget,
-                               resolve_max_model_len, stop_list, stop_token_ids)
+from mft.eval.backends.decode import DECODE_KWARGS, Generation, cut_at_stop, encode_prompts, prompt_budget, stop_list
+from mft.eval.backends.model_info import (auto_dtype, check_dtype_on_gpu, checkpoint_dtype, gpu_capability, load_config,
+                                          resolve_max_model_len, stop_token_ids)
 
 # vLLM 0.11.1 is the first release that declares the transformers it works with (`transformers>=4.56,<5`);
 # 0.8-0.11.0 ask for any transformers >= 4.4x, so pip pairs them with transformers 5 and `LLM()` then fails
@@ -81,7 +81,7 @@ def cuda_problem(driver: tuple[int, int] | None, torch_cuda: str | None, gpus: i
 
 def checkpoint_settings(model_path: str, config=None) -> tuple[int, int, dict[str, int], str, str]:
     """(attention heads, key/value heads, the other sizes vLLM's linear layers split (`divided_sizes`),
-    dtype name, where the dtype was read: `backends.checkpoint_dtype`) from the checkpoint's config (its
+    dtype name, where the dtype was read: `model_info.checkpoint_dtype`) from the checkpoint's config (its
     text config for multimodal models)."""
     config = config if config is not None else load_config(model_path)
     text = config.get_text_config()
@@ -150,7 +150,7 @@ def choose_tensor_parallel_size(requested: int | None, heads: int, kv_heads: int
 def choose_dtype(requested: str | None, checkpoint: str, capability: tuple[int, int] | None,
                  model_type: str = "") -> str:
     """`requested` unless None/"auto" (checked against the GPU: `check_dtype_on_gpu`); else vLLM's own
-    auto rule on a GPU of compute `capability` (`backends.auto_dtype`): the checkpoint's dtype, the GPU's
+    auto rule on a GPU of compute `capability` (`model_info.auto_dtype`): the checkpoint's dtype, the GPU's
     preferred one (bfloat16 from compute capability 8.0, float16 before) for a float32 checkpoint or a
     dtype the GPU lacks. The project passes the result explicitly, so it is logged and recorded."""
     if requested not in (None, "auto"):
@@ -162,7 +162,7 @@ def choose_dtype(requested: str | None, checkpoint: str, capability: tuple[int, 
 def resolve_vllm_settings(model_path: str, max_model_len: int | None = None, tensor_parallel_size: int | None = None,
                           dtype: str | None = None, config=None) -> dict:
     """The settings `LLM()` gets, resolved and checked without loading anything: `max_model_len`
-    (`backends.resolve_max_model_len`), `tensor_parallel_size` (`choose_tensor_parallel_size` over the
+    (`model_info.resolve_max_model_len`), `tensor_parallel_size` (`choose_tensor_parallel_size` over the
     visible GPUs), `dtype` (`choose_dtype` for the first GPU's compute capability), and `log`: the lines
     that say how each was chosen. MftError for a setting that cannot work, or for a vLLM older than
     VLLM_MIN_VERSION."""
@@ -193,7 +193,7 @@ def resolve_vllm_settings(model_path: str, max_model_len: int | None = None, ten
 class VLLMBackend:
     """Greedy decoding as olmes, model length 2048 as in the protocol (capped at the model's context).
 
-    `max_model_len` None = `backends.resolve_max_model_len`; `tensor_parallel_size` None = the largest that
+    `max_model_len` None = `model_info.resolve_max_model_len`; `tensor_parallel_size` None = the largest that
     fits the visible GPUs and the model (`choose_tensor_parallel_size`); `dtype` None/"auto" =
     `choose_dtype`; `gpu_memory_utilization` None = vLLM's default. The choices are logged.
     """
