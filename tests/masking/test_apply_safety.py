@@ -335,3 +335,27 @@ def test_only_save_masks_never_replaces_another_runs_mask_file_without_overwrite
     # an empty or new folder needs no flag
     assert main(["apply", *random[:-1], str(tmp_path / "new"), "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["masks.safetensors"]
+
+
+def test_overwrite_refuses_to_delete_evaluation_results_inside_the_output(saved_model, tmp_path, capsys):
+    """break8 #12, apply's side: `mft eval` (and the launchers) write results into the model folder
+    (`mask_applied/eval_output`); `mft apply --overwrite` of that folder would delete them without a word.
+    Refused before any work, naming them; the folder is left byte for byte. --only_save_masks replaces only the
+    mask file, so it is not refused for them."""
+    base = copy_model(saved_model("llama"), tmp_path / "fft")
+    out = tmp_path / "mask_applied"
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--quiet"]) == 0
+    (out / "eval_output").mkdir()
+    (out / "eval_output" / "metrics.json").write_text('{"metrics": []}')
+    before = digest(out)
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--overwrite",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (f"--overwrite would replace {out}, which holds evaluation results written into it (eval_output/): "
+            f"replacing the folder would delete them. Move them out of {out} (or delete them) and run again") in err
+    assert digest(out) == before and no_leftovers(tmp_path)
+    # moved away, the overwrite goes ahead
+    shutil.move(str(out / "eval_output"), str(tmp_path / "kept_results"))
+    assert main(["apply", "--base_model_name_or_path", str(base), *L1, "--output_dir", str(out), "--overwrite",
+                 "--quiet"]) == 0
+    assert (tmp_path / "kept_results" / "metrics.json").exists() and not (out / "eval_output").exists()
