@@ -19,11 +19,20 @@ class Interrupted(Exception):
 def run_command(prog: str, func, args) -> int:
     """`func(args)` ended as every mft command ends, without a traceback: its return value is the exit status;
     an MftError prints `PROG: error: MESSAGE` and gives 1; an Interrupted (or Ctrl-C) prints one line and gives
-    130. `prog`: the command's name as the user typed it (`mft apply`, `apply_masks.py`)."""
+    130; a reader that closed stdout early (`| head -1`) gives 141, silently (128 + SIGPIPE). `prog`: the command's name as the user typed it (`mft apply`, `apply_masks.py`)."""
     import sys
 
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`mft models list | head -1`) shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away: not an error of the command; quiet from now on (Python's advice), and
+        # the status a shell gives a process killed by SIGPIPE
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MftError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -91,11 +91,16 @@ def main(argv: list[str] | None = None, prog: str = "mft train") -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
-    if "--quiet" in argv:
+    quiet = [a for a in argv if a == "--quiet" or a.startswith("--quiet=")]
+    if quiet:  # `--quiet`, or `--quiet=true|false` as every other boolean setting (the last one wins)
         from mft.progress import set_quiet
 
-        argv = [a for a in argv if a != "--quiet"]
-        set_quiet()
+        argv = [a for a in argv if a not in quiet]
+        value = quiet[-1].partition("=")[2].strip().lower() or "true"
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            print(f"{prog}: error: --quiet takes true or false, not {value!r}", file=sys.stderr)
+            return 1
+        set_quiet(value in ("true", "1", "yes"))
     cfg = None
     try:
         from mft.hub import resolve_model
