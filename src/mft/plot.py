@@ -281,27 +281,27 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="gray")
 
 
-def mask_changes_panel(ax, runs: list[RunLog]) -> None:
-    _integer_steps(ax, [s for run in runs for s in run.steps("mask_changed_per_layer")])
-    if _layer_curves(ax, runs, "mask_changed_per_layer", 100.0):
+def _per_layer_panel(ax, runs: list[RunLog], key: str, ylabel: str, title: str, fixed_ticks: bool = False) -> None:
+    """One curve per run and masked layer of the logged per-layer statistic `key` (a fraction, drawn in %)."""
+    _integer_steps(ax, [s for run in runs for s in run.steps(key)])
+    if _layer_curves(ax, runs, key, 100.0):
         ax.legend(fontsize=7, ncol=2)
+        if fixed_ticks:
+            ax.ticklabel_format(axis="y", useOffset=False)
     else:
         _no_data(ax, "no mask statistics in these logs\n(FFT or LoRA runs)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mask entries flipped since the last log (%)")
-    ax.set_title("mask changes per masked layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def mask_changes_panel(ax, runs: list[RunLog]) -> None:
+    _per_layer_panel(ax, runs, "mask_changed_per_layer", "mask entries flipped since the last log (%)",
+                     "mask changes per masked layer")
 
 
 def kept_panel(ax, runs: list[RunLog]) -> None:
-    _integer_steps(ax, [s for run in runs for s in run.steps("kept_fraction")])
-    if _layer_curves(ax, runs, "kept_fraction", 100.0):
-        ax.legend(fontsize=7, ncol=2)
-        ax.ticklabel_format(axis="y", useOffset=False)
-    else:
-        _no_data(ax, "no mask statistics in these logs\n(FFT or LoRA runs)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("kept (%)")
-    ax.set_title("kept fraction per masked layer")
+    _per_layer_panel(ax, runs, "kept_fraction", "kept (%)", "kept fraction per masked layer", fixed_ticks=True)
 
 
 def heldout_panel(ax, runs: list[RunLog]) -> None:
