@@ -18,9 +18,8 @@ entries flipped per masked layer, and both accuracies per model with their inter
 
 Sizes: the default run is meant for one GPU (about 20 minutes; not timed: no GPU was lent); `--quick` (8 + 8
 problems, 2 optimizer steps each for FFT and MFT, 64 new tokens 8-shot, 128 for the chat answers) is sized for
-a CPU in under 10 minutes (measured: 154 s on 2 idle cores with SmolLM2-135M-Instruct before the chat
-evaluation and plots were added, which are estimated at 2-3 minutes more, README) and only shows that every
-stage works on a real model.
+a CPU in under 10 minutes (measured: 260 s on 2 cores with SmolLM2-135M-Instruct, README) and only shows
+that every stage works on a real model.
 """
 
 from __future__ import annotations
