@@ -14,6 +14,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What a command's --quiet sets for its whole process (and the processes it starts): mft.progress.set_quiet.
+QUIET_ENV = ("MFT_QUIET", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_does_not_outlive_its_test():
+    """A test that runs a command with --quiet leaves the process quiet: put the environment back, so that a
+    later test that reads progress lines (e.g. "generating ifeval") sees them whatever ran before it."""
+    saved = {name: os.environ.get(name) for name in QUIET_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 TOKENIZER_TEXTS = [
     "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?\nAnswer: 48 / 2 = 24. 48 + 24 = 72. #### 72",

@@ -35,3 +35,31 @@ def test_train_quiet_takes_a_boolean_value(monkeypatch, capsys):
     assert "unknown setting 'quiet'" not in err
     train_main(["--quiet=false"])
     assert "MFT_QUIET" not in os.environ
+
+
+def test_ctrl_c_during_the_swap_waits_for_its_end(tmp_path, monkeypatch, capsys):
+    """The fault test's race (CI, 2026-12-01): a SIGINT between moving the new output in and removing the old
+    one left `.out.old-<pid>-<tag>` beside a complete output. Now the swap holds Ctrl-C until it is done: no
+    KeyboardInterrupt, the new output in place, nothing left aside, and a note says what happened."""
+    import shutil
+    import signal
+
+    from mft import paths
+
+    output, tmp = tmp_path / "out", tmp_path / ".out.tmp-1-abcdef12"
+    output.mkdir()
+    (output / "weights").write_text("old")
+    tmp.mkdir()
+    (tmp / "weights").write_text("new")
+    (tmp / paths.TEMP_MARKER).write_text("")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):  # Ctrl-C lands just when the old output is being removed
+        os.kill(os.getpid(), signal.SIGINT)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(paths.shutil, "rmtree", interrupted_rmtree)
+    paths.swap_into_place(tmp, output)
+    assert (output / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert "note: Ctrl-C came while the finished output was being moved into place" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -23,12 +23,15 @@ The rule every writing command follows (`mft train`, `mft apply`):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -199,21 +202,43 @@ def remove_leftovers(output: str | os.PathLike, stream=None) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def _ctrl_c_waits():
+    """Hold a Ctrl-C (SIGINT) until the block has run, then note it: for steps that must not stop half-way and
+    take a moment (the swap below). Only the main thread can hold signals; elsewhere the block runs as is.
+    SIGKILL cannot be held: `remove_leftovers` deals with what it leaves."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            print("note: Ctrl-C came while the finished output was being moved into place; the move was completed "
+                  "first (it cannot stop half-way)", file=sys.stderr)
+
+
 def swap_into_place(tmp: Path, output: Path) -> None:
     """Make the finished folder `tmp` the `output`: the old output is renamed aside first and removed only
     after the new one is in place, so at every moment one complete version exists under a recognisable name.
-    The marker `TEMP_MARKER` is removed from `tmp` first (it must not end up in the output)."""
-    (tmp / TEMP_MARKER).unlink(missing_ok=True)
-    if output.exists() or output.is_symlink():
-        old = temp_sibling(output, "old")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
+    The marker `TEMP_MARKER` is removed from `tmp` first (it must not end up in the output). A Ctrl-C during
+    the swap waits for its end (`_ctrl_c_waits`): the command then finishes, its output complete, and the
+    old folder is never left aside."""
+    with _ctrl_c_waits():
+        (tmp / TEMP_MARKER).unlink(missing_ok=True)
+        if output.exists() or output.is_symlink():
+            old = temp_sibling(output, "old")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, output)
+            os.replace(tmp, output)
 
 
 def _alive(pid: int) -> bool:

@@ -85,7 +85,12 @@ def test_killed_apply_reruns_to_the_uninterrupted_result(saved_model, tmp_path):
         # the folder is the old result or the new one, complete; never a mixture
         assert digest(out) == old or same_output(out, expected, reference), f"seed {seed}: a half-written output"
         assert main([*args, "--output_dir", str(out)]) == 0  # the same command again
-        assert same_output(out, expected, reference) and not temporaries(tmp_path, out.name)
+        left = temporaries(tmp_path, out.name)
+        # A Ctrl-C waits for the swap's end (nothing is left aside); SIGKILL cannot be held, and one that lands
+        # between the new output's move and the old one's removal leaves the old result aside, which the
+        # re-run keeps and reports (never deletes).
+        allowed = sig == signal.SIGKILL and all(".old-" in p.name for p in left)
+        assert same_output(out, expected, reference) and (not left or allowed), left
 
 
 @pytest.mark.slow
