@@ -215,7 +215,7 @@ def setup_variant(kind: str, model, layers, keep=0.9, score_seed=3):
         from mft.masking.inject import inject_masks, masked_modules
 
         inject_masks(model, MaskConfig(masked_layers=list(layers), keep_ratio_attn=keep, keep_ratio_mlp=keep),
-                     seed=score_seed)
+                     seed=score_seed, refreshed_by_caller=True)  # make_optimizer registers the hook
         for layer in masked_modules(model).values():  # ablations: switch this changes off again
             if kind == "mft-frozen":
                 layer.set_mask(layer.mask)

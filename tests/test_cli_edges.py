@@ -63,3 +63,14 @@ def test_ctrl_c_during_the_swap_waits_for_its_end(tmp_path, monkeypatch, capsys)
     assert (output / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert "note: Ctrl-C came while the finished output was being moved into place" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_train_help_into_a_closed_pipe_gets_no_traceback():
+    """break9 #8: `mft train --help | head -40`: the reader goes away while the long help is written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    child = subprocess.Popen([sys.executable, "-m", "mft", "train", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":  # free-form --key=value overrides: no argparse
         from mft.train.cli import main as train_main
 
-        return train_main(argv[1:])
+        # its own errors are handled inside; run_command adds the closed-pipe ending (`mft train --help | head`)
+        return run_command("mft train", lambda _: train_main(argv[1:]), None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -313,3 +313,40 @@ def test_refresh_after_step_hooks_that_optimizer_only(monkeypatch):
     handle.remove()
     step(hooked)  # unhooked again
     assert not all(follow_the_scores())
+
+
+def test_refresh_after_step_unwraps_accelerates_optimizer():
+    """break9 #2: the optimizer `accelerator.prepare` returns (AcceleratedOptimizer) is hooked through the torch
+    optimizer it wraps, and the masks follow a fused step; anything that is no optimizer is a TypeError."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=100)
+    inject_masks(model, MaskConfig(masked_layers=[1]), seed=3, refreshed_by_caller=True)
+    layers = masked_modules(model)
+    raw = torch.optim.AdamW([m.scores for m in layers.values()], lr=0.05, fused=True)
+    model, opt = Accelerator(cpu=True).prepare(model, raw)
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    refresh_after_step(opt)
+    assert len(raw._optimizer_step_post_hooks) == 1
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    model(x, labels=x)
+    assert all(torch.equal(m.mask, sort_reference(m.scores.detach(), 0.9)) for m in layers.values())
+    with pytest.raises(TypeError, match="refresh_after_step needs a torch.optim.Optimizer .*not list"):
+        refresh_after_step([])
+
+
+def test_injecting_masks_warns_that_your_loop_must_refresh_them():
+    """break9 #1: in your own loop, a fused optimizer's steps leave the masks unchanged unless the loop asks for
+    the refresh: `inject_masks` says so (a UserWarning naming refresh_after_step), except for callers that
+    refresh themselves (`mft train`)."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"refresh_after_step\(optimizer\)"):
+        inject_masks(tiny_model("llama", vocab_size=100), MaskConfig(masked_layers=[1]), seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_masks(tiny_model("llama", vocab_size=100), MaskConfig(masked_layers=[1]), seed=3,
+                     refreshed_by_caller=True)

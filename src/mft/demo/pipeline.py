@@ -311,7 +311,7 @@ def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings, seed: int) -> 
             curves["fft"].append({"step": step, "heldout_loss": loss(model, f"FFT step {step}")})
             bar.update()
         model = load_model(paths.model("fft"))  # the final FFT weights, which MFT masks
-        inject_masks(model, mask_config(s), seed=seed)  # a seeded draw (replaced below) leaves torch's RNG alone
+        inject_masks(model, mask_config(s), seed=seed, refreshed_by_caller=True)  # a seeded draw (replaced below) leaves torch's RNG alone
         score_keys = {name for name, _ in model.named_parameters() if name.endswith(".scores")}
         previous, previous_step, masks = None, 0, {}
         for step, checkpoint in mft_points:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,7 +49,8 @@ def mask_layouts(layers: dict) -> dict[str, dict]:
             for name, m in layers.items()}
 
 
-def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, freeze: bool = True) -> list[Target]:
+def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, freeze: bool = True,
+                 refreshed_by_caller: bool = False) -> list[Target]:
     """Replace the selected linears / Conv1Ds by `MaskedLinear`s sharing their parameters, attach a
     `MaskedExperts` to each selected 3-D expert parameter; initialise the scores. The selection table
     (`coverage_table`) is logged first.
@@ -56,6 +58,12 @@ def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, 
     With `freeze` (the MFT setting) every parameter but the scores stops requiring gradients. Scores are
     drawn from a generator seeded with `seed` (default: from torch's global RNG), module by module in
     model order, so the same seed gives the same scores on every rank and device.
+
+    Masks follow the scores after an optimizer step only if the training loop says so: `mft train` refreshes
+    them itself (`refreshed_by_caller=True`); your own loop calls `refresh_after_step(optimizer)` once (or
+    `refresh_masks(model)` after each step). A fused optimizer (AdamW(fused=True)) changes the scores without
+    a trace the layers can see, so without either the masks silently stay as they were: a `UserWarning` says
+    so, once per process, unless `refreshed_by_caller`.
     """
     if masked_modules(model):
         raise MftError("the model already has mask layers; remove_masks() or bake_masks() first")
@@ -80,7 +88,15 @@ def inject_masks(model: nn.Module, cfg: MaskConfig, *, seed: int | None = None, 
     if freeze:
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".scores"))
+    if not refreshed_by_caller:
+        warnings.warn(REFRESH_WARNING, UserWarning, stacklevel=2)
     return targets
+
+
+REFRESH_WARNING = ("mask layers injected: if you train them in your own loop, call "
+                   "mft.masking.layer.refresh_after_step(optimizer) once (or refresh_masks(model) after each "
+                   "optimizer step); a fused optimizer (AdamW(fused=True)) otherwise leaves every mask as it is now. "
+                   "`mft train` does this itself")
 
 
 def _gathered(param: torch.Tensor, enabled: bool):

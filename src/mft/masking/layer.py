@@ -455,5 +455,14 @@ def refresh_after_step(optimizer: torch.optim.Optimizer):
     Needed when the optimizer updates the scores without bumping their version counter (fused AdamW does
     not); plain and foreach optimizers are noticed without it, one layer at a time. `mft train` needs none:
     it refreshes every mask after each optimizer step itself.
+
+    A wrapped optimizer (accelerate's `AcceleratedOptimizer`, anything holding the torch optimizer as
+    `.optimizer`) is unwrapped to the `torch.optim.Optimizer` inside; anything else is a TypeError.
     """
-    return optimizer.register_step_post_hook(_invalidate_after_step)
+    inner = optimizer  # AcceleratedOptimizer subclasses Optimizer without its state: hook the one it wraps
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"refresh_after_step needs a torch.optim.Optimizer (or a wrapper holding one as "
+                        f".optimizer), not {type(optimizer).__name__}")
+    return inner.register_step_post_hook(_invalidate_after_step)

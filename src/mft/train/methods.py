@@ -61,7 +61,7 @@ def _setup_fft(cfg, model):
 def _setup_mft(cfg, model):
     from mft.masking.inject import inject_masks
 
-    targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed)
+    targets = inject_masks(model, cfg.mask_config(), seed=cfg.seed, refreshed_by_caller=True)
     entries = sum(t.entries for t in targets)
     return model, f"MFT: {len(targets)} masked matrices, {entries:,} scores"
 
