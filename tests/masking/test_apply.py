@@ -19,7 +19,7 @@ from mft.masking.checkpoint import read_safetensors_header
 from mft.masking.config import MaskConfig
 from mft.masking.files import MaskSet, read_masks, write_masks
 from mft.masking.inject import extract_masks, inject_masks, masked_modules
-from mft.masking.rule import local_mask
+from mft.masking.rule import local_mask, num_pruned
 
 from tests.conftest import ROOT
 
@@ -273,6 +273,22 @@ def test_original_checkpoint_with_scores(saved_model, tmp_path):
     for key, w in weights.items():
         name = key[: -len(".weight")]
         assert torch.equal(after[key], w * expected[name] if name in expected else w)
+
+
+@pytest.mark.parametrize("flag", ["--sparsity_attn", "--keep_ratio_attn", "--keep-ratio-attn"])
+def test_command_line_ratios_override_an_original_checkpoints_config(saved_model, tmp_path, flag):
+    """break9 #4: config.json says sparsity_attn 0.9 (published spelling); `--sparsity_attn 0.5` (any spelling)
+    replaces it, as the README says, instead of failing as two disagreeing spellings of one setting."""
+    base = saved_model("llama")
+    original_mft_checkpoint(base, tmp_path / "mft_ckpt")
+    assert main(["apply", "--base_model_name_or_path", str(base), "--mask_model_name_or_path",
+                 str(tmp_path / "mft_ckpt"), "--output_dir", str(tmp_path / "applied"), "--save_masks", flag, "0.5",
+                 "--quiet"]) == 0
+    got = read_masks(tmp_path / "applied" / "masks.safetensors").masks
+    q = got["model.layers.1.self_attn.q_proj"]
+    assert int((q == 0).sum()) == num_pruned(q.numel(), 0.5)  # attention at the new ratio
+    up = got["model.layers.1.mlp.up_proj"]
+    assert int((up == 0).sum()) == num_pruned(up.numel(), 0.8)  # mlp still at config.json's 0.8
 
 
 def test_run_folder_and_script_with_original_flags(saved_model, tmp_path):

@@ -27,7 +27,7 @@ from mft.progress import progress as tqdm
 from mft.errors import MftError
 from mft.masking.checkpoint import (INDEX_FILES, ST_DTYPES, WEIGHT_SUFFIXES, Checkpoint, WeightLocator,
                                    model_skeleton, read_safetensors_header)
-from mft.masking.config import MaskConfig
+from mft.masking.config import ALIASES, MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.rule import compute_mask, per_matrix_local_mask, random_mask
 from mft.masking.select import Target, linear_kind, select_targets
@@ -77,8 +77,10 @@ def masks_from_scores_checkpoint(checkpoint: Checkpoint, overrides: dict | None 
     if not score_keys:
         raise MftError(f"{checkpoint.path} has no `<module>.scores` tensors: it is neither an original MFT "
                        f"checkpoint nor an mft run folder (which holds {DEFAULT_NAME})")
-    settings = {k: v for k, v in checkpoint.config().items() if k in _MASK_KEYS}
-    settings.update(overrides or {})
+    # one spelling per setting (config.json's published `sparsity_attn`, a command line's `keep_ratio_attn`), so
+    # that an override replaces the file's value instead of disagreeing with it
+    settings = {ALIASES.get(k, k): v for k, v in checkpoint.config().items() if k in _MASK_KEYS}
+    settings.update({ALIASES.get(k, k): v for k, v in (overrides or {}).items()})
     cfg = MaskConfig.from_dict(settings)
     masks, kinds, ratios = {}, {}, {}
     for key in tqdm(score_keys, desc="masks from scores", unit="matrix", leave=False):
