@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mft.demo.settings import MARKER, MODELS, QUICK, Paths, Settings
 from mft.errors import MftError
+from mft.masking.select import layer_index
 
 
 def prepare_output(root: Path, overwrite: bool) -> None:
@@ -218,7 +218,7 @@ def build_masked_models(paths: Paths, s: Settings, seed: int) -> dict[str, dict]
             summary[a][f"differs_from_{b}"] = differ / summary[a]["entries"]
     overlap: dict[str, dict[str, list[int]]] = {}
     for module, mask in learned.masks.items():
-        layer = re.search(r"\.(\d+)\.", module).group(1)
+        layer = layer_index(module)
         for other in ("random", "l1"):
             entry = overlap.setdefault(layer, {}).setdefault(other, [0, 0])
             entry[0] += int((~mask & ~sets[other].masks[module]).sum())
@@ -326,7 +326,7 @@ def training_curves(paths: Paths, loss: HeldOutLoss, s: Settings, seed: int) -> 
             if previous is not None:  # share of each layer's mask entries that flipped, per step
                 changed: dict[str, list[int]] = {}
                 for name, mask in masks.items():
-                    layer = re.search(r"\.(\d+)\.", name).group(1)
+                    layer = layer_index(name)
                     entry = changed.setdefault(layer, [0, 0])
                     entry[0] += int((mask != previous[name]).sum())
                     entry[1] += mask.numel()

@@ -193,9 +193,8 @@ def _run_apply(args, out: Path) -> int:
 def _check_original_settings(path: str, explicit: dict) -> None:
     """An original MFT checkpoint must state its mask settings (config.json or the command line): refuse, naming
     what is missing, rather than fall back to defaults; and refuse --masked_layers that the scores contradict."""
-    import re
-
     from mft.masking import apply as A
+    from mft.masking.select import layer_index
     from mft.run_dir import RUN_INFO
     from mft.masking.config import parse_layers
     from mft.masking.files import DEFAULT_NAME
@@ -230,7 +229,7 @@ def _check_original_settings(path: str, explicit: dict) -> None:
                        f"them on the command line: {flags}")
     if explicit.get("masked_layers") is not None:
         wanted = parse_layers(explicit["masked_layers"])
-        found = sorted({int(m.group(1)) for m in (re.search(r"\.(\d+)\.", n) for n in modules) if m})
+        found = sorted({int(i) for i in map(layer_index, modules) if i is not None})
         if sorted(wanted) != found:
             raise MftError(f"--masked_layers {' '.join(map(str, wanted))} does not match {path}: its scores are "
                            f"in layers {' '.join(map(str, found))}; drop --masked_layers or pick that checkpoint's "

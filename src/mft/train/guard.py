@@ -128,6 +128,7 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     allow_masked_base)."""
     from mft.masking.apply import already_masked, check_not_tied
     from mft.masking.checkpoint import Checkpoint, resolve_model_dir
+    from mft.masking.rule import num_pruned
 
     check_not_tied(skeleton, [t.name for t in targets])
     if cfg.allow_masked_base:
@@ -135,7 +136,7 @@ def check_mask_base(cfg: TrainConfig, skeleton, targets) -> None:
     mask_cfg = cfg.mask_config()
     # local masks prune int((1 - k) n) per matrix; global ones have no fixed count per matrix, so only the
     # fraction of zeros counts (see already_masked)
-    pruned = {t.name: (int((1 - mask_cfg.keep_ratio(t.kind)) * math.prod(t.shape)) if mask_cfg.subnet_type == "local"
+    pruned = {t.name: (num_pruned(math.prod(t.shape), mask_cfg.keep_ratio(t.kind)) if mask_cfg.subnet_type == "local"
                        else math.prod(t.shape), tuple(t.shape), t.layout) for t in targets}
     checkpoint = Checkpoint(resolve_model_dir(cfg.model_name_or_path, cfg.model_revision))
     why = already_masked(checkpoint, pruned)
