@@ -319,21 +319,26 @@ def test_refresh_after_step_unwraps_accelerates_optimizer():
     """break9 #2: the optimizer `accelerator.prepare` returns (AcceleratedOptimizer) is hooked through the torch
     optimizer it wraps, and the masks follow a fused step; anything that is no optimizer is a TypeError."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     torch.manual_seed(0)
     model = tiny_model("llama", vocab_size=100)
     inject_masks(model, MaskConfig(masked_layers=[1]), seed=3, refreshed_by_caller=True)
     layers = masked_modules(model)
     raw = torch.optim.AdamW([m.scores for m in layers.values()], lr=0.05, fused=True)
-    model, opt = Accelerator(cpu=True).prepare(model, raw)
-    assert type(opt).__name__ == "AcceleratedOptimizer"
-    refresh_after_step(opt)
-    assert len(raw._optimizer_step_post_hooks) == 1
-    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    model(x, labels=x).loss.backward()
-    opt.step()
-    model(x, labels=x)
-    assert all(torch.equal(m.mask, sort_reference(m.scores.detach(), 0.9)) for m in layers.values())
+    try:
+        model, opt = Accelerator(cpu=True).prepare(model, raw)
+        assert type(opt).__name__ == "AcceleratedOptimizer"
+        refresh_after_step(opt)
+        assert len(raw._optimizer_step_post_hooks) == 1
+        x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(x, labels=x).loss.backward()
+        opt.step()
+        model(x, labels=x)
+        assert all(torch.equal(m.mask, sort_reference(m.scores.detach(), 0.9)) for m in layers.values())
+    finally:  # accelerate's state is process-wide: leave none behind for later tests' Accelerators
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     with pytest.raises(TypeError, match="refresh_after_step needs a torch.optim.Optimizer .*not list"):
         refresh_after_step([])
 
