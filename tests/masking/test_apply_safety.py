@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mft.cli import main
+from mft.errors import MftError
 from mft.masking import apply as A
 from mft.masking.files import MaskSet, read_masks, write_masks
 
@@ -353,6 +354,9 @@ def test_overwrite_refuses_to_delete_evaluation_results_inside_the_output(saved_
     err = capsys.readouterr().err
     assert (f"--overwrite would replace {out}, which holds evaluation results written into it (eval_output/): "
             f"replacing the folder would delete them. Move them out of {out} (or delete them) and run again") in err
+    assert digest(out) == before and no_leftovers(tmp_path)
+    with pytest.raises(MftError, match=r"--overwrite would replace .*holds evaluation results .*\(eval_output/\)"):
+        A.apply_masks(base, learned_masks(base), out, overwrite=True, progress=False)  # the Python API as well
     assert digest(out) == before and no_leftovers(tmp_path)
     # moved away, the overwrite goes ahead
     shutil.move(str(out / "eval_output"), str(tmp_path / "kept_results"))

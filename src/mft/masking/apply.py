@@ -31,8 +31,8 @@ from mft.masking.config import ALIASES, MaskConfig
 from mft.masking.files import DEFAULT_NAME, MaskSet, export_original, read_masks, write_masks
 from mft.masking.rule import compute_mask, per_matrix_local_mask, random_mask
 from mft.masking.select import Target, linear_kind, select_targets
-from mft.paths import (check_writable, follow_umask, make_temp_dir, os_error, remove_leftovers, swap_into_place,
-                       temp_sibling)
+from mft.paths import (check_overwrite_keeps_results, check_writable, follow_umask, make_temp_dir, os_error,
+                       remove_leftovers, swap_into_place, temp_sibling)
 from mft.run_dir import RUN_FILES, RUN_INFO, SNAPSHOT_INFO
 
 APPLY_INFO = "mft_masks.json"  # written by apply into the output model folder: where its masks came from
@@ -273,10 +273,15 @@ def _save_mask_file(folder: Path, mask_set: MaskSet, fmt: str) -> Path:
     return write_masks(folder / DEFAULT_NAME, mask_set)
 
 
-def _check_output(output_dir: Path, overwrite: bool) -> None:
+def _check_output(output_dir: Path, overwrite: bool, replaces_folder: bool = True) -> None:
+    """A non-empty `output_dir` needs `overwrite`; one that the command would replace whole (`replaces_folder`:
+    every mode but --only_save_masks, which replaces one file) must hold no evaluation results another command
+    wrote into it (`mft.paths.check_overwrite_keeps_results`). Raises MftError."""
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise MftError(f"output folder {output_dir} already exists and is not empty; pass --overwrite to "
                        "replace it")
+    if replaces_folder and output_dir.exists():
+        check_overwrite_keeps_results(output_dir, "--overwrite")
 
 
 def _move_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
@@ -294,7 +299,7 @@ def save_masks_only(output_dir: str | Path, mask_set: MaskSet, fmt: str = "safet
     old file whole). Raises MftError.
     """
     output_dir = Path(output_dir)
-    _check_output(output_dir, overwrite)
+    _check_output(output_dir, overwrite, replaces_folder=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     return _save_mask_file(output_dir, mask_set, fmt)
 

@@ -128,7 +128,7 @@ def _run_apply(args, out: Path) -> int:
     from mft.masking import apply as A
     from mft.masking.files import read_masks
     from mft.hub import resolve_model
-    from mft.paths import check_output_vs_inputs, check_overwrite_keeps_results, check_writable
+    from mft.paths import check_output_vs_inputs, check_writable
     from mft.progress import set_quiet
 
     if args.quiet:
@@ -147,9 +147,8 @@ def _run_apply(args, out: Path) -> int:
     inputs = {"base model": base, "mask model": mask_model, "masks file": args.masks_file}
     check_output_vs_inputs(out, inputs)
     check_writable(out)
-    if args.overwrite and not args.only_save_masks:  # --only_save_masks replaces only the mask file
-        check_overwrite_keeps_results(out, "--overwrite")
-    A._check_output(out, args.overwrite)  # --only_save_masks too: another run's mask file is never replaced silently
+    # --only_save_masks too (another run's mask file is never replaced silently), but it replaces one file only
+    A._check_output(out, args.overwrite, replaces_folder=not args.only_save_masks)
     if args.random_masks or args.use_l1_mask:
         if cfg.is_empty:
             raise MftError("--random_masks / --use_l1_mask need --masked_layers (e.g. \"4 5 6 7\") or --target_modules")
