@@ -78,6 +78,7 @@ class Before:
 
         from mft.eval.backends.decode import (Generation, cut_at_stop, decode_continuation, encode_prompts,
                                               prompt_budget, stop_list)
+        from mft.eval.backends.hf import left_padded
 
         b, tok = self.b, self.b.tokenizer
         stops = stop_list(task_stops, tok.eos_token)
@@ -88,9 +89,8 @@ class Before:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             rows = [ids[i] for i in batch]
-            width = max(map(len, rows))
-            input_ids = torch.tensor([[b.pad_id] * (width - len(r)) + r for r in rows], device=b.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=b.device)
+            input_ids, mask = left_padded(rows, b.pad_id, b.device)
+            width = input_ids.shape[1]
 
             class StopOnStrings(StoppingCriteria):
                 done_at: dict = {}
@@ -126,6 +126,7 @@ def plain_generate(backend, prompts, max_gen_toks, batch_size):
     from transformers import GenerationConfig
 
     from mft.eval.backends.decode import encode_prompts, prompt_budget
+    from mft.eval.backends.hf import left_padded
 
     tok = backend.tokenizer
     ids = encode_prompts(tok, prompts, prompt_budget(backend.max_model_len, max_gen_toks))
@@ -136,9 +137,8 @@ def plain_generate(backend, prompts, max_gen_toks, batch_size):
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         rows = [ids[i] for i in batch]
-        width = max(map(len, rows))
-        input_ids = torch.tensor([[backend.pad_id] * (width - len(r)) + r for r in rows], device=backend.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=backend.device)
+        input_ids, mask = left_padded(rows, backend.pad_id, backend.device)
+        width = input_ids.shape[1]
         with torch.inference_mode():
             out = backend.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         for row, index in enumerate(batch):

@@ -10,12 +10,16 @@ check looks only at the newest tokens of each row instead of decoding every row'
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 from mft.errors import MftError
 from mft.eval.backends.decode import (DECODE_KWARGS, Generation, decode_continuation, encode_prompts,
                                       generation_text, prompt_budget, stop_list)
 from mft.eval.backends.model_info import (DTYPES, auto_dtype, checkpoint_dtype, gpu_capability, load_config,
                                           resolve_max_model_len, stop_token_ids)
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO_MAX_BATCH = {"cuda": 256, "cpu": 32}  # a CPU is compute bound long before; more rows only add padding
 AUTO_MEMORY_FRACTION = 0.7  # of the free memory, for the batch's KV cache and activations
@@ -196,6 +200,17 @@ def hf_settings(model: str, max_model_len: int | None = None, dtype=None, device
     return {"device": device, "dtype": name, "max_model_len": length, "log": log_lines}
 
 
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both int64 `[len(rows), longest row]` on `device`: each row of token ids
+    right-aligned behind `pad_id`s, mask 0 on the padding and 1 on the tokens (how `generate` batches prompts)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, mask
+
+
 class HFBackend:
     """Greedy generation with a causal LM from `transformers`, `batch_size` prompts at a time (`"auto"`:
     as many as fit in free memory, see `auto_batch_size`)."""
@@ -261,9 +276,7 @@ class HFBackend:
         from transformers import DynamicCache
 
         device = self.device
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        input_ids, mask = left_padded(rows, self.pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers left-padded rows
         scanner = StopScanner(self.tokenizer, stops)
         cache = DynamicCache(config=self.model.config)
