@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from mft.train.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIGS = ROOT / "configs" / "train_configs"
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "hello"}]}) + "\n")
-    return str(path)
 
 
 @pytest.fixture()

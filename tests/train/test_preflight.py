@@ -20,14 +20,6 @@ MAIN_SHA, V2_SHA = "a" * 40, "b" * 40
 
 
 @pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "hello"}]}) + "\n")
-    return str(path)
-
-
-@pytest.fixture()
 def hub(tmp_path, monkeypatch, saved_model):
     """A hub cache (read offline) holding org/tiny at two revisions: main = a 2-layer config.json and no weight
     file; v2 = a saved 4-layer Llama with its weights."""
