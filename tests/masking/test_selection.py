@@ -188,14 +188,20 @@ def test_one_host_read_for_all_matrices(monkeypatch):
     assert spy.reads == ["tolist"] + ["nonzero_static"] * 7  # the counts of all 7 matrices come over in one read
 
 
-def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):
+def two_masked_layers(monkeypatch, measure):
+    """(model, its mask layers, calls): a 2-layer Llama masked at both layers, and `measure(scores)` of every
+    call of the batched selection `mft.masking.rule.local_masks` from now on, in order."""
     model = tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=176, vocab_size=128)
-    inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
-    layers = masked_modules(model)
+    inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0, refreshed_by_caller=True)
     calls = []
     real = rule_module.local_masks
     monkeypatch.setattr(rule_module, "local_masks",
-                        lambda scores, keeps, method=None: calls.append(len(scores)) or real(scores, keeps, method))
+                        lambda scores, keeps, method=None: calls.append(measure(scores)) or real(scores, keeps, method))
+    return model, masked_modules(model), calls
+
+
+def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):
+    model, layers, calls = two_masked_layers(monkeypatch, len)
     optimizer = torch.optim.SGD([m.scores for m in layers.values()], lr=1.0)
     refresh_after_step(optimizer)  # the opt-in hook that groups the stepped layers
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -212,14 +218,7 @@ def test_refresh_after_a_step_selects_every_layer_in_one_batch(monkeypatch):
 
 
 def test_refresh_masks_batches_within_the_entry_budget(monkeypatch):
-    model = tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=176, vocab_size=128)
-    inject_masks(model, MaskConfig(masked_layers=[0, 1]), seed=0)
-    layers = masked_modules(model)
-    calls = []
-    real = rule_module.local_masks
-    monkeypatch.setattr(rule_module, "local_masks",
-                        lambda scores, keeps, method=None: calls.append(sum(s.numel() for s in scores))
-                        or real(scores, keeps, method))
+    model, layers, calls = two_masked_layers(monkeypatch, lambda scores: sum(s.numel() for s in scores))
     monkeypatch.setattr(layer_module, "_BATCH_ENTRIES", 3 * 64 * 176)
     seen = []
     refresh_layers(list(layers.values()), lambda p: seen.append(p) or p.detach() * 2, budget=3 * 64 * 176)
