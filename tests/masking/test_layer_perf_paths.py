@@ -19,6 +19,8 @@ from mft.masking.layer import MaskedLinear
 from mft.masking.rule import local_mask
 from mft.tiny import tiny_model
 
+from tests.masking.test_selection import with_special_values
+
 
 def sort_reference(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     flat = scores.abs().flatten()
@@ -51,13 +53,7 @@ def test_radix_selection_with_ties_zeros_infinities_and_nan():
     few = torch.randint(-3, 4, (100, 100), generator=g).float()
     # signed zeros, denormals, infinities and NaN mixed in
     special = torch.randn(40, 50, generator=g)
-    flat = special.view(-1)
-    flat[::7] = 0.0
-    flat[3::11] = -0.0
-    flat[5::13] = 1e-45
-    flat[6::17] = float("inf")
-    flat[8::19] = float("-inf")
-    flat[9::23] = float("nan")
+    with_special_values(special.view(-1))
     equal = torch.full((30, 30), -0.5)
     for scores in (few, special, equal, torch.zeros(10, 10)):
         for keep in (0.99, 0.9, 0.75, 0.5, 0.2, 0.05):

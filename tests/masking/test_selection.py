@@ -32,15 +32,21 @@ def sort_reference(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return out.view(scores.shape)
 
 
+def with_special_values(flat: torch.Tensor) -> torch.Tensor:
+    """`flat` (1-D, float) with zeros, negative zeros, a denormal, +-inf and NaN written in at fixed strides
+    (in place; returned): the values a selection must order exactly as a stable sort does."""
+    flat[::7] = 0.0
+    flat[3::11] = -0.0
+    flat[5::13] = 1e-45
+    flat[6::17] = float("inf")
+    flat[8::19] = float("-inf")
+    flat[9::23] = float("nan")
+    return flat
+
+
 def _distributions(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     normal = torch.randn(n, generator=generator) * 0.02
-    special = torch.randn(n, generator=generator)
-    special[::7] = 0.0
-    special[3::11] = -0.0
-    special[5::13] = 1e-45
-    special[6::17] = float("inf")
-    special[8::19] = float("-inf")
-    special[9::23] = float("nan")
+    special = with_special_values(torch.randn(n, generator=generator))
     signed_zeros = torch.zeros(n)
     signed_zeros[::2] = -0.0
     signed_zeros[n // 2:] = torch.randn(n - n // 2, generator=generator)
