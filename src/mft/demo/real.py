@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import re
@@ -43,14 +42,15 @@ CHAT_COLUMN = "chat template, 0-shot"
 FIGURE = "demo.png"
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (Wilson 1927), as (low, high) in [0, 1]; (0, 1) for n = 0."""
+def wilson_interval(correct: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of `correct` successes in `n`, as (low, high) in [0, 1]; (0, 1) for n = 0.
+    The one computation `mft report` uses too (`mft.eval.report.binomial_interval`, scipy's)."""
+    from mft.eval.report import binomial_interval
+
     if n == 0:
         return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = binomial_interval(correct / n, n)
+    return max(0.0, low), min(1.0, high)
 
 
 def gsm8k_target(answer: str) -> str:
